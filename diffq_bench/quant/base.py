@@ -1,0 +1,368 @@
+"""The quantizer contract shared by every method in :data:`diffq_bench.quant.QUANTIZERS`.
+
+A quantizer is built on a model and changes how the model's weights are *seen* during a forward,
+never what is stored: the float parameters stay the source of truth for the optimizer, and each
+forward of the model (or of any submodule that owns a quantized weight) sees
+
+- in train mode: :meth:`BaseQuantizer._train_value` (noisy weight for DiffQ, STE-quantized for QAT...);
+- in eval mode: :meth:`BaseQuantizer._eval_value`, the truly quantized weight, bit for bit what
+  :func:`diffq_bench.quant.restore` rebuilds from :meth:`BaseQuantizer.export`.
+
+How the substitution works (why hooks on ancestors): the value is put in the owning module's
+instance ``__dict__`` for the duration of the forward, shadowing the entry of ``_parameters`` (so
+``state_dict`` order and parameter identity never change). Hooks are registered on every module
+that owns a quantized parameter *and on all of its ancestors*; the outermost module entered installs
+the values for its whole subtree once, the matching post-hook (``always_call``, so it also runs when
+the forward raises) removes them. This covers modules whose weights are read without calling their
+own ``forward`` (``MultiheadAttention.out_proj``), tied weights (one value per forward, shared by all
+uses), and task code that calls a submodule directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import io
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+FORMAT_NAME = "diffq-bench/quantized-state"
+FORMAT_VERSION = 1
+MB = 2 ** 20  # sizes are in MiB throughout, as in the DiffQ code and paper
+
+
+@dataclasses.dataclass(eq=False)
+class QParam:
+    """One parameter handled by a quantizer.
+
+    Attributes:
+        name: full dotted name, as in ``model.named_parameters()`` (first occurrence for tied ones).
+        module: the module that owns the parameter.
+        attr: attribute name inside ``module`` (``weight``, ``in_proj_weight``, ``weight_hh_l0``...).
+        param: the float parameter itself (never overwritten by the quantizer).
+        other: for a tied parameter, the :class:`QParam` of its first occurrence, else None.
+    """
+    name: str
+    module: nn.Module
+    attr: str
+    param: nn.Parameter
+    other: tp.Optional["QParam"] = None
+
+
+class QuantizerError(ValueError):
+    """Bad quantizer argument or state: the message says what was wrong and the valid range."""
+
+
+def check_range(name: str, value: float, low: float, high: float, integer: bool = False) -> None:
+    """Raise :class:`QuantizerError` unless ``low <= value <= high`` (and integral if asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise QuantizerError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    if integer and int(value) != value:
+        raise QuantizerError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise QuantizerError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def check_finite(name: str, tensor: torch.Tensor, what: str = "parameter") -> None:
+    """Raise a clear error naming ``name`` when ``tensor`` holds NaN or inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QuantizerError(f"{what} {name!r} holds {bad} non-finite value(s) (NaN/inf); "
+                             "the run diverged or the checkpoint is corrupt")
+
+
+class BaseQuantizer:
+    """Base class: finds the parameters to quantize, installs the forward hooks, accounts size.
+
+    Subclasses implement :meth:`_train_value`, :meth:`_eval_value`, :meth:`_export_param`,
+    :meth:`_restore_param` and :meth:`_param_bits`; they may add learnable parameters (returned by
+    :meth:`quantizer_parameters`) and override :meth:`model_size` / :meth:`penalty_term`.
+
+    Args:
+        model: the model to quantize (modified only by registering hooks).
+        min_size: parameters of at most this many MiB (as float32) are left in float.
+        float16: store (and evaluate) the parameters left in float as float16.
+        exclude: fnmatch patterns on parameter names that are never quantized.
+    """
+    name: str = "base"
+    #: keyword arguments (beyond model) that :meth:`config` records in exports, in order.
+    config_keys: tp.Tuple[str, ...] = ("min_size", "float16", "exclude")
+
+    def __init__(self, model: nn.Module, min_size: float = 0.01, float16: bool = False,
+                 exclude: tp.Sequence[str] = ()):
+        check_range("min_size", min_size, 0.0, float("inf"))
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        self.model = model
+        self.min_size = float(min_size)
+        self.float16 = bool(float16)
+        self.exclude = list(exclude)
+        self._qparams: tp.List[QParam] = []
+        self._float_params: tp.List[tp.Tuple[str, nn.Parameter]] = []
+        self._tied: tp.Dict[str, str] = {}
+        self._handles: tp.List[tp.Any] = []
+        self._active: tp.Optional[nn.Module] = None
+        self._subtree: tp.Dict[nn.Module, tp.List[QParam]] = {}
+        self._float_subtree: tp.Dict[nn.Module, tp.List[tp.Tuple[nn.Module, str, nn.Parameter]]] = {}
+        self._find_params()
+
+    # ----------------------------------------------------------------------------- discovery
+    def _accepts(self, name: str, module: nn.Module, attr: str, param: nn.Parameter) -> bool:
+        """Whether ``param`` is quantized: big enough and not excluded. Subclasses may narrow."""
+        if param.numel() * 4 <= self.min_size * MB:
+            return False
+        return not any(fnmatch.fnmatch(name, pat) for pat in self.exclude)
+
+    def _find_params(self) -> None:
+        seen: tp.Dict[int, tp.Union[QParam, str]] = {}
+        for mod_name, module in self.model.named_modules():
+            for attr, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                name = f"{mod_name}.{attr}" if mod_name else attr
+                first = seen.get(id(param))
+                if first is not None:  # tied: counted once, but substituted in every owner
+                    first_name = first.name if isinstance(first, QParam) else first
+                    self._tied[name] = first_name
+                    if isinstance(first, QParam):
+                        self._qparams.append(QParam(name, module, attr, param, other=first))
+                    continue
+                if self._accepts(name, module, attr, param):
+                    qp = QParam(name, module, attr, param)
+                    self._qparams.append(qp)
+                    seen[id(param)] = qp
+                else:
+                    self._float_params.append((name, param))
+                    seen[id(param)] = name
+        self._install_hooks()
+
+    @property
+    def qparams(self) -> tp.List[QParam]:
+        """The quantized parameters, first occurrences only (tied copies excluded)."""
+        return [qp for qp in self._qparams if qp.other is None]
+
+    # --------------------------------------------------------------------------------- hooks
+    def _install_hooks(self) -> None:
+        owners: tp.Dict[nn.Module, tp.List[QParam]] = {}
+        for qp in self._qparams:
+            owners.setdefault(qp.module, []).append(qp)
+        float_owners: tp.Dict[nn.Module, tp.List[tp.Tuple[nn.Module, str, nn.Parameter]]] = {}
+        if self.float16:
+            float_names = {name for name, _ in self._float_params}
+            for mod_name, module in self.model.named_modules():
+                for attr, param in module._parameters.items():
+                    full = f"{mod_name}.{attr}" if mod_name else attr
+                    if param is not None and self._tied.get(full, full) in float_names:
+                        float_owners.setdefault(module, []).append((module, attr, param))
+        # Every ancestor of an owner sees the qparams of its whole subtree.
+        for module in self.model.modules():
+            sub_q = [qp for m in module.modules() for qp in owners.get(m, [])]
+            sub_f = [x for m in module.modules() for x in float_owners.get(m, [])]
+            if sub_q or sub_f:
+                self._subtree[module] = sub_q
+                self._float_subtree[module] = sub_f
+        for module in self._subtree:
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+
+    def detach(self) -> None:
+        """Remove every hook: the model goes back to plain float behaviour."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _shadow(module: nn.Module, attr: str, value: tp.Optional[torch.Tensor]) -> None:
+        # Instance __dict__ wins over Module.__getattr__, so this hides the registered parameter.
+        if value is None:
+            module.__dict__.pop(attr, None)
+            value = module._parameters[attr]
+        else:
+            module.__dict__[attr] = value
+        names = getattr(module, "_flat_weights_names", None)
+        if names is not None and attr in names:  # RNNs read their weights from this list
+            module._flat_weights[names.index(attr)] = value
+
+    def _pre_forward(self, module: nn.Module, inputs: tp.Any) -> None:
+        if self._active is not None:
+            return
+        self._active = module
+        train = module.training
+        values: tp.Dict[int, torch.Tensor] = {}
+        for qp in self._subtree[module]:
+            root = qp.other or qp
+            if id(root) not in values:
+                values[id(root)] = self._train_value(root) if train else self._eval_value(root)
+            self._shadow(qp.module, qp.attr, values[id(root)])
+        if not train:
+            for owner, attr, param in self._float_subtree[module]:
+                self._shadow(owner, attr, param.detach().half().to(param.dtype))
+
+    def _post_forward(self, module: nn.Module, inputs: tp.Any, output: tp.Any) -> None:
+        if self._active is not module:
+            return
+        for qp in self._subtree[module]:
+            self._shadow(qp.module, qp.attr, None)
+        for owner, attr, _ in self._float_subtree[module]:
+            self._shadow(owner, attr, None)
+        self._active = None
+
+    # --------------------------------------------------------------------- to be implemented
+    def _train_value(self, qp: QParam) -> torch.Tensor:
+        """The weight seen by a train-mode forward (differentiable)."""
+        raise NotImplementedError
+
+    def _eval_value(self, qp: QParam) -> torch.Tensor:
+        """The truly quantized weight seen by an eval-mode forward."""
+        raise NotImplementedError
+
+    def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
+        """Packed state of one quantized parameter (tensors, ints, floats, strings only)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
+        """Rebuild the dequantized weight from :meth:`_export_param`'s entry."""
+        raise NotImplementedError
+
+    def _param_bits(self, qp: QParam) -> torch.Tensor:
+        """Analytic storage of one quantized parameter in bits (a tensor; may carry grad)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- public API
+    def quantizer_parameters(self) -> tp.List[nn.Parameter]:
+        """Learnable parameters owned by the quantizer (bit logits, step sizes...)."""
+        return []
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: tp.Optional[float] = None,
+                        separate_adam: bool = False, **kwargs: tp.Any
+                        ) -> tp.List[torch.optim.Optimizer]:
+        """Give the quantizer's own parameters to an optimizer.
+
+        Args:
+            optimizer: the main optimizer; a new parameter group is added to it (no weight decay).
+            lr: learning rate of that group (method default when None).
+            separate_adam: use a separate Adam for the quantizer's parameters instead (the DiffQ
+                recipe when the main optimizer is SGD).
+            kwargs: extra options of that group.
+        Returns:
+            the extra optimizers the training loop must step too (empty when none).
+        """
+        params = self.quantizer_parameters()
+        if not params:
+            return []
+        lr = self.default_lr if lr is None else lr
+        if separate_adam:
+            return [torch.optim.Adam(params, lr=lr, **kwargs)]
+        optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0, **kwargs})
+        return []
+
+    default_lr: float = 1e-3
+
+    def model_size(self) -> torch.Tensor:
+        """Size of the model in MiB, as a tensor (differentiable where the method allows)."""
+        total = torch.zeros(())
+        for qp in self.qparams:
+            total = total + self._param_bits(qp).to(total.device).float()
+            total = total.to(qp.param.device)
+        float_bits = 16 if self.float16 else 32
+        total = total + sum(p.numel() for _, p in self._float_params) * float_bits
+        return total / 8 / MB
+
+    def true_model_size(self) -> float:
+        """Analytic size in MiB of the exported (quantized) model, as a float."""
+        with torch.no_grad():
+            return float(self.model_size())
+
+    def penalty_term(self) -> torch.Tensor:
+        """Term added to the loss: λ · model_size for DiffQ, 0 for methods without a penalty."""
+        return torch.zeros(())
+
+    def bits_per_weight(self) -> float:
+        """Mean storage bits per quantized weight at export (0 if nothing is quantized)."""
+        numel = sum(qp.param.numel() for qp in self.qparams)
+        if numel == 0:
+            return 0.0
+        with torch.no_grad():
+            return float(sum(float(self._param_bits(qp)) for qp in self.qparams)) / numel
+
+    def config(self) -> tp.Dict[str, tp.Any]:
+        """The constructor arguments (JSON-able), recorded in every export."""
+        out = {}
+        for key in self.config_keys:
+            value = getattr(self, key)
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    def export(self) -> tp.Dict[str, tp.Any]:
+        """Packed quantized state: loadable with ``torch.load(weights_only=True)``.
+
+        Keys: ``format``, ``version``, ``method``, ``config``, ``quantized`` (name -> packed
+        entry), ``float`` (name -> tensor, float16 if asked), ``tied`` (name -> first name).
+        """
+        quantized = {}
+        for qp in self.qparams:
+            check_finite(qp.name, qp.param.detach(), "weight")
+            quantized[qp.name] = self._export_param(qp)
+        dtype = torch.float16 if self.float16 else torch.float32
+        floats = {name: p.detach().to("cpu", dtype).clone() for name, p in self._float_params}
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "method": self.name,
+                "config": self.config(), "quantized": quantized, "float": floats,
+                "tied": dict(self._tied)}
+
+    @classmethod
+    def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
+        """Write the dequantized weights of ``state`` into ``model`` (in place) and return it.
+
+        Methods that quantize more than weights (activations) override this to install their
+        eval-time behaviour too.
+        """
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for section in ("quantized", "float"):
+            for name, entry in state.get(section, {}).items():
+                if name not in params:
+                    raise QuantizerError(f"quantized state has parameter {name!r} that the model lacks")
+                target = params[name]
+                value = cls._restore_param(entry, target) if section == "quantized" else entry
+                if tuple(value.shape) != tuple(target.shape):
+                    raise QuantizerError(f"shape mismatch for {name!r}: state has {tuple(value.shape)}, "
+                                         f"model has {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(value.to(target.dtype))
+        return model
+
+    def true_size_bytes(self) -> int:
+        """Length in bytes of the serialized packed state (what would be written to disk)."""
+        return len(serialize(self.export()))
+
+
+def serialize(state: tp.Dict[str, tp.Any]) -> bytes:
+    """Serialize an exported state with ``torch.save`` (data only: no code is pickled)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def deserialize(data: bytes) -> tp.Dict[str, tp.Any]:
+    """Inverse of :func:`serialize`, with ``weights_only=True`` (never unpickles code)."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - turn any corruption into one clear error
+        raise QuantizerError(f"not a readable quantized state ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+        raise QuantizerError("not a diffq-bench quantized state (missing format marker)")
+    if state.get("version", 0) > FORMAT_VERSION:
+        raise QuantizerError(f"quantized state has format version {state.get('version')}, "
+                             f"this diffq-bench reads up to {FORMAT_VERSION}: upgrade it")
+    return state
+
+
+class NoQuantizer(BaseQuantizer):
+    """The null object: float model, exported as float32 (or float16) tensors."""
+    name = "none"
+
+    def _accepts(self, name, module, attr, param) -> bool:
+        return False
+

@@ -1,0 +1,16 @@
+"""Task registry: ``TASKS = {name: class}`` (see :mod:`diffq_bench.tasks.base`)."""
+import typing as tp
+
+from .base import DataMissingError, Task
+
+TASKS: tp.Dict[str, tp.Type[Task]] = {}
+
+
+def get_task(name: str, **kwargs: tp.Any) -> Task:
+    """Build the task registered as ``name``; unknown names list the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "get_task", "Task", "DataMissingError"]
