@@ -333,6 +333,43 @@ class BaseQuantizer:
                     target.copy_(value.to(target.dtype))
         return model
 
+    # -------------------------------------------------- multi-phase hooks (docs/INTERFACES.md)
+    @property
+    def phase(self) -> str:
+        """Human-readable training phase (logged in history); single-phase methods say "train"."""
+        return "train"
+
+    def on_epoch_end(self, epoch: int, total_epochs: int) -> bool:
+        """Called by the loop after each training epoch (0-based ``epoch``).
+
+        Returns:
+            True when the set of trainable tensors changed: the loop must rebuild its optimizer
+            from the parameters with ``requires_grad`` and call :meth:`setup_optimizer` again.
+        """
+        return False
+
+    def finalize(self) -> bool:
+        """Complete pending phases before the final evaluation/export; same return as above."""
+        return False
+
+    def state_dict(self) -> tp.Dict[str, tp.Any]:
+        """Quantizer state for checkpoints (weights_only-safe): its learnable parameters."""
+        return {"params": [p.detach().cpu().clone() for p in self.quantizer_parameters()]}
+
+    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        """Inverse of :meth:`state_dict`, called on resume before the optimizer is built."""
+        params = self.quantizer_parameters()
+        saved = state.get("params", [])
+        if len(saved) != len(params):
+            raise QuantizerError(f"quantizer state holds {len(saved)} parameter(s), "
+                                 f"{self.name!r} expects {len(params)}")
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                if tuple(param.shape) != tuple(value.shape):
+                    raise QuantizerError(f"quantizer state shape {tuple(value.shape)} does not "
+                                         f"match {tuple(param.shape)}")
+                param.copy_(value.to(param.device, param.dtype))
+
     def true_size_bytes(self) -> int:
         """Length in bytes of the serialized packed state (what would be written to disk)."""
         return len(serialize(self.export()))
