@@ -51,6 +51,18 @@ class QParam:
     other: tp.Optional["QParam"] = None
 
 
+@dataclasses.dataclass
+class Calibration:
+    """Data the loop hands to :meth:`BaseQuantizer.finalize` (docs/INTERFACES.md).
+
+    Attributes:
+        task: the task; ``task.step(model, batch)`` gives the loss of a batch.
+        batches: ``quantizer.calibration_batches`` training batches, fixed for the whole call.
+    """
+    task: tp.Any
+    batches: tp.Sequence[tp.Any]
+
+
 class QuantizerError(ValueError):
     """Bad quantizer argument or state: the message says what was wrong and the valid range."""
 
@@ -348,9 +360,28 @@ class BaseQuantizer:
         """
         return False
 
-    def finalize(self) -> bool:
-        """Complete pending phases before the final evaluation/export; same return as above."""
+    #: how many training batches the loop puts in the :class:`Calibration` given to
+    #: :meth:`finalize` (0: the method needs none and gets ``None``).
+    calibration_batches: int = 0
+
+    def finalize(self, calibration: tp.Optional[Calibration] = None) -> bool:
+        """Complete pending phases before the final evaluation/export; same return as above.
+
+        Args:
+            calibration: task + a few fixed training batches when :attr:`calibration_batches`
+                is positive (search, BN recalibration), else None.
+        """
         return False
+
+    def train_step(self, task: tp.Any, model: nn.Module, batch: tp.Any
+                   ) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
+        """One training micro-step's loss, called by the loop instead of ``task.step``.
+
+        Methods that need several forwards per step (one-shot supernets: max-bit path + sampled
+        sub-networks with distillation) combine them into the returned loss; the loop adds
+        :meth:`penalty_term` and runs the backward. Default: ``task.step(model, batch)``.
+        """
+        return task.step(model, batch)
 
     def state_dict(self) -> tp.Dict[str, tp.Any]:
         """Quantizer state for checkpoints (weights_only-safe): its learnable parameters."""
