@@ -1,0 +1,154 @@
+"""Locating, composing and validating the Hydra config (``conf/``) before any work is done.
+
+Validation runs on the composed config before a run folder is created or any data is touched, so
+a typo costs a second, not a dataset load: unknown task/quant/optim names list the valid ones, task
+and quant keys are checked against their constructor signatures, and the numeric aliases
+(``lambda``, ``group_size``) and ``train.*`` values are range-checked.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import typing as tp
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONF_ENV = "DIFFQ_BENCH_CONF"
+SCHEDULES = ("cosine", "constant")
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """The composed config is invalid; the message names the key, the value and what is allowed."""
+
+
+def find_conf_dir() -> Path:
+    """The ``conf/`` folder: ``$DIFFQ_BENCH_CONF`` if set, else the one next to the package.
+
+    Raises:
+        ConfigError: when no folder with ``config.yaml`` is found (non-editable install, moved tree).
+    """
+    candidates = []
+    if os.environ.get(CONF_ENV):
+        candidates.append(Path(os.environ[CONF_ENV]))
+    candidates.append(Path(__file__).resolve().parent.parent / "conf")
+    for cand in candidates:
+        if (cand / "config.yaml").is_file():
+            return cand.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"cannot find the diffq-bench config folder (conf/config.yaml); tried: {tried}. "
+                      f"Install from a checkout with `pip install -e .` or set {CONF_ENV}=<path to conf>.")
+
+
+def compose(overrides: tp.Sequence[str] = (), conf_dir: tp.Optional[Path] = None) -> DictConfig:
+    """Compose the config like the command line would (for tests and scripts).
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["task=wikitext_mini", "lambda=1"]``.
+        conf_dir: config folder (default: :func:`find_conf_dir`).
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+    conf_dir = conf_dir or find_conf_dir()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def to_container(cfg: tp.Any) -> tp.Any:
+    """Resolved plain Python containers (dict/list/scalars) from an OmegaConf node."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _signature_keys(fn: tp.Callable, skip: tp.Sequence[str]) -> tp.Tuple[tp.Set[str], bool]:
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = {n for n, p in params.items() if n not in skip and p.kind in
+             (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return names, var_kw
+
+
+def _check_kwargs(axis: str, name: str, cls: type, kwargs: tp.Dict[str, tp.Any],
+                  skip: tp.Sequence[str]) -> None:
+    valid, var_kw = _signature_keys(cls.__init__, ("self",) + tuple(skip))
+    unknown = sorted(set(kwargs) - valid)
+    if unknown and not var_kw:
+        raise ConfigError(f"{axis} {name!r} does not take {', '.join(unknown)}; "
+                          f"valid keys of {axis}.*: {', '.join(sorted(valid)) or '(none)'}")
+
+
+def _number(key: str, value: tp.Any, low: float, integer: bool = False,
+            high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+        isinstance(value, float) and math.isnan(value))
+    if ok and integer and int(value) != value:
+        ok = False
+    if not ok or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {kind} in [{low}, {high}], got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config; raise :class:`ConfigError` with a readable message.
+
+    Args:
+        cfg: the config composed by Hydra (``conf/config.yaml`` + overrides).
+    """
+    from .quant import QUANTIZERS
+    from .tasks import TASKS
+    from .train import OPTIMIZERS
+    try:
+        plain = to_container(cfg)
+    except Exception as exc:  # noqa: BLE001 - interpolation errors become config errors
+        raise ConfigError(f"config does not resolve: {exc}") from exc
+    for key in ("task", "quant", "optim", "train"):
+        if not isinstance(plain.get(key), dict):
+            raise ConfigError(f"config has no `{key}` section (pick one with `{key}=<name>`)")
+    _number("lambda", plain.get("lambda"), 0.0)
+    _number("group_size", plain.get("group_size"), 0, integer=True)
+    _number("seed", plain.get("seed"), 0, integer=True)
+
+    for axis, registry in (("task", TASKS), ("quant", QUANTIZERS), ("optim", OPTIMIZERS)):
+        name = plain[axis].get("name")
+        if name not in registry:
+            raise ConfigError(f"unknown {axis} name {name!r} (from {axis}.name); "
+                              f"valid: {', '.join(sorted(registry)) or '(none registered)'}")
+    task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
+    _check_kwargs("task", plain["task"]["name"], TASKS[plain["task"]["name"]], task_kw, ())
+    quant_kw = {k: v for k, v in plain["quant"].items() if k != "name"}
+    _check_kwargs("quant", plain["quant"]["name"], QUANTIZERS[plain["quant"]["name"]], quant_kw,
+                  ("model",))
+    if "penalty" in quant_kw:
+        _number("quant.penalty", quant_kw["penalty"], 0.0)
+    if "group_size" in quant_kw:
+        _number("quant.group_size", quant_kw["group_size"], 0, integer=True)
+
+    optim = plain["optim"]
+    _number("optim.lr", optim.get("lr"), 0.0)
+    _number("optim.weight_decay", optim.get("weight_decay", 0.0), 0.0)
+    if optim.get("quant_lr") is not None:
+        _number("optim.quant_lr", optim["quant_lr"], 0.0)
+
+    train = plain["train"]
+    _number("train.epochs", train.get("epochs"), 1, integer=True)
+    if train.get("steps_per_epoch") is not None:
+        _number("train.steps_per_epoch", train["steps_per_epoch"], 1, integer=True)
+    _number("train.grad_accum", train.get("grad_accum"), 1, integer=True)
+    _number("train.clip_grad", train.get("clip_grad"), 0.0)
+    _number("train.warmup_steps", train.get("warmup_steps"), 0, integer=True)
+    _number("train.min_lr_ratio", train.get("min_lr_ratio"), 0.0, high=1.0)
+    _number("train.eval_every", train.get("eval_every"), 1, integer=True)
+    if train.get("schedule") not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, "
+                          f"got {train.get('schedule')!r}")
+    if train.get("amp_dtype") not in AMP_DTYPES:
+        raise ConfigError(f"train.amp_dtype must be one of {', '.join(AMP_DTYPES)}, "
+                          f"got {train.get('amp_dtype')!r}")
+    runtime = plain.get("runtime", {})
+    _number("runtime.checkpoint_every_steps", runtime.get("checkpoint_every_steps", 0), 0, integer=True)
+    _number("runtime.checkpoint_every_s", runtime.get("checkpoint_every_s", 0), 0.0)
+    device = str(plain.get("device", "auto"))
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -1,0 +1,381 @@
+"""The one generic training loop: task + quantizer + optimizer, with exact resume.
+
+The loop never branches on a task or quantizer name: it calls ``task.step/evaluate`` and the
+quantizer's hooks (``penalty_term``, ``setup_optimizer``, ``on_epoch_end``, ``finalize``,
+``state_dict``, ``export``...). A run resumed from any checkpoint (epoch end, every N steps or
+seconds, or on preemption) reproduces the uninterrupted run exactly on CPU: the checkpoint holds
+model, optimizers, quantizer state, scaler, RNG states (also the one at the start of the epoch, to
+rebuild the same batch order), step counters, running train metrics, history and best state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import typing as tp
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .quant import BaseQuantizer, deserialize, get_quantizer, restore, serialize
+from .tasks import Task
+from .xp import Xp
+
+logger = logging.getLogger(__name__)
+MB = 2 ** 20
+
+#: Set (e.g. by a SLURM signal handler) to checkpoint at the next step boundary and stop.
+PREEMPT = threading.Event()
+
+
+class Preempted(RuntimeError):
+    """Raised after the checkpoint was written because :data:`PREEMPT` was set."""
+
+
+def _adam(params, cfg, cls):
+    return cls(params, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+               eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0))
+
+
+def _sgd(params, cfg, nesterov):
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+                           weight_decay=cfg.get("weight_decay", 0.0), nesterov=nesterov)
+
+
+#: optimizer name -> builder(params, optim config dict)
+OPTIMIZERS: tp.Dict[str, tp.Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, cfg: _adam(params, cfg, torch.optim.Adam),
+    "adamw": lambda params, cfg: _adam(params, cfg, torch.optim.AdamW),
+    "sgd": lambda params, cfg: _sgd(params, cfg, nesterov=False),
+    "nag": lambda params, cfg: _sgd(params, cfg, nesterov=True),
+}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``.
+
+    Args:
+        step: optimizer steps already done.
+        total: optimizer steps of the whole run.
+        warmup: linear warmup steps (from 1/warmup to 1).
+        schedule: ``cosine`` (decay to ``min_ratio`` at ``total``) or ``constant``.
+        min_ratio: floor of the cosine, as a fraction of the peak.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def unique_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
+
+
+class Trainer:
+    """Train, validate, select the best epoch, test with true quantization, export.
+
+    Args:
+        cfg: the resolved config as plain containers (``task``, ``quant``, ``optim``, ``train``, ...).
+        task: the task, already ``setup()``.
+        xp: the run folder (checkpoint, best state, history, export).
+        device: where the model runs.
+        runtime: ``progress``, ``checkpoint_every_steps``, ``checkpoint_every_s``.
+    """
+
+    def __init__(self, cfg: tp.Dict[str, tp.Any], task: Task, xp: Xp, device: torch.device,
+                 runtime: tp.Optional[tp.Dict[str, tp.Any]] = None):
+        self.cfg, self.task, self.xp, self.device = cfg, task, xp, device
+        self.train_cfg = cfg["train"]
+        self.runtime = {"progress": True, "checkpoint_every_steps": 0, "checkpoint_every_s": 0,
+                        **(runtime or {})}
+        self.model = task.build_model().to(device)
+        quant_kw = {k: v for k, v in cfg["quant"].items() if k != "name"}
+        self.quantizer: BaseQuantizer = get_quantizer(cfg["quant"]["name"], self.model, **quant_kw)
+        self.amp = bool(self.train_cfg["amp"]) and device.type == "cuda"
+        self.amp_dtype = getattr(torch, self.train_cfg["amp_dtype"])
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: tp.List[tp.Dict[str, tp.Any]] = []
+        self.best: tp.Dict[str, tp.Any] = {"value": None, "epoch": -1}
+        self.wall_time = 0.0
+        self.sums: tp.Dict[str, float] = {}
+        self.count = 0
+        self.epoch_rng: tp.Optional[tp.Dict[str, tp.Any]] = None
+        self.optimizers: tp.List[torch.optim.Optimizer] = []
+
+    # ------------------------------------------------------------------------- optimizers
+    def _build_optimizers(self) -> None:
+        optim = self.cfg["optim"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        main = OPTIMIZERS[optim["name"]](params, optim)
+        extra = self.quantizer.setup_optimizer(main, lr=optim.get("quant_lr"),
+                                               separate_adam=bool(optim.get("quant_separate_adam")))
+        for group in main.param_groups:  # the schedule scales each group from its own peak lr
+            group.setdefault("initial_lr", group["lr"])
+        self.optimizers = [main] + list(extra)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: full micro-batch groups, capped by ``train.steps_per_epoch``."""
+        cap = self.train_cfg.get("steps_per_epoch")
+        batches = self.task.train_batches(0)
+        try:
+            n = len(batches) // self.train_cfg["grad_accum"]  # type: ignore[arg-type]
+        except TypeError:
+            if cap is None:
+                raise ValueError(f"task {self.task.name!r} yields training batches without a length; "
+                                 "set train.steps_per_epoch") from None
+            return int(cap)
+        if n == 0:
+            raise ValueError(f"task {self.task.name!r} has fewer training batches than "
+                             f"train.grad_accum={self.train_cfg['grad_accum']}")
+        return min(n, int(cap)) if cap is not None else n
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _state(self) -> tp.Dict[str, tp.Any]:
+        return {"sig": self.xp.sig, "model": self.model.state_dict(),
+                "quantizer": self.quantizer.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": ckpt.rng_state(), "epoch_rng": self.epoch_rng, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "history": self.history, "best": self.best, "wall_time": self._wall(),
+                "sums": self.sums, "count": self.count}
+
+    def save_checkpoint(self) -> None:
+        ckpt.save(self._state(), self.xp.checkpoint_path)
+        self._last_save = time.monotonic()
+
+    def _load_checkpoint(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        if not self.xp.checkpoint_path.exists():
+            return None
+        state = ckpt.load(self.xp.checkpoint_path)
+        if state.get("sig") != self.xp.sig:
+            raise ckpt.CheckpointError(f"{self.xp.checkpoint_path} belongs to run {state.get('sig')}, "
+                                       f"not {self.xp.sig}")
+        self.model.load_state_dict(state["model"])
+        self.quantizer.load_state_dict(state["quantizer"])
+        self._build_optimizers()
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ckpt.CheckpointError(f"{self.xp.checkpoint_path} holds {len(state['optimizers'])} "
+                                       f"optimizer state(s), the run builds {len(self.optimizers)}")
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for key in ("epoch", "step_in_epoch", "global_step", "history", "best", "sums", "count",
+                    "epoch_rng"):
+            setattr(self, key, state[key])
+        self.wall_time = float(state["wall_time"])
+        return state
+
+    def _wall(self) -> float:
+        return self.wall_time + time.monotonic() - self._t0
+
+    # ------------------------------------------------------------------------- the loop
+    def _micro_step(self, batch: tp.Any, accum: int) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            loss, metrics = self.task.step(self.model, batch)
+        penalty = self.quantizer.penalty_term()
+        total = loss.float() + penalty
+        if not bool(torch.isfinite(total.detach())):
+            raise FloatingPointError(f"non-finite loss {float(total):.4g} at epoch {self.epoch + 1}, "
+                                     f"step {self.step_in_epoch + 1}: lower the lr or enable train.clip_grad")
+        total = total / accum
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+        values = {"loss": float(loss.detach()), "penalty": float(penalty.detach()), **metrics}
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+
+    def _optimizer_step(self, total_steps: int) -> None:
+        tcfg = self.train_cfg
+        factor = lr_factor(self.global_step, total_steps, tcfg["warmup_steps"], tcfg["schedule"],
+                           tcfg["min_lr_ratio"])
+        for group in self.optimizers[0].param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        if tcfg["clip_grad"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg["clip_grad"])
+        for opt in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.global_step += 1
+        self.step_in_epoch += 1
+
+    def _train_epoch(self, steps: int, total_steps: int) -> tp.Dict[str, float]:
+        from tqdm import tqdm
+        accum = self.train_cfg["grad_accum"]
+        resumed = self.step_in_epoch > 0
+        if resumed:  # same batch order: rebuild the iterator from the epoch's starting RNG
+            rng_now = ckpt.rng_state()
+            ckpt.set_rng_state(self.epoch_rng)
+        else:
+            self.epoch_rng = ckpt.rng_state()
+            self.sums, self.count = {}, 0
+        self.model.train()
+        iterator = iter(self.task.train_batches(self.epoch))
+        for _ in range(self.step_in_epoch * accum):
+            next(iterator)
+        if resumed:
+            ckpt.set_rng_state(rng_now)
+        every_steps = int(self.runtime["checkpoint_every_steps"])
+        every_s = float(self.runtime["checkpoint_every_s"])
+        bar = tqdm(total=steps, initial=self.step_in_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{self.train_cfg['epochs']}",
+                   disable=not self.runtime["progress"])
+        try:
+            while self.step_in_epoch < steps:
+                for _ in range(accum):
+                    self._micro_step(next(iterator), accum)
+                self._optimizer_step(total_steps)
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
+                                size=f"{self.quantizer.true_model_size():.3g}MB", refresh=False)
+                if PREEMPT.is_set():
+                    self.save_checkpoint()
+                    raise Preempted(f"preempted at epoch {self.epoch + 1} step {self.step_in_epoch}; "
+                                    "checkpoint saved")
+                if (every_steps and self.global_step % every_steps == 0) or (
+                        every_s and time.monotonic() - self._last_save >= every_s):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+    def _is_better(self, value: float) -> bool:
+        best = self.best["value"]
+        if best is None:
+            return True
+        return value < best if self.task.lower_is_better else value > best
+
+    def fit(self) -> None:
+        """Train all epochs (resuming from the checkpoint if there is one)."""
+        self._t0 = self._last_save = time.monotonic()
+        state = self._load_checkpoint()
+        if state is None:
+            self._build_optimizers()
+        epochs = int(self.train_cfg["epochs"])
+        steps = self.steps_per_epoch()
+        if state is not None:  # after steps_per_epoch(), which may draw from the global RNG
+            ckpt.set_rng_state(state["rng"])
+            logger.info("resuming run %s at epoch %d step %d", self.xp.sig, self.epoch + 1,
+                        self.step_in_epoch)
+            self.xp.log(f"resumed at epoch {self.epoch + 1} step {self.step_in_epoch}")
+        total_steps = steps * epochs
+        metric = self.task.metric
+        while self.epoch < epochs:
+            start = time.monotonic()
+            train_metrics = self._train_epoch(steps, total_steps)
+            if self.quantizer.on_epoch_end(self.epoch, epochs):
+                self._build_optimizers()  # new trainable set: momentum restarts, as in iPQ
+            entry: tp.Dict[str, tp.Any] = {"epoch": self.epoch + 1, "train": train_metrics,
+                                           "phase": self.quantizer.phase}
+            last = self.epoch + 1 == epochs
+            if last or (self.epoch + 1) % self.train_cfg["eval_every"] == 0:
+                self.model.eval()
+                with torch.no_grad():
+                    valid = self.task.evaluate(self.model, "valid")
+                entry["valid"] = valid
+                entry["true_size_mb"] = self.quantizer.true_model_size()
+                if self._is_better(float(valid[metric])):
+                    self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
+                    ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
+                               **self.best}, self.xp.best_path)
+            entry["time"] = time.monotonic() - start
+            self.history.append(entry)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.xp.write_history(self.history)
+            self.save_checkpoint()
+            self.xp.write_status("RUNNING", epoch=self.epoch)
+            summary = f"epoch {self.epoch}/{epochs} train loss {train_metrics.get('loss', math.nan):.4f}"
+            if "valid" in entry:
+                summary += f" | valid {metric} {entry['valid'][metric]:.4f} | size {entry['true_size_mb']:.3f} MB"
+            logger.info(summary)
+            self.xp.log(summary)
+
+    def finish(self) -> tp.Dict[str, tp.Any]:
+        """Best state -> finalize -> true-quantized test -> export -> restore check. Returns metrics."""
+        best = ckpt.load(self.xp.best_path)
+        self.model.load_state_dict(best["model"])
+        self.quantizer.load_state_dict(best["quantizer"])
+        self.quantizer.finalize()
+        metric = self.task.metric
+        self.model.eval()
+        with torch.no_grad():
+            test = self.task.evaluate(self.model, "test")
+        state = self.quantizer.export()
+        data = serialize(state)
+        tmp = self.xp.quantized_path.with_name(f".{self.xp.quantized_path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(self.xp.quantized_path)
+        # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
+        # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
+        # and are carried over from the trained model.
+        fresh = self.task.build_model().to(self.device)
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, buf in fresh.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+        restore(fresh, deserialize(self.xp.quantized_path.read_bytes()))
+        fresh.eval()
+        with torch.no_grad():
+            restored = self.task.evaluate(fresh, "test")
+        true_bytes = self.quantizer.true_size_bytes()
+        float_mb = unique_params(self.model) * 4 / MB
+        metrics: tp.Dict[str, tp.Any] = {f"test_{k}": float(v) for k, v in test.items()}
+        metrics.update({
+            f"valid_{metric}": float(self.best["value"]),
+            f"test_{metric}_restored": float(restored[metric]),
+            "restore_exact": float(restored[metric] == test[metric]),
+            "true_size_mb": true_bytes / MB, "float_size_mb": float_mb,
+            "compression": float_mb / (true_bytes / MB),
+            "bits_per_weight": self.quantizer.bits_per_weight(),
+            "analytic_size_mb": self.quantizer.true_model_size(),
+            "params": unique_params(self.model), "best_epoch": int(self.best["epoch"]),
+            "steps": self.global_step, "wall_time_s": self._wall(),
+        })
+        if restored[metric] != test[metric]:
+            logger.warning("restored model gives test %s %.6g, live model %.6g: export is not exact",
+                           metric, restored[metric], test[metric])
+        return metrics
+
+
+def run_training(cfg: tp.Dict[str, tp.Any], task: Task, xp: Xp, device: torch.device,
+                 runtime: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+    """Fit (or resume) then finish one run; returns the result metrics.
+
+    Args:
+        cfg: resolved plain config.
+        task: the task, already set up.
+        xp: the run folder.
+        device: torch device.
+        runtime: non-semantic options (progress bar, checkpoint periods).
+    """
+    trainer = Trainer(cfg, task, xp, device, runtime)
+    trainer.fit()
+    return trainer.finish()
+
+
+__all__ = ["PREEMPT", "Preempted", "OPTIMIZERS", "Trainer", "run_training", "lr_factor",
+           "resolve_device"]

@@ -1,0 +1,226 @@
+"""Run identity and run folders (``<paths.root>/xps/<sig>/``); file schemas in docs/INTERFACES.md.
+
+The signature is a hash of the *semantic* config: the resolved values that change a result (task,
+quant, optim, train, seed, the lambda/group_size aliases), canonicalised so that ``10`` and
+``10.0`` are the same run and key order is irrelevant. Where things live and how a run executes
+(paths, device, workers, runtime, launcher, grid membership) are excluded.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import math
+import os
+import socket
+import typing as tp
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import to_container
+
+#: top-level keys that never enter the signature.
+EXCLUDED = ("paths", "device", "num_workers", "runtime", "grid", "hydra", "launcher")
+#: top-level aliases -> the quant key they feed by interpolation (conf/quant/*.yaml). They are not
+#: hashed themselves (their effect is in quant.*), so `quant=none lambda=5` is the same run as
+#: `quant=none lambda=1`; tables show them when the quantizer uses them.
+ALIASES = {"lambda": "penalty", "group_size": "group_size"}
+SIG_VERSION = 1
+SIG_LENGTH = 12
+STATES = ("QUEUED", "RUNNING", "DONE", "FAILED")
+
+
+def semantic_config(cfg: tp.Any) -> tp.Dict[str, tp.Any]:
+    """The resolved config minus :data:`EXCLUDED` keys, as plain containers."""
+    plain = to_container(cfg)
+    if not isinstance(plain, dict):
+        raise TypeError(f"expected a mapping config, got {type(plain).__name__}")
+    return {k: v for k, v in plain.items() if k not in EXCLUDED and k not in ALIASES}
+
+
+def _canonical(value: tp.Any) -> tp.Any:
+    # Numbers hash by value (10 == 10.0) but stay distinct from bools and strings.
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        value = float(value)
+        if math.isnan(value) or math.isinf(value):
+            return {"__float__": repr(value)}
+        return value
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    raise TypeError(f"config value {value!r} of type {type(value).__name__} cannot be hashed")
+
+
+def signature(cfg: tp.Any) -> str:
+    """Run identity: a short hex hash of the canonical semantic config.
+
+    Args:
+        cfg: the composed config (DictConfig or plain dict).
+    """
+    canon = {"v": SIG_VERSION, "cfg": _canonical(semantic_config(cfg))}
+    text = json.dumps(canon, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:SIG_LENGTH]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: tp.Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fout:
+        fout.write(text)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: tp.Union[str, Path], data: tp.Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds this run folder."""
+
+
+class Xp:
+    """One run folder: config, status, history, log, checkpoint, result, exported model.
+
+    Args:
+        root: the run store root (``paths.root``); the folder is ``root/xps/<sig>``.
+        cfg: the composed config (its semantic part decides the signature).
+    """
+
+    def __init__(self, root: tp.Union[str, Path], cfg: tp.Any):
+        self.cfg = cfg
+        self.sig = signature(cfg)
+        self.folder = Path(root) / "xps" / self.sig
+        self._lock_fd: tp.Optional[int] = None
+
+    # paths ---------------------------------------------------------------------------------
+    config_path = property(lambda self: self.folder / "config.yaml")
+    status_path = property(lambda self: self.folder / "status.json")
+    history_path = property(lambda self: self.folder / "history.jsonl")
+    log_path = property(lambda self: self.folder / "log.txt")
+    checkpoint_path = property(lambda self: self.folder / "checkpoint.th")
+    best_path = property(lambda self: self.folder / "best.th")
+    quantized_path = property(lambda self: self.folder / "quantized.th")
+    result_path = property(lambda self: self.folder / "result.json")
+
+    def create(self) -> None:
+        """Create the folder and write the semantic config that was hashed (idempotent)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = OmegaConf.to_yaml(OmegaConf.create(semantic_config(self.cfg)))
+        atomic_write_text(self.config_path, f"# run {self.sig}: the semantic config that was hashed\n{text}")
+
+    # locking: two launches never share a folder by accident ---------------------------------
+    def lock(self) -> None:
+        """Take an exclusive advisory lock on the folder (released at process exit).
+
+        Raises:
+            RunLockedError: another live process is running this config.
+        """
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            status = self.read_status() or {}
+            raise RunLockedError(
+                f"run {self.sig} is already running (host {status.get('host')}, pid {status.get('pid')}); "
+                f"folder {self.folder}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # status -------------------------------------------------------------------------------
+    def read_status(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        try:
+            return json.loads(self.status_path.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"corrupt {self.status_path}: {exc}") from exc
+
+    def write_status(self, state: str, **fields: tp.Any) -> tp.Dict[str, tp.Any]:
+        """Update status.json: ``state`` plus any schema field (``attempt``, ``epoch``, ``traceback``...)."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        status = self.read_status() or {"attempt": 0, "requeues": 0, "job_id": None,
+                                         "started": now_iso(), "epoch": 0, "traceback": None,
+                                         "grids": []}
+        status.update(fields)
+        status.update(state=state, host=socket.gethostname(), pid=os.getpid(), updated=now_iso())
+        atomic_write_json(self.status_path, status)
+        return status
+
+    def start_attempt(self, grids: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
+        """Mark the run RUNNING with attempt + 1 and the grids it belongs to."""
+        status = self.read_status() or {}
+        known = list(status.get("grids") or [])
+        known += [g for g in grids if g not in known]
+        return self.write_status("RUNNING", attempt=int(status.get("attempt", 0)) + 1,
+                                 started=now_iso(), traceback=None, grids=known,
+                                 job_id=os.environ.get("SLURM_JOB_ID"))
+
+    # history / log / result -----------------------------------------------------------------
+    def read_history(self) -> tp.List[tp.Dict[str, tp.Any]]:
+        if not self.history_path.exists():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+
+    def write_history(self, history: tp.Sequence[tp.Dict[str, tp.Any]]) -> None:
+        """Rewrite history.jsonl whole (atomic), so a resumed run never duplicates epochs."""
+        atomic_write_text(self.history_path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+
+    def log(self, message: str) -> None:
+        with open(self.log_path, "a") as fout:
+            fout.write(f"{now_iso()} {message}\n")
+
+    def read_result(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        try:
+            return json.loads(self.result_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_result(self, result: tp.Dict[str, tp.Any]) -> None:
+        atomic_write_json(self.result_path, result)
+
+    def is_done(self) -> bool:
+        status = self.read_status() or {}
+        return status.get("state") == "DONE" and self.result_path.exists()
+
+
+def axes(cfg: tp.Any) -> tp.Dict[str, tp.Any]:
+    """Flat dotted semantic keys (``lambda``, ``quant.bits``, ``train.epochs``...) for result tables.
+
+    Every scalar of the semantic config is recorded; the table keeps the ones that vary.
+    """
+    out: tp.Dict[str, tp.Any] = {}
+
+    def walk(prefix: str, value: tp.Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list):
+            out[prefix] = json.dumps(value)
+        else:
+            out[prefix] = value
+    sem = semantic_config(cfg)
+    quant = sem.get("quant", {})
+    for alias, key in ALIASES.items():
+        if isinstance(quant, dict) and key in quant:
+            out[alias] = quant[key]
+    walk("", sem)
+    return out
