@@ -13,9 +13,13 @@ from torch import nn
 
 from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, serialize,
                    FORMAT_VERSION)
+from .ipq import QuantNoiseIPQQuantizer
+from .quant_noise import QuantNoiseQuantizer
 
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
     "none": NoQuantizer,
+    "quant_noise": QuantNoiseQuantizer,
+    "quant_noise_ipq": QuantNoiseIPQQuantizer,
 }
 
 
