@@ -35,7 +35,7 @@ import zlib
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam, QuantizerError, check_range
+from .base import BaseQuantizer, Calibration, QParam, QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 from .quant_noise import affine_params, dequantize, quantize_levels
 
@@ -304,7 +304,8 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         due = sum(1 for e in self.stage_epochs(total_epochs) if e <= epoch)
         return self._advance(due)
 
-    def finalize(self) -> bool:
+    def finalize(self, calibration: tp.Optional[Calibration] = None) -> bool:
+        """Quantize every stage not reached yet (no calibration data needed)."""
         return self._advance(len(self.stages))
 
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
