@@ -1,0 +1,276 @@
+"""Sweeps: expand a grid into runs, decide which to launch, and remember what was submitted.
+
+A grid (``conf/grid/<name>.yaml``, format in docs/INTERFACES.md) lists runs as dicts of overrides
+whose comma-separated values are swept (product within the entry). Command-line overrides apply to
+every run (and win over the grid's value for the same key); command-line sweeps multiply the grid.
+
+Before launching, every run's config is composed and its signature computed
+(:class:`diffq_bench.xp.Xp`); the plan then keeps only the runs that need work:
+
+- ``done``: the run folder says DONE with a result -> skipped (``runtime.force=true`` reruns it);
+- ``live``: a job recorded for the run (``submissions.jsonl`` or ``status.json``) is still queued
+  or running according to squeue/sacct, or a local run's process is alive -> skipped;
+- ``launch``: everything else (new, FAILED, interrupted, cancelled) -> launched, and resumed from
+  its checkpoint by the training loop if it has one.
+
+The launcher records each submission (job id, time, sweep folder) in ``<run>/submissions.jsonl``
+so a second launch of the same grid sees the queued jobs before they start.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import socket
+import typing as tp
+from pathlib import Path
+
+from . import slurm
+
+logger = logging.getLogger(__name__)
+SUBMISSIONS = "submissions.jsonl"
+ACTIONS = ("launch", "done", "live")
+
+
+class GridError(ValueError):
+    """A grid file is malformed (the message names the entry and what was expected)."""
+
+
+def _parser() -> tp.Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return OverridesParser.create()
+
+
+def _format_value(key: str, value: tp.Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise GridError(f"{where}: value of {key!r} must be a scalar or a comma-separated string "
+                    f"of values to sweep, got {type(value).__name__} {value!r}")
+
+
+def entry_overrides(entry: tp.Any, where: str = "grid entry") -> tp.List[str]:
+    """One grid entry (``{key: value}``) as Hydra override strings (``key=value``).
+
+    Args:
+        entry: mapping of override keys (``task``, ``quant.bits``, ``+extra``) to scalars; string
+            values with commas are sweeps (``"1,5,10"``).
+        where: label used in error messages.
+    """
+    if not isinstance(entry, tp.Mapping) or not entry:
+        raise GridError(f"{where}: expected a non-empty mapping of override -> value, got {entry!r}")
+    return [f"{key}={_format_value(str(key), value, where)}" for key, value in entry.items()]
+
+
+def expand_overrides(overrides: tp.Sequence[str]) -> tp.List[tp.List[str]]:
+    """Cartesian product of Hydra override strings (``a=1,2 b=x`` -> 2 lists).
+
+    A later override of the same key replaces an earlier one, so command-line values placed after
+    a grid entry's win. Only discrete sweeps (comma lists, ``range``, ``choice``) can be expanded.
+
+    Args:
+        overrides: override strings in order of precedence (lowest first).
+    """
+    parsed = _parser().parse_overrides(list(overrides))
+    by_key: "collections.OrderedDict[tp.Tuple[str, tp.Optional[str]], tp.List[str]]" = collections.OrderedDict()
+    for ovr in parsed:
+        slot = (ovr.key_or_group, ovr.package)
+        by_key.pop(slot, None)  # re-insert: the latest position and value win
+        key = ovr.get_key_element()
+        if ovr.is_sweep_override():
+            if not ovr.is_discrete_sweep():
+                raise GridError(f"cannot expand {ovr.input_line!r}: only comma lists, range() and "
+                                "choice() sweeps can be used in a grid")
+            by_key[slot] = [f"{key}={val}" for val in ovr.sweep_string_iterator()]
+        else:
+            by_key[slot] = [f"{key}={ovr.get_value_element_as_str()}"]
+    return [list(combo) for combo in itertools.product(*by_key.values())]
+
+
+def expand_grid(runs: tp.Optional[tp.Sequence[tp.Any]], arguments: tp.Sequence[str],
+                grid_name: str = "grid") -> tp.List[tp.List[str]]:
+    """All runs of a sweep as override lists: each grid entry x the command-line overrides.
+
+    Without a grid (``runs`` empty/None) this is the plain command-line product, as Hydra's basic
+    sweeper does. Duplicated override lists are kept once.
+
+    Args:
+        runs: ``grid.runs`` entries (None when no grid is selected).
+        arguments: the command-line overrides (including ``+grid=<name>`` itself).
+        grid_name: for error messages.
+    """
+    if runs is not None and not isinstance(runs, (list, tuple)):
+        raise GridError(f"grid {grid_name!r}: 'runs' must be a list of override mappings, got {runs!r}")
+    entries = [entry_overrides(e, f"grid {grid_name!r} run #{i}") for i, e in enumerate(runs or [])]
+    out: tp.List[tp.List[str]] = []
+    seen: tp.Set[tp.Tuple[str, ...]] = set()
+    for entry in entries or [[]]:
+        for combo in expand_overrides(list(entry) + list(arguments)):
+            key = tuple(sorted(combo))
+            if key not in seen:
+                seen.add(key)
+                out.append(combo)
+    return out
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    """One run of a sweep and what the plan does with it."""
+    overrides: tp.List[str]
+    sig: str
+    folder: Path
+    action: str = "launch"          # one of ACTIONS
+    reason: str = ""
+    job_id: tp.Optional[str] = None
+
+
+def read_submissions(folder: tp.Union[str, Path]) -> tp.List[tp.Dict[str, tp.Any]]:
+    """The run's submission records, oldest first (empty if never submitted by a launcher)."""
+    path = Path(folder) / SUBMISSIONS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_submission(folder: tp.Union[str, Path], job_id: str, **fields: tp.Any) -> None:
+    """Append a submission record ``{job_id, submitted, ...fields}`` to ``<run>/submissions.jsonl``.
+
+    The file is rewritten whole through a temporary file (atomic); only the launching process
+    writes it, so there is no concurrent writer to lose.
+
+    Args:
+        folder: the run folder (created if missing).
+        job_id: the scheduler's id (``"123_4"`` for array tasks).
+        fields: extra JSON-able fields (``sweep_dir``, ``grid``, ``cluster``).
+    """
+    from .xp import atomic_write_text, now_iso
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = read_submissions(folder)
+    records.append({"job_id": str(job_id), "submitted": now_iso(), **fields})
+    atomic_write_text(folder / SUBMISSIONS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def known_job_ids(folder: Path, status: tp.Optional[tp.Mapping[str, tp.Any]]) -> tp.List[str]:
+    """Job ids that may still be working on this run: latest submission and status.json's job."""
+    ids = []
+    subs = read_submissions(folder)
+    if subs:
+        ids.append(str(subs[-1]["job_id"]))
+    if status and status.get("job_id"):
+        ids.append(str(status["job_id"]))
+    return list(dict.fromkeys(ids))
+
+
+def _local_process_alive(status: tp.Mapping[str, tp.Any]) -> bool:
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def without_hydra(cfg: tp.Any) -> tp.Any:
+    """``cfg`` minus its ``hydra`` node, which cannot be resolved before the launcher numbers the
+    job (``hydra.sweep.subdir: ${hydra.job.num}``) and is not part of the run identity anyway."""
+    from omegaconf import DictConfig, OmegaConf
+    if isinstance(cfg, DictConfig) and "hydra" in cfg:
+        return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    return cfg
+
+
+def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
+         states: tp.Optional[tp.Callable[[tp.Iterable[str]], tp.Dict[str, str]]] = None) -> tp.List[PlannedRun]:
+    """Decide, for each composed run, whether to launch it or skip it (see module docstring).
+
+    Args:
+        runs: (overrides, composed config) pairs; the config must have ``paths.root``.
+        force: launch DONE runs again (``runtime.force``); live jobs are still never duplicated.
+        states: job id -> scheduler state lookup (default :func:`diffq_bench.slurm.job_states`;
+            skipped with a warning when SLURM is not installed and no job id is recorded).
+    """
+    from .xp import Xp
+    planned: tp.List[PlannedRun] = []
+    by_sig: tp.Dict[str, PlannedRun] = {}
+    statuses: tp.Dict[str, tp.Dict[str, tp.Any]] = {}
+    for overrides, cfg in runs:
+        xp = Xp(cfg.paths.root, without_hydra(cfg))
+        if xp.sig in by_sig:
+            logger.info("same run as %s (signature %s): %s", " ".join(by_sig[xp.sig].overrides),
+                        xp.sig, " ".join(overrides))
+            continue
+        item = PlannedRun(list(overrides), xp.sig, xp.folder)
+        by_sig[xp.sig] = item
+        planned.append(item)
+        status = xp.read_status() or {}
+        statuses[xp.sig] = status
+        if xp.is_done() and not force:
+            item.action, item.reason = "done", "result exists"
+    # one scheduler query for the whole sweep
+    pending = [p for p in planned if p.action == "launch"]
+    ids = {p.sig: known_job_ids(p.folder, statuses[p.sig]) for p in pending}
+    all_ids = sorted({j for v in ids.values() for j in v})
+    lookup = states or slurm.job_states
+    job_state: tp.Dict[str, str] = {}
+    if all_ids:
+        if states is None and not slurm.available():
+            logger.warning("runs record SLURM jobs but the SLURM tools are missing: assuming those jobs ended")
+        else:
+            job_state = lookup(all_ids)
+    for item in pending:
+        for jid in ids[item.sig]:
+            if slurm.is_live(job_state.get(jid)):
+                item.action, item.job_id = "live", jid
+                item.reason = f"job {jid} is {job_state[jid]}"
+                break
+        else:
+            status = statuses[item.sig]
+            if status.get("state") == "RUNNING" and not status.get("job_id") and _local_process_alive(status):
+                item.action, item.reason = "live", f"running locally (pid {status['pid']})"
+    return planned
+
+
+#: run folder of each planned override list, filled by the sweeper so the launcher can record
+#: submissions without composing every config a second time.
+_FOLDERS: tp.Dict[tp.Tuple[str, ...], Path] = {}
+
+
+def remember_folders(planned: tp.Sequence[PlannedRun]) -> None:
+    """Cache ``overrides -> run folder`` for :func:`run_folder` (called by the sweeper)."""
+    for item in planned:
+        _FOLDERS[tuple(item.overrides)] = item.folder
+
+
+def run_folder(overrides: tp.Sequence[str], compose: tp.Callable[[tp.List[str]], tp.Any]) -> Path:
+    """The run folder of a job, from the sweeper's cache or by composing its config.
+
+    Args:
+        overrides: the job's override list.
+        compose: overrides -> composed config (the launcher's Hydra config loader).
+    """
+    key = tuple(overrides)
+    if key not in _FOLDERS:
+        from .xp import Xp
+        cfg = without_hydra(compose(list(overrides)))
+        _FOLDERS[key] = Xp(cfg.paths.root, cfg).folder
+    return _FOLDERS[key]
+
+
+def summary(planned: tp.Sequence[PlannedRun]) -> str:
+    """One line per skipped run plus a count per action, for the sweep's log."""
+    lines = [f"  skip {p.sig} ({p.action}: {p.reason}): {' '.join(p.overrides)}"
+             for p in planned if p.action != "launch"]
+    counts = collections.Counter(p.action for p in planned)
+    lines.append(f"{len(planned)} runs: {counts['launch']} to launch, {counts['done']} done, "
+                 f"{counts['live']} queued/running")
+    return "\n".join(lines)

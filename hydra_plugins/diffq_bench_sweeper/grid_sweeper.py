@@ -1,0 +1,114 @@
+"""``hydra/sweeper=grid``: named grids, command-line sweeps, and skipping work already done.
+
+``diffq-bench -m +grid=table_lm seed=0,1`` expands ``grid.runs`` (see :mod:`diffq_bench.sweep`)
+times the command-line sweeps, composes each run's config to get its signature, skips runs that are
+DONE or whose job is still queued/running, and hands the rest to the launcher in ONE call (one
+SLURM job array). Without ``+grid`` it behaves like Hydra's basic sweeper plus the skipping.
+Failed runs are listed at the end and make the command exit non-zero.
+"""
+
+import json
+import logging
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GridSweeperConf:
+    _target_: str = "hydra_plugins.diffq_bench_sweeper.grid_sweeper.GridSweeper"
+    # runs per launcher call; null = all in one call (one job array). Hydra's basic sweeper name.
+    max_batch_size: tp.Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="grid", node=GridSweeperConf,
+                             provider="diffq_bench")
+
+
+class GridSweeper(Sweeper):
+    """Expand grids and command-line sweeps; launch only the runs that need work.
+
+    Args:
+        max_batch_size: runs per launcher call (None: all at once).
+    """
+
+    def __init__(self, max_batch_size: tp.Optional[int] = None) -> None:
+        super().__init__()
+        if max_batch_size is not None and max_batch_size <= 0:
+            raise ValueError(f"hydra.sweeper.max_batch_size must be null or > 0, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.config: tp.Optional[DictConfig] = None
+        self.hydra_context: tp.Optional[HydraContext] = None
+        self.launcher: tp.Optional[Launcher] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def _compose(self, overrides: tp.List[str]) -> DictConfig:
+        assert self.hydra_context is not None and self.config is not None
+        return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+
+    def sweep(self, arguments: tp.List[str]) -> tp.Any:
+        from diffq_bench import sweep as sw
+        assert self.config is not None and self.launcher is not None
+        grid = OmegaConf.select(self.config, "grid", default=None)
+        runs = name = None
+        if grid is not None:
+            name = str(OmegaConf.select(self.config, "grid.name", default="?"))
+            runs = OmegaConf.to_container(grid.get("runs"), resolve=False) if grid.get("runs") is not None else None
+            if not runs:
+                raise HydraException(f"grid {name!r} has no runs (expected grid.runs: a list of override mappings)")
+        jobs = sw.expand_grid(runs, arguments, name or "grid")
+        log.info("sweep%s: %d run(s) to consider", f" of grid {name}" if name else "", len(jobs))
+        composed = [(job, self._compose(job)) for job in jobs]
+        force = bool(OmegaConf.select(self.config, "runtime.force", default=False))
+        planned = sw.plan(composed, force=force)
+        sw.remember_folders(planned)
+        log.info("%s", sw.summary(planned))
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        (sweep_dir / "plan.json").write_text(json.dumps(
+            [{"sig": p.sig, "action": p.action, "reason": p.reason, "overrides": p.overrides,
+              "folder": str(p.folder)} for p in planned], indent=2) + "\n")
+
+        todo = [p for p in planned if p.action == "launch"]
+        if not todo:
+            log.info("nothing to launch")
+            return []
+        size = self.max_batch_size or len(todo)
+        returns: tp.List[tp.Sequence[JobReturn]] = []
+        failed: tp.List[tp.Tuple[tp.Any, JobReturn]] = []
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            results = self.launcher.launch([p.overrides for p in batch], initial_job_idx=start)
+            returns.append(results)
+            failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
+        if failed:
+            lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n    {_reason(r)}" for p, r in failed]
+            raise HydraException(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each "
+                                 "run's status.json):\n" + "\n".join(lines))
+        return returns
+
+
+def _reason(ret: JobReturn) -> str:
+    exc = ret._return_value
+    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
