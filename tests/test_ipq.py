@@ -226,3 +226,51 @@ def test_corrupt_state_is_rejected():
     state["quantized"]["0.weight"]["centroids"] = state["quantized"]["0.weight"]["centroids"][:2]
     with pytest.raises(QuantizerError, match="corrupt"):
         restore(_mlp(), state)
+
+
+# ------------------------------------------------------------------- end to end (generic loop)
+IPQ_RUN = ("quant=quant_noise_ipq", "quant.min_size=0", "quant.n_centroids=32", "quant.n_iter=5",
+           'quant.stages=[["3.*"],["*"]]', "train.epochs=4")
+
+
+def _preempt_after(monkeypatch, task_cls, n_calls):
+    from diffq_bench.train import PREEMPT
+    original = task_cls.step
+    calls = {"n": 0}
+
+    def step(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            PREEMPT.set()
+        return original(self, model, batch)
+    monkeypatch.setattr(task_cls, "step", step)
+    return original
+
+
+@pytest.mark.slow
+def test_ipq_run_end_to_end_with_resume_inside_the_ipq_phase(compose_toy, toy_task, monkeypatch,
+                                                              tmp_path):
+    from diffq_bench import cli
+    from diffq_bench.train import PREEMPT, Preempted
+    from diffq_bench.xp import Xp
+    reference = cli.run(compose_toy(*IPQ_RUN, f"paths.root={tmp_path / 'ref'}"))
+    cfg = compose_toy(*IPQ_RUN, f"paths.root={tmp_path / 'ref'}")
+    history = Xp(cfg.paths.root, cfg).read_history()
+    assert [h["phase"] for h in history] == ["noise", "ipq:1/2", "ipq:2/2", "ipq:2/2"]
+    metrics = reference["metrics"]
+    assert metrics["restore_exact"] == 1.0
+    assert metrics["compression"] > 3
+    state = deserialize(Xp(cfg.paths.root, cfg).quantized_path.read_bytes())
+    assert state["method"] == "quant_noise_ipq" and set(state["quantized"]) == {
+        "0.weight", "3.weight", "5.weight"}
+
+    # preempted in the 3rd epoch (stage 1 quantized, centroids being fine-tuned), then resumed
+    cfg = compose_toy(*IPQ_RUN, f"paths.root={tmp_path / 'resumed'}")
+    original = _preempt_after(monkeypatch, toy_task, 30)
+    with pytest.raises(Preempted):
+        cli.run(cfg)
+    PREEMPT.clear()
+    monkeypatch.setattr(toy_task, "step", original)
+    resumed = cli.run(cfg)
+    stable = lambda r: {k: v for k, v in r["metrics"].items() if k != "wall_time_s"}  # noqa: E731
+    assert stable(resumed) == stable(reference)
