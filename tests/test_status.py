@@ -1,0 +1,84 @@
+"""diffq-bench-status: rows built from run folders and scheduler states (no cluster needed)."""
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffq_bench import status, sweep
+from diffq_bench.xp import Xp
+
+
+@pytest.mark.parametrize("seconds,text", [(None, "-"), (0, "0s"), (59.9, "59s"), (61, "1m"),
+                                          (7200, "2h"), (3 * 86400 + 5, "3d"), (-3, "0s")])
+def test_format_age(seconds, text):
+    assert status.format_age(seconds) == text
+
+
+def _run(root, seed, state=None, **fields):
+    cfg = OmegaConf.create({"paths": {"root": str(root)}, "task": {"name": "toy"}, "seed": seed,
+                            "train": {"epochs": 4}})
+    xp = Xp(root, cfg)
+    xp.create()
+    if state:
+        xp.write_status(state, **fields)
+    return xp
+
+
+def test_rows_combine_run_store_and_scheduler(tmp_path):
+    done = _run(tmp_path, 0, "DONE", epoch=4, attempt=1, job_id="5_0")
+    done.write_result({"sig": done.sig, "metric": "acc", "metrics": {"test_acc": 0.8125},
+                       "axes": {"task.name": "toy", "seed": 0, "train.epochs": 4}})
+    running = _run(tmp_path, 1, "RUNNING", epoch=2, attempt=2, requeues=1, job_id="5_1")
+    running.write_history([{"epoch": 1, "valid": {"acc": 0.5}}, {"epoch": 2, "valid": {"acc": 0.75}}])
+    running.log("epoch 2 done")
+    stale = _run(tmp_path, 2, "RUNNING", job_id="5_2")
+    queued = _run(tmp_path, 3)  # folder made by the launcher, job not started yet
+    sweep.record_submission(queued.folder, "6_0")
+    resubmitted = _run(tmp_path, 4, "FAILED", job_id="5_4")
+    sweep.record_submission(resubmitted.folder, "6_1")
+    states = {"5_0": "COMPLETED", "5_1": "RUNNING", "5_2": "CANCELLED", "6_0": "PENDING",
+              "6_1": "RUNNING"}
+    rows = {r["sig"]: r for r in (status.run_row(x.folder, states) for x in
+                                  (done, running, stale, queued, resubmitted))}
+    assert rows[done.sig]["state"] == "DONE" and rows[done.sig]["best"] == "test_acc=0.8125"
+    assert rows[done.sig]["run"] == "task.name=toy seed=0" and rows[done.sig]["epoch"] == "4/4"
+    row = rows[running.sig]
+    assert (row["state"], row["slurm"], row["job"], row["attempt"], row["requeues"], row["epoch"]) == \
+        ("RUNNING", "RUNNING", "5_1", "2", "1", "2/4")
+    assert row["log age"].endswith("s")
+    assert rows[stale.sig]["state"] == "STALE" and rows[stale.sig]["slurm"] == "CANCELLED"
+    assert rows[queued.sig]["state"] == "QUEUED" and rows[queued.sig]["job"] == "6_0"
+    assert rows[resubmitted.sig]["state"] == "RUNNING" and rows[resubmitted.sig]["job"] == "6_1"
+    table = status.render(list(rows.values()))
+    assert table.splitlines()[0].split()[:3] == ["sig", "state", "slurm"]
+    assert table.splitlines()[-1] == "5 runs: 1 DONE, 1 QUEUED, 2 RUNNING, 1 STALE"
+
+
+def test_best_metric_uses_history_direction(tmp_path, monkeypatch):
+    xp = _run(tmp_path, 0, "RUNNING")
+    xp.write_history([{"epoch": 1, "valid": {"ppl": 30.0}}, {"epoch": 2, "valid": {"ppl": 20.0}},
+                      {"epoch": 3, "valid": {"ppl": 25.0}}])
+    monkeypatch.setattr(status, "_metric_of", lambda folder: ("ppl", True))
+    assert status.best_metric(xp.folder) == "valid_ppl=20@e2"
+    monkeypatch.setattr(status, "_metric_of", lambda folder: ("ppl", False))
+    assert status.best_metric(xp.folder) == "valid_ppl=30@e1"
+
+
+def test_last_log_age_reads_the_timestamp(tmp_path):
+    (tmp_path / "log.txt").write_text("2026-01-01T00:00:00+00:00 started\n2026-01-01T00:01:40+00:00 epoch 1\n")
+    stamp = 1767225700.0  # 2026-01-01T00:01:40Z
+    assert status.last_log_age(tmp_path, now=stamp + 30) == pytest.approx(30)
+    assert status.last_log_age(tmp_path / "missing") is None
+
+
+def test_main_prints_table_and_json(tmp_path, capsys):
+    _run(tmp_path, 0, "FAILED", traceback="boom")
+    status.main(["--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "FAILED" in out and out.strip().endswith("1 runs: 1 FAILED")
+    status.main(["--root", str(tmp_path), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["state"] == "FAILED"
+    with pytest.raises(SystemExit):
+        status.main(["--root", str(tmp_path / "nowhere")])
+    assert "no run store" in capsys.readouterr().err
