@@ -15,9 +15,11 @@ from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, seri
                    FORMAT_VERSION)
 from .ipq import QuantNoiseIPQQuantizer
 from .quant_noise import QuantNoiseQuantizer
+from .dsq import DSQQuantizer
 
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
     "none": NoQuantizer,
+    "dsq": DSQQuantizer,
     "quant_noise": QuantNoiseQuantizer,
     "quant_noise_ipq": QuantNoiseIPQQuantizer,
 }
