@@ -41,7 +41,8 @@ from .quant_noise import affine_params, dequantize, quantize_levels
 
 logger = logging.getLogger(__name__)
 INITS = ("kmeans++", "random")
-_CHUNK = 16384  # rows per distance block: bounds memory at _CHUNK x K floats
+_CHUNK = 4096  # rows per distance block: bounds memory at _CHUNK x K floats, stays in cache
+_INIT_SAMPLE = 128  # kmeans++ seeds from at most this many points per centroid (Lloyd uses all)
 
 
 # ------------------------------------------------------------------------------------- k-means
@@ -51,10 +52,10 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tp.Tuple[torch.Tensor, 
     assign, dist = [], []
     for start in range(0, x.shape[0], _CHUNK):
         chunk = x[start:start + _CHUNK]
-        d2 = (chunk * chunk).sum(1, keepdim=True) - 2 * chunk @ centroids.t() + c_norm
-        best, idx = d2.min(dim=1)
+        # |x|^2 does not change the argmin: add it to the winner only.
+        best, idx = torch.addmm(c_norm, chunk, centroids.t(), alpha=-2).min(dim=1)
         assign.append(idx)
-        dist.append(best.clamp(min=0))
+        dist.append((best + (chunk * chunk).sum(1)).clamp(min=0))
     return torch.cat(assign), torch.cat(dist)
 
 
@@ -62,7 +63,11 @@ def _init_centroids(x: torch.Tensor, k: int, init: str, gen: torch.Generator) ->
     n = x.shape[0]
     if init == "random":
         return x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
-    # kmeans++: each new centroid is a point drawn with probability ∝ D(x)^2.
+    # kmeans++: each new centroid is a point drawn with probability ∝ D(x)^2, among a random
+    # subsample for big layers (seeding is O(N·K·D) and sequential; Lloyd then sees every point).
+    if n > _INIT_SAMPLE * k:
+        x = x[torch.randperm(n, generator=gen)[:_INIT_SAMPLE * k].to(x.device)]
+        n = x.shape[0]
     first = int(torch.randint(n, (1,), generator=gen))
     centroids = [x[first]]
     d2 = ((x - x[first]) ** 2).sum(1)
