@@ -49,7 +49,9 @@ def load(path: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is one clear error
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+        # torch's own message suggests weights_only=False, which we never do: keep its first line.
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {reason}); "
                               f"delete it to restart this run from scratch") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a diffq-bench checkpoint (missing format marker)")

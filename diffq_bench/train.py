@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .quant.base import Calibration
 from .quant import BaseQuantizer, deserialize, get_quantizer, restore, serialize
 from .tasks import Task
 from .xp import Xp
@@ -186,7 +187,7 @@ class Trainer:
     # ------------------------------------------------------------------------- the loop
     def _micro_step(self, batch: tp.Any, accum: int) -> None:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            loss, metrics = self.task.step(self.model, batch)
+            loss, metrics = self.quantizer.train_step(self.task, self.model, batch)
         penalty = self.quantizer.penalty_term()
         total = loss.float() + penalty
         if not bool(torch.isfinite(total.detach())):
@@ -313,12 +314,24 @@ class Trainer:
             logger.info(summary)
             self.xp.log(summary)
 
+    def _calibration(self) -> tp.Optional[Calibration]:
+        n = int(getattr(self.quantizer, "calibration_batches", 0))
+        if n <= 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # the run's RNG stays untouched
+            batches = []
+            for batch in self.task.train_batches(int(self.train_cfg["epochs"])):
+                if len(batches) >= n:
+                    break
+                batches.append(batch)
+        return Calibration(task=self.task, batches=batches)
+
     def finish(self) -> tp.Dict[str, tp.Any]:
         """Best state -> finalize -> true-quantized test -> export -> restore check. Returns metrics."""
         best = ckpt.load(self.xp.best_path)
         self.model.load_state_dict(best["model"])
         self.quantizer.load_state_dict(best["quantizer"])
-        self.quantizer.finalize()
+        self.quantizer.finalize(self._calibration())
         metric = self.task.metric
         self.model.eval()
         with torch.no_grad():

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny test-only task registered into TASKS, config composition helpers."""
 from __future__ import annotations
 
+import os
+import time
 import typing as tp
 from pathlib import Path
 
@@ -27,6 +29,9 @@ class ToyTask(Task):
                  dropout: float = 0.1):
         super().__init__()
         self.n_train, self.batch_size, self.hidden, self.dropout = n_train, batch_size, hidden, dropout
+        # Seconds of sleep per step (not a kwarg: it must not change the run identity), so a test
+        # can kill a run in the middle of training.
+        self.delay = float(os.environ.get("TOY_TASK_DELAY", "0"))
 
     def setup(self, data_root, cache_dir, device, num_workers=0, seed=0):
         super().setup(data_root, cache_dir, device, num_workers, seed)
@@ -48,6 +53,8 @@ class ToyTask(Task):
                 for i in range(0, len(x) - self.batch_size + 1, self.batch_size)]
 
     def step(self, model, batch):
+        if self.delay:
+            time.sleep(self.delay)
         x, y = batch
         logits = model(x.to(self.device))
         loss = nn.functional.cross_entropy(logits, y.to(self.device))

@@ -1,0 +1,219 @@
+"""The generic loop on the toy task: run folder contents, skip of finished runs, exact resume,
+failures, quantizers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffq_bench import cli, train
+from diffq_bench.checkpoint import CheckpointError
+from diffq_bench.quant import QUANTIZERS, deserialize
+from diffq_bench.train import PREEMPT, Preempted, lr_factor
+from diffq_bench.xp import RunLockedError, Xp
+
+QUANTIZED = ("diffq", "qat", "lsq")
+VOLATILE = ("wall_time_s",)
+
+
+@pytest.fixture(autouse=True)
+def _clear_preempt():
+    PREEMPT.clear()
+    yield
+    PREEMPT.clear()
+
+
+def _stable(result):
+    return {k: v for k, v in result["metrics"].items() if k not in VOLATILE}
+
+
+def test_lr_factor():
+    assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(70, 100, 0, "constant", 0.0) == 1.0
+
+
+def test_run_writes_the_run_folder(compose_toy, capsys):
+    cfg = compose_toy()
+    result = cli.run(cfg)
+    xp = Xp(cfg.paths.root, cfg)
+    names = {p.name for p in xp.folder.iterdir()}
+    assert {"config.yaml", "status.json", "history.jsonl", "log.txt", "checkpoint.th", "best.th",
+            "quantized.th", "result.json"} <= names
+    status = json.loads(xp.status_path.read_text())
+    assert status["state"] == "DONE" and status["attempt"] == 1 and status["traceback"] is None
+    history = xp.read_history()
+    assert [h["epoch"] for h in history] == [1, 2] and "acc" in history[0]["valid"]
+    assert set(history[0]["train"]) >= {"loss", "penalty", "acc"}
+    saved = json.loads(xp.result_path.read_text())
+    assert saved == result and saved["metric"] == "acc" and saved["lower_is_better"] is False
+    m = saved["metrics"]
+    for key in ("test_acc", "valid_acc", "test_acc_restored", "true_size_mb", "float_size_mb",
+                "compression", "bits_per_weight", "analytic_size_mb", "wall_time_s", "params"):
+        assert key in m, key
+    assert m["restore_exact"] == 1.0 and m["test_acc"] == m["test_acc_restored"]
+    assert m["params"] == 32 * 128 + 128 + 128 * 128 + 128 + 128 * 4 + 4
+    state = deserialize(xp.quantized_path.read_bytes())
+    assert state["method"] == "none"
+    torch.load(xp.checkpoint_path, weights_only=True)
+    out = capsys.readouterr().out
+    assert "| test acc | true size (MB) | compression | bits/weight | wall time (s) |" in out
+    assert xp.sig in out
+
+
+def test_finished_run_is_not_trained_again(compose_toy, monkeypatch, capsys):
+    cfg = compose_toy()
+    first = cli.run(cfg)
+    capsys.readouterr()
+
+    def boom(self):
+        raise AssertionError("a finished run must not train")
+    monkeypatch.setattr(train.Trainer, "fit", boom)
+    again = cli.run(compose_toy("train.epochs=2.0", "num_workers=3"))  # same identity
+    assert again == first
+    out = capsys.readouterr().out
+    assert "already finished" in out and first["sig"] in out
+    assert json.loads(Xp(cfg.paths.root, cfg).status_path.read_text())["attempt"] == 1
+
+
+def _preempt_after(monkeypatch, task_cls, n_calls):
+    calls = {"n": 0}
+    original = task_cls.step
+
+    def step(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            PREEMPT.set()
+        return original(self, model, batch)
+    monkeypatch.setattr(task_cls, "step", step)
+    return original
+
+
+@pytest.mark.parametrize("overrides, stop_at", [
+    ((), 5),                                                          # mid first epoch
+    (("train.grad_accum=2", "train.warmup_steps=3", "train.clip_grad=0.5",
+      "optim=sgd", "optim.momentum=0.9", "runtime.checkpoint_every_steps=2"), 17),  # mid 2nd epoch
+    (("train.epochs=3",), 24),                                        # on an epoch boundary
+])
+def test_resume_after_preemption_is_exact(compose_toy, toy_task, monkeypatch, tmp_path, overrides, stop_at):
+    reference = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'ref'}"))
+    cfg = compose_toy(*overrides, f"paths.root={tmp_path / 'resumed'}")
+    original = _preempt_after(monkeypatch, toy_task, stop_at)
+    with pytest.raises(Preempted):
+        cli.run(cfg)
+    xp = Xp(cfg.paths.root, cfg)
+    assert xp.read_status()["state"] == "QUEUED" and not xp.result_path.exists()
+    PREEMPT.clear()
+    monkeypatch.setattr(toy_task, "step", original)
+    resumed = cli.run(cfg)
+    assert _stable(resumed) == _stable(reference)  # to the last digit
+    assert xp.read_status()["attempt"] == 2
+    assert xp.read_history() == [
+        {k: v for k, v in h.items() if k != "time"} | {"time": h2["time"]}
+        for h, h2 in zip(Xp(tmp_path / "ref", compose_toy(*overrides)).read_history(), xp.read_history())]
+
+
+def test_failure_is_recorded_and_exits_nonzero(compose_toy, toy_task, toy_conf, tmp_path, monkeypatch):
+    def broken(self, model, batch):
+        raise RuntimeError("the toy task exploded")
+    monkeypatch.setattr(toy_task, "step", broken)
+    cfg = compose_toy()
+    with pytest.raises(RuntimeError, match="exploded"):
+        cli.run(cfg)
+    status = Xp(cfg.paths.root, cfg).read_status()
+    assert status["state"] == "FAILED" and "the toy task exploded" in status["traceback"]
+    assert "Traceback" in status["traceback"]
+    # Through the Hydra app: a single run that fails exits non-zero.
+    monkeypatch.setattr("sys.argv", ["diffq-bench", f"hydra.searchpath=[file://{toy_conf}]", "task=toy",
+                                     "quant=none", "runtime.progress=false",
+                                     f"paths.root={tmp_path / 'app'}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code not in (0, None)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(compose_toy):
+    cfg = compose_toy()
+    xp = Xp(cfg.paths.root, cfg)
+    xp.create()
+    xp.checkpoint_path.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable.*delete it"):
+        cli.run(cfg)
+    assert xp.read_status()["state"] == "FAILED"
+
+
+def test_locked_run_is_refused(compose_toy):
+    cfg = compose_toy()
+    holder = Xp(cfg.paths.root, cfg)
+    holder.create()
+    holder.lock()
+    try:
+        with pytest.raises(RunLockedError):
+            cli.run(cfg)
+    finally:
+        holder.unlock()
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
+def test_quantized_runs(compose_toy, quant):
+    if quant not in QUANTIZERS:
+        pytest.skip(f"quantizer {quant!r} not registered in QUANTIZERS yet")
+    result = cli.run(compose_toy(f"quant={quant}", "train.epochs=1", "train.steps_per_epoch=4"))
+    m = result["metrics"]
+    assert 0 < m["bits_per_weight"] < 32 and m["compression"] > 1.0
+    assert m["restore_exact"] == 1.0
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import conftest
+    from diffq_bench.tasks import TASKS
+    from diffq_bench import cli
+    from diffq_bench.config import compose
+    TASKS["toy"] = conftest.ToyTask
+    cfg = compose(["hydra.searchpath=[file://{conf}]", "task=toy", "quant=none", "paths.root={root}",
+                   "runtime.progress=false", "runtime.checkpoint_every_steps=1"])
+    result = cli.run(cfg)
+    print("SIG", result["sig"])
+""")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_exact(compose_toy, toy_conf, tmp_path):
+    tests = str(Path(__file__).parent)
+
+    def script(root):
+        return KILL_SCRIPT.format(tests=tests, conf=toy_conf, root=root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sig = cli.run(compose_toy(f"paths.root={tmp_path / 'ref'}"))["sig"]  # uninterrupted, in-process
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", script(root)], env={**env, "TOY_TASK_DELAY": "0.05"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt_path = root / "xps" / sig / "checkpoint.th"
+    deadline = time.time() + 30
+    while time.time() < deadline and not (ckpt_path.exists() and (root / "xps" / sig / "history.jsonl").exists()):
+        time.sleep(0.05)
+    time.sleep(0.3)  # die somewhere inside the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (root / "xps" / sig / "result.json").exists()
+    again = subprocess.run([sys.executable, "-c", script(root)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    a = json.loads((tmp_path / "ref" / "xps" / sig / "result.json").read_text())
+    b = json.loads((root / "xps" / sig / "result.json").read_text())
+    assert _stable(a) == _stable(b)
+    assert json.loads((root / "xps" / sig / "status.json").read_text())["attempt"] == 2
