@@ -28,6 +28,7 @@ ENDED_STATES = frozenset({
     "BOOT_FAIL", "DEADLINE", "REVOKED",
 })
 _ARRAY_RE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
+_JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 _TIMEOUT_S = 30
 
 
@@ -104,7 +105,8 @@ def job_states(job_ids: tp.Iterable[str]) -> tp.Dict[str, str]:
     Raises:
         SlurmError: when the SLURM tools are missing or fail.
     """
-    wanted = sorted({str(j) for j in job_ids if j})
+    # ids of other schedulers (or garbage) are not SLURM's: unknown, rather than a failing sacct
+    wanted = sorted({str(j) for j in job_ids if j and _JOB_ID_RE.match(str(j))})
     if not wanted:
         return {}
     if not available():
@@ -152,7 +154,7 @@ def job_details(job_ids: tp.Iterable[str]) -> tp.Dict[str, tp.Dict[str, str]]:
     Args:
         job_ids: ids as recorded by the run store.
     """
-    wanted = sorted({str(j) for j in job_ids if j})
+    wanted = sorted({str(j) for j in job_ids if j and _JOB_ID_RE.match(str(j))})
     if not wanted or not available():
         return {}
     fields = ["JobIDRaw", "JobID", "State", "ExitCode", "Elapsed", "NodeList", "Partition"]

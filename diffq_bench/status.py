@@ -101,9 +101,11 @@ def run_row(folder: Path, job_state: tp.Mapping[str, str], label: str = "",
     job = str(subs[-1]["job_id"]) if subs else (status.get("job_id") or "")
     sched = job_state.get(job, "") if job else ""
     state = status.get("state") or ("QUEUED" if subs else "NEW")
+    # status.json written before the latest submission describes an older job
+    outdated = bool(subs) and str(status.get("updated", "")) < str(subs[-1].get("submitted", ""))
     if state in ("RUNNING", "QUEUED") and sched and not slurm.is_live(sched):
         state = "STALE"
-    elif state not in ("DONE", "RUNNING") and slurm.is_live(sched):
+    elif (outdated or not status) and slurm.is_live(sched):
         state = "QUEUED" if sched == "PENDING" else "RUNNING"
     epochs = None
     try:

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import typing as tp
 from pathlib import Path
@@ -264,6 +265,19 @@ def run_folder(overrides: tp.Sequence[str], compose: tp.Callable[[tp.List[str]],
         cfg = without_hydra(compose(list(overrides)))
         _FOLDERS[key] = Xp(cfg.paths.root, cfg).folder
     return _FOLDERS[key]
+
+
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def failure_line(error: tp.Any) -> str:
+    """The exception line of a failed job (submitit wraps the job's traceback in its message)."""
+    text = str(error)
+    found = [m.group(0) for m in map(_EXC_LINE.match, text.splitlines()) if m]
+    if found:
+        return found[-1]
+    first = text.strip().splitlines()[0] if text.strip() else "failed"
+    return f"{type(error).__name__}: {first}"
 
 
 def summary(planned: tp.Sequence[PlannedRun]) -> str:

@@ -35,11 +35,16 @@ def test_rows_combine_run_store_and_scheduler(tmp_path):
     queued = _run(tmp_path, 3)  # folder made by the launcher, job not started yet
     sweep.record_submission(queued.folder, "6_0")
     resubmitted = _run(tmp_path, 4, "FAILED", job_id="5_4")
+    old = json.loads(resubmitted.status_path.read_text())
+    resubmitted.status_path.write_text(json.dumps({**old, "updated": "2000-01-01T00:00:00+00:00"}))
     sweep.record_submission(resubmitted.folder, "6_1")
+    ending = _run(tmp_path, 5)  # failed just now: its job is still tearing down
+    sweep.record_submission(ending.folder, "6_2")
+    ending.write_status("FAILED", traceback="boom")
     states = {"5_0": "COMPLETED", "5_1": "RUNNING", "5_2": "CANCELLED", "6_0": "PENDING",
-              "6_1": "RUNNING"}
+              "6_1": "RUNNING", "6_2": "RUNNING"}
     rows = {r["sig"]: r for r in (status.run_row(x.folder, states) for x in
-                                  (done, running, stale, queued, resubmitted))}
+                                  (done, running, stale, queued, resubmitted, ending))}
     assert rows[done.sig]["state"] == "DONE" and rows[done.sig]["best"] == "test_acc=0.8125"
     assert rows[done.sig]["run"] == "task.name=toy seed=0" and rows[done.sig]["epoch"] == "4/4"
     row = rows[running.sig]
@@ -49,9 +54,10 @@ def test_rows_combine_run_store_and_scheduler(tmp_path):
     assert rows[stale.sig]["state"] == "STALE" and rows[stale.sig]["slurm"] == "CANCELLED"
     assert rows[queued.sig]["state"] == "QUEUED" and rows[queued.sig]["job"] == "6_0"
     assert rows[resubmitted.sig]["state"] == "RUNNING" and rows[resubmitted.sig]["job"] == "6_1"
+    assert rows[ending.sig]["state"] == "FAILED" and rows[ending.sig]["slurm"] == "RUNNING"
     table = status.render(list(rows.values()))
     assert table.splitlines()[0].split()[:3] == ["sig", "state", "slurm"]
-    assert table.splitlines()[-1] == "5 runs: 1 DONE, 1 QUEUED, 2 RUNNING, 1 STALE"
+    assert table.splitlines()[-1] == "6 runs: 1 DONE, 1 FAILED, 1 QUEUED, 2 RUNNING, 1 STALE"
 
 
 def test_best_metric_uses_history_direction(tmp_path, monkeypatch):

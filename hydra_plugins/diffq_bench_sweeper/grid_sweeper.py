@@ -101,14 +101,7 @@ class GridSweeper(Sweeper):
             returns.append(results)
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
         if failed:
-            lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n    {_reason(r)}" for p, r in failed]
+            lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n    {sw.failure_line(r._return_value)}" for p, r in failed]
             raise HydraException(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each "
                                  "run's status.json):\n" + "\n".join(lines))
         return returns
-
-
-def _reason(ret: JobReturn) -> str:
-    exc = ret._return_value
-    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "failed"

@@ -124,8 +124,8 @@ class SlurmLauncher(BaseSubmititLauncher):
         try:
             return job.results()[0]
         except Exception as exc:  # noqa: BLE001 - FailedJobError / UncompletedJobError / pickling
-            log.error("job %s (%s) failed: %s", job.job_id, " ".join(overrides),
-                      str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+            from diffq_bench.sweep import failure_line
+            log.error("job %s (%s) failed: %s", job.job_id, " ".join(overrides), failure_line(exc))
             return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=exc)
 
     # ---------------------------------------------------------------- job side
