@@ -22,7 +22,7 @@ weight changes. Export: fp16 centroids (or int8 + per-layer scale/zero point wit
 
 Which weights: 2-D+ tensors only; a 2-D (or 1×1 conv) weight whose input size is not divisible by
 ``block_size`` is left in float (listed in :attr:`QuantNoiseIPQQuantizer.skipped`, warned once),
-and so are 1-D tensors (biases, norms), which PQ cannot split into blocks.
+and so are 1-D tensors (biases, norms: no blocks to split, silently, as for ``min_size``).
 """
 from __future__ import annotations
 
@@ -205,8 +205,10 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
     def _accepts(self, name: str, module: nn.Module, attr: str, param: nn.Parameter) -> bool:
         if not super()._accepts(name, module, attr, param):
             return False
+        if param.dim() < 2:  # biases, norms: no blocks, and tiny; float like min_size ones
+            return False
         if block_dim(param.shape, self.block_size) is None:
-            self.skipped[name] = (f"shape {tuple(param.shape)}: needs >= 2 dims and input size "
+            self.skipped[name] = (f"shape {tuple(param.shape)}: input size {param.shape[1]} not "
                                   f"divisible by block_size={self.block_size}")
             return False
         return True
