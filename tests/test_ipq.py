@@ -222,6 +222,8 @@ def test_corrupt_state_is_rejected():
     saved["centroids"]["0.weight"] = saved["centroids"]["0.weight"][:4]
     with pytest.raises(QuantizerError, match="0.weight"):
         quantizer.load_state_dict(saved)
+    with pytest.raises(QuantizerError, match="done_stages"):
+        quantizer.load_state_dict({"params": []})
     state = quantizer.export()
     state["quantized"]["0.weight"]["centroids"] = state["quantized"]["0.weight"]["centroids"][:2]
     with pytest.raises(QuantizerError, match="corrupt"):

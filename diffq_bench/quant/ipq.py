@@ -334,6 +334,9 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
                 "assignments": {k: v.cpu().clone() for k, v in self.assignments.items()}}
 
     def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        if not isinstance(state, dict) or "done_stages" not in state:
+            raise QuantizerError("not a quant_noise_ipq quantizer state (no 'done_stages'): "
+                                 "was the checkpoint written by another method?")
         by_name = {qp.name: qp for qp in self.qparams}
         unknown = set(state.get("centroids", {})) - set(by_name)
         if unknown:
