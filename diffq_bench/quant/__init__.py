@@ -16,10 +16,12 @@ from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, seri
 from .ipq import QuantNoiseIPQQuantizer
 from .quant_noise import QuantNoiseQuantizer
 from .dsq import DSQQuantizer
+from .oneshot import OneShotMPQQuantizer
 
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
     "none": NoQuantizer,
     "dsq": DSQQuantizer,
+    "oneshot_mpq": OneShotMPQQuantizer,
     "quant_noise": QuantNoiseQuantizer,
     "quant_noise_ipq": QuantNoiseIPQQuantizer,
 }

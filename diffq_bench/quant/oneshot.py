@@ -1,0 +1,608 @@
+"""One-shot weight-coupled mixed precision, retraining-free (Tang et al., CVPR 2024).
+
+Stage 1 (training, :meth:`OneShotMPQQuantizer.train_step`): one shared float weight per layer,
+one LSQ step size per candidate bit width (weights and layer inputs), one BatchNorm per
+(weight-bits, act-bits) pair (:class:`SwitchableBN` replaces the model's BN modules, each selected
+by the configuration of the quantized layer registered just before it). Each step forwards the
+max-bit sub-network (task loss), then ``subnets`` random per-layer configurations with loss
+``(1 − kd_weight)·task + kd_weight·KD(max → sub) + bn_align·MSE(BN outputs, max-bit BN outputs)``;
+everything is summed into one loss (the loop runs one backward). KD is the task's
+``distill_loss(student, teacher)`` when it has one, else the MSE between model outputs.
+Every ``sched_every`` steps the bit-width scheduler measures the "turbulence" of each layer's
+lowest candidate (share of weights within ``turbulence_eps`` of a rounding boundary) and freezes
+that candidate, until the next measurement, for the ``sched_frac`` most turbulent layers.
+
+Stage 2 (:meth:`finalize` -> :meth:`search`, no retraining): greedy search from the mid
+configuration, one layer's bit width one notch at a time, descending by least error increase per
+cost saved until the budget is met, then ascending by best error decrease per cost while within
+budget; BN statistics are recalibrated before every measurement. Export packs the chosen bits.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+from .actquant import (act_layers, install_input_hooks, install_restored_activations, lsq_dequantize,
+                       lsq_init_step, lsq_levels, lsq_quantize)
+from .base import MB, BaseQuantizer, Calibration, QParam, QuantizerError, check_range
+from .pack import pack_uint, unpack_uint
+
+Config = tp.Dict[str, tp.Tuple[int, int]]  # layer -> (weight bits, act bits; 0 = float input)
+
+
+class SwitchableBN(nn.Module):
+    """One BatchNorm per bit-width pair; ``key`` (set by the quantizer) selects the active one."""
+
+    def __init__(self, bn: nn.Module, keys: tp.Sequence[str]):
+        super().__init__()
+        self.bns = nn.ModuleDict({key: copy.deepcopy(bn) for key in keys})
+        self.key = keys[-1]
+        self.capture: tp.Optional[tp.Callable[["SwitchableBN", torch.Tensor], None]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bns[self.key](x)
+        if self.capture is not None:
+            self.capture(self, out)
+        return out
+
+
+def _pair_key(wbits: int, abits: int) -> str:
+    return f"w{wbits}a{abits}"
+
+
+def _macs(module: nn.Module, x: torch.Tensor, out: tp.Any, weights: tp.Sequence[torch.Tensor]) -> float:
+    """Multiply-accumulates per sample of one forward of ``module`` (first dim = batch)."""
+    batch = max(1, x.shape[0]) if x.dim() > 0 else 1
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and torch.is_tensor(out):
+        return out.numel() / batch * module.weight[0].numel()
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        return x.numel() / batch * module.weight[0].numel()
+    if not x.is_floating_point():  # embeddings: lookups, no MACs
+        return 0.0
+    rows = x.numel() / max(1, x.shape[-1]) / batch  # tokens / time steps per sample
+    return rows * sum(w.numel() for w in weights if w.dim() > 1)
+
+
+def _tensors(obj: tp.Any) -> tp.List[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def output_mse(student: tp.Any, teacher: tp.Any) -> torch.Tensor:
+    """Generic distillation: mean squared error over the floating tensor leaves of the outputs."""
+    pairs = list(zip(_tensors(student), _tensors(teacher)))
+    if not pairs:
+        raise QuantizerError("cannot distil: the model output holds no floating tensor; give the task "
+                             "a distill_loss(student, teacher) method")
+    return sum(nn.functional.mse_loss(s.float(), t.detach().float()) for s, t in pairs) / len(pairs)
+
+
+def _detach(obj: tp.Any) -> tp.Any:
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(v) for v in obj) if not hasattr(obj, "_fields") else type(obj)(*map(_detach, obj))
+    return obj
+
+
+#: budget kind -> cost(quantizer, config); the search keeps cost <= budget.
+COSTS: tp.Dict[str, tp.Callable[["OneShotMPQQuantizer", Config], float]] = {
+    "size_mb": lambda q, c: q.size_bits(c) / 8 / MB,
+    "avg_bits": lambda q, c: q.size_bits(c) / max(1, q.quantized_numel()),
+    "gbitops": lambda q, c: q.bitops(c) / 1e9,
+    "avg_bitops": lambda q, c: q.bitops(c) / max(1.0, sum(q.macs.values())),
+}
+
+
+class OneShotMPQQuantizer(BaseQuantizer):
+    """Weight-coupled supernet with per-bit LSQ steps and per-pair BN, then budgeted greedy search.
+
+    Args:
+        model: the model (its BatchNorm modules are swapped for :class:`SwitchableBN`).
+        bits: candidate weight bit widths (each in 1..16).
+        act_bits: candidate input activation bit widths; empty keeps layer inputs in float.
+        subnets: random sub-networks per training step (besides the max-bit one).
+        kd_weight: weight of distillation in a sub-network's loss (paper: 0.5).
+        bn_align: weight of the BN-output alignment term (0 disables it).
+        sched_every: training steps between bit-width scheduler updates (0 disables it).
+        sched_frac: fraction of layers whose lowest candidate is frozen at each update.
+        turbulence_eps: distance to a rounding boundary (in steps) counted as turbulent.
+        budget_kind: one of :data:`COSTS` (size_mb, avg_bits, gbitops, avg_bitops).
+        budget: the search's budget in that unit.
+        calib_batches: training batches used by the search (BN recalibration and error).
+        min_size, float16, exclude: see :class:`~diffq_bench.quant.base.BaseQuantizer`.
+    """
+    name = "oneshot_mpq"
+    config_keys = ("bits", "act_bits", "subnets", "kd_weight", "bn_align", "sched_every", "sched_frac",
+                   "turbulence_eps", "budget_kind", "budget", "calib_batches", "min_size", "float16",
+                   "exclude")
+    default_lr = 1e-3
+
+    def __init__(self, model: nn.Module, bits: tp.Sequence[int] = (2, 3, 4, 5, 6),
+                 act_bits: tp.Sequence[int] = (2, 3, 4, 5, 6), subnets: int = 2, kd_weight: float = 0.5,
+                 bn_align: float = 0.1, sched_every: int = 50, sched_frac: float = 0.2,
+                 turbulence_eps: float = 0.05, budget_kind: str = "avg_bits", budget: float = 4.0,
+                 calib_batches: int = 4, min_size: float = 0.01, float16: bool = False,
+                 exclude: tp.Sequence[str] = ()):
+        self.bits = self._check_candidates("bits", bits, allow_empty=False)
+        self.act_bits = self._check_candidates("act_bits", act_bits, allow_empty=True)
+        check_range("subnets", subnets, 0, 64, integer=True)
+        check_range("kd_weight", kd_weight, 0.0, 1.0)
+        check_range("bn_align", bn_align, 0.0, float("inf"))
+        check_range("sched_every", sched_every, 0, float("inf"), integer=True)
+        check_range("sched_frac", sched_frac, 0.0, 1.0)
+        check_range("turbulence_eps", turbulence_eps, 0.0, 0.5)
+        if budget_kind not in COSTS:
+            raise QuantizerError(f"unknown budget_kind {budget_kind!r}; valid: {', '.join(sorted(COSTS))}")
+        check_range("budget", budget, 0.0, float("inf"))
+        check_range("calib_batches", calib_batches, 1, 100000, integer=True)
+        self.subnets, self.kd_weight, self.bn_align = int(subnets), float(kd_weight), float(bn_align)
+        self.sched_every, self.sched_frac = int(sched_every), float(sched_frac)
+        self.turbulence_eps, self.budget_kind, self.budget = float(turbulence_eps), budget_kind, float(budget)
+        self.calib_batches = self.calibration_batches = int(calib_batches)
+        abits = self.act_bits or [0]
+        self._bn_ids: tp.Set[int] = set()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                container = SwitchableBN(module, [_pair_key(w, a) for w in self.bits for a in abits])
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, container)
+                self._bn_ids.update(id(p) for p in container.parameters())
+        if isinstance(model, nn.modules.batchnorm._BatchNorm):
+            raise QuantizerError("oneshot_mpq needs a model with quantizable layers, got a bare BatchNorm")
+        super().__init__(model, min_size=min_size, float16=float16, exclude=exclude)
+        self._setup_layers()
+
+    @staticmethod
+    def _check_candidates(name: str, values: tp.Any, allow_empty: bool) -> tp.List[int]:
+        if isinstance(values, (int, float)):
+            values = [values]
+        values = list(values)
+        if not values and not allow_empty:
+            raise QuantizerError(f"{name} needs at least one candidate bit width in 1..16")
+        for value in values:
+            check_range(name, value, 1, 16, integer=True)
+        return sorted({int(v) for v in values})
+
+    def _accepts(self, name, module, attr, param) -> bool:
+        return id(param) not in self._bn_ids and super()._accepts(name, module, attr, param)
+
+    def _setup_layers(self) -> None:
+        modules = dict(self.model.named_modules())
+        owner_name = {id(m): n for n, m in modules.items()}
+        self._layer_of = {qp.name: owner_name[id(qp.module)] for qp in self.qparams}
+        self.layers = [n for n in modules if n in set(self._layer_of.values())]
+        self._index = {qp.name: i for i, qp in enumerate(self.qparams)}
+        self._wsteps = nn.ParameterDict()
+        for i, qp in enumerate(self.qparams):
+            for b in self.bits:
+                step = lsq_init_step(qp.param, b, signed=True)
+                self._wsteps[f"{i}_{b}"] = nn.Parameter(torch.tensor(step, device=qp.param.device))
+        self._act_modules = act_layers(self.model, self.layers) if self.act_bits else {}
+        self._asteps = nn.ParameterDict()
+        self._act_signed: tp.Dict[str, bool] = {}
+        for name, module in self._act_modules.items():
+            device = next(module.parameters()).device
+            for b in self.act_bits:
+                self._asteps[f"{self._akey(name)}_{b}"] = nn.Parameter(torch.ones((), device=device))
+        self._act_handles = install_input_hooks(self._act_modules, self._act_forward)
+        # BN container -> the quantized layer registered just before it (its producer).
+        self._bn_owner: tp.Dict[str, str] = {}
+        last = None
+        for name, module in modules.items():
+            if name in self._layer_of.values():
+                last = name
+            if isinstance(module, SwitchableBN):
+                if last is None:
+                    raise QuantizerError(f"BatchNorm {name!r} comes before any quantized layer")
+                self._bn_owner[name] = last
+        self.macs: tp.Dict[str, float] = {}
+        for name in self.layers:
+            self._handles.append(modules[name].register_forward_hook(self._count_macs))
+        self._frozen: tp.Dict[str, tp.List[int]] = {}
+        self._steps_done = 0
+        self._searched = False
+        self._capture: tp.Optional[tp.Dict[str, torch.Tensor]] = None
+        self.set_config(self.max_config())
+
+    @staticmethod
+    def _akey(name: str) -> str:
+        return "a_" + name.replace(".", "__")
+
+    # --------------------------------------------------------------------- configurations
+    def max_config(self) -> Config:
+        """Every layer at its highest candidate bit widths."""
+        top_a = self.act_bits[-1] if self.act_bits else 0
+        return {n: (self.bits[-1], top_a if n in self._act_modules else 0) for n in self.layers}
+
+    def mid_config(self) -> Config:
+        """Every layer at the middle candidate (the search's starting point)."""
+        mid_a = self.act_bits[(len(self.act_bits) - 1) // 2] if self.act_bits else 0
+        return {n: (self.bits[(len(self.bits) - 1) // 2], mid_a if n in self._act_modules else 0)
+                for n in self.layers}
+
+    def sample_config(self) -> Config:
+        """A random per-layer configuration avoiding frozen candidates (global torch RNG)."""
+        cfg = {}
+        for n in self.layers:
+            wc = [b for b in self.bits if b not in self._frozen.get(n, [])] or self.bits
+            w = wc[int(torch.randint(len(wc), ()))]
+            a = self.act_bits[int(torch.randint(len(self.act_bits), ()))] if (
+                self.act_bits and n in self._act_modules) else 0
+            cfg[n] = (w, a)
+        return cfg
+
+    def active_config(self) -> Config:
+        """The configuration the model currently computes with (max-bit, or the searched one)."""
+        return dict(self._config)
+
+    def set_config(self, cfg: Config) -> None:
+        """Activate ``cfg`` (layer -> (weight bits, act bits)); also switches the BN pairs."""
+        missing = set(self.layers) - set(cfg)
+        if missing:
+            raise QuantizerError(f"configuration lacks layer(s) {sorted(missing)}")
+        for n, (w, a) in cfg.items():
+            valid_a = self.act_bits if (self.act_bits and n in self._act_modules) else [0]
+            if w not in self.bits or a not in valid_a:
+                raise QuantizerError(f"layer {n!r}: bits ({w}, {a}) not among the candidates "
+                                     f"{self.bits} x {valid_a}")
+        self._config = {n: (int(w), int(a)) for n, (w, a) in cfg.items()}
+        modules = dict(self.model.named_modules())
+        abits = self.act_bits or [0]
+        for bn_name, owner in self._bn_owner.items():
+            w, a = self._config[owner]
+            modules[bn_name].key = _pair_key(w, a if a else abits[-1])
+
+    def size_bits(self, cfg: Config) -> float:
+        """Storage bits of the quantized weights under ``cfg`` (levels only)."""
+        return float(sum(cfg[self._layer_of[qp.name]][0] * qp.param.numel() for qp in self.qparams))
+
+    def quantized_numel(self) -> int:
+        return sum(qp.param.numel() for qp in self.qparams)
+
+    def bitops(self, cfg: Config) -> float:
+        """Σ b_w·b_a·MACs per sample (float inputs count 32 bits); MACs from the first forward."""
+        if not self.macs:
+            raise QuantizerError("BitOPs need the layers' MACs: run one forward on a sample first")
+        return float(sum(cfg[n][0] * (cfg[n][1] or 32) * self.macs.get(n, 0.0) for n in self.layers))
+
+    def cost(self, cfg: Config) -> float:
+        """``cfg``'s cost in the unit of ``budget_kind``."""
+        return COSTS[self.budget_kind](self, cfg)
+
+    def _count_macs(self, module: nn.Module, inputs: tp.Any, out: tp.Any) -> None:
+        name = self._module_names().get(id(module))
+        if name in self.macs or not inputs or not torch.is_tensor(inputs[0]):
+            return
+        weights = [qp.param for qp in self.qparams if qp.module is module]
+        self.macs[name] = float(_macs(module, inputs[0], out, weights))
+
+    def _module_names(self) -> tp.Dict[int, str]:
+        if not hasattr(self, "_names_cache"):
+            self._names_cache = {id(m): n for n, m in self.model.named_modules()}
+        return self._names_cache
+
+    # ----------------------------------------------------------------------- quantization
+    def _wbits(self, qp: QParam) -> int:
+        return self._config[self._layer_of[qp.name]][0]
+
+    def _step(self, qp: QParam, bits: int) -> nn.Parameter:
+        return self._wsteps[f"{self._index[qp.name]}_{bits}"]
+
+    def _train_value(self, qp: QParam) -> torch.Tensor:
+        bits = self._wbits(qp)
+        return lsq_quantize(qp.param, self._step(qp, bits), bits, signed=True).to(qp.param.dtype)
+
+    def _eval_value(self, qp: QParam) -> torch.Tensor:
+        bits = self._wbits(qp)
+        step = self._step(qp, bits)
+        return lsq_dequantize(lsq_levels(qp.param, step, bits, True), step).to(qp.param.dtype)
+
+    def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
+        bits = self._wbits(qp)
+        step = self._step(qp, bits)
+        levels = lsq_levels(qp.param, step, bits, True) + 2 ** (bits - 1)  # offset to unsigned
+        return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.reshape(-1).cpu(), bits),
+                "step": step.detach().float().clamp_min(1e-8).cpu().clone()}
+
+    @classmethod
+    def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
+        if entry["numel"] != like.numel():
+            raise QuantizerError(f"quantized entry holds {entry['numel']} values, parameter has {like.numel()}")
+        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"]) - 2 ** (entry["bits"] - 1)
+        return lsq_dequantize(levels, entry["step"]).reshape(like.shape)
+
+    def _param_bits(self, qp: QParam) -> torch.Tensor:
+        return torch.tensor(float(self._wbits(qp) * qp.param.numel() + 32))
+
+    def _act_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if name not in self._act_signed:  # step sizes initialised from the first batch
+            signed = bool((x.detach() < 0).any())
+            with torch.no_grad():
+                for b in self.act_bits:
+                    self._asteps[f"{self._akey(name)}_{b}"].fill_(lsq_init_step(x, b, signed))
+            self._act_signed[name] = signed
+        bits = self._config[name][1]
+        step = self._asteps[f"{self._akey(name)}_{bits}"]
+        signed = self._act_signed[name]
+        if module.training:
+            return lsq_quantize(x, step, bits, signed, numel=x[0].numel()).to(x.dtype)
+        return lsq_dequantize(lsq_levels(x, step, bits, signed), step).to(x.dtype)
+
+    # ---------------------------------------------------------------------- training step
+    def _capture_bn(self, bn: SwitchableBN, out: torch.Tensor) -> None:
+        if self._capture is not None:
+            self._capture[id(bn)] = out
+
+    def _forward(self, task: tp.Any, model: nn.Module, batch: tp.Any, cfg: Config):
+        self.set_config(cfg)
+        seen: tp.Dict[str, tp.Any] = {}
+        handle = model.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+        self._capture = {}
+        try:
+            loss, metrics = task.step(model, batch)
+        finally:
+            handle.remove()
+        bn_outs, self._capture = self._capture, None
+        if "out" not in seen:
+            raise QuantizerError("task.step did not call the model's forward: one-shot MPQ distils "
+                                 "the outputs of model(...)")
+        return loss, metrics, seen["out"], bn_outs
+
+    def train_step(self, task: tp.Any, model: nn.Module, batch: tp.Any
+                   ) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
+        """Max-bit forward, then ``subnets`` sampled sub-networks distilled from it (summed loss)."""
+        containers = [m for m in model.modules() if isinstance(m, SwitchableBN)]
+        for bn in containers:
+            bn.capture = self._capture_bn
+        rest = dict(self._config)
+        try:
+            loss, metrics, teacher, bn_teacher = self._forward(task, model, batch, self.max_config())
+            teacher = _detach(teacher)
+            total = loss
+            extra = {"mpq_sub_loss": 0.0, "mpq_kd": 0.0, "mpq_bn_align": 0.0}
+            distill = getattr(task, "distill_loss", None) or output_mse
+            for _ in range(self.subnets):
+                sub_loss, _, out, bn_outs = self._forward(task, model, batch, self.sample_config())
+                kd = distill(out, teacher)
+                align = torch.zeros((), device=sub_loss.device)
+                if self.bn_align > 0 and bn_outs:
+                    align = sum(nn.functional.mse_loss(o, bn_teacher[k].detach())
+                                for k, o in bn_outs.items() if k in bn_teacher) / len(bn_outs)
+                total = total + (1 - self.kd_weight) * sub_loss + self.kd_weight * kd + self.bn_align * align
+                for key, value in (("mpq_sub_loss", sub_loss), ("mpq_kd", kd), ("mpq_bn_align", align)):
+                    extra[key] += float(value.detach()) / self.subnets
+        finally:
+            for bn in containers:
+                bn.capture = None
+            self.set_config(rest)
+        self._steps_done += 1
+        if self.sched_every and self._steps_done % self.sched_every == 0:
+            self.schedule()
+        return total, {**metrics, **(extra if self.subnets else {})}
+
+    def turbulence(self, layer: str, bits: int) -> float:
+        """Share of the layer's weights within ``turbulence_eps`` steps of a rounding boundary."""
+        near, total = 0, 0
+        with torch.no_grad():
+            for qp in self.qparams:
+                if self._layer_of[qp.name] != layer:
+                    continue
+                scaled = qp.param.detach().float() / self._step(qp, bits).detach().clamp_min(1e-8)
+                frac = scaled - torch.floor(scaled)
+                near += int(((frac - 0.5).abs() < self.turbulence_eps).sum())
+                total += qp.param.numel()
+        return near / max(1, total)
+
+    def schedule(self) -> None:
+        """Bit-width scheduler: freeze the lowest candidate of the most turbulent layers."""
+        self._frozen = {}
+        if len(self.bits) < 2 or self.sched_frac <= 0:
+            return
+        ranked = sorted(self.layers, key=lambda n: -self.turbulence(n, self.bits[0]))
+        for name in ranked[:int(math.ceil(self.sched_frac * len(ranked)))]:
+            self._frozen[name] = [self.bits[0]]
+
+    # ------------------------------------------------------------------- search (stage 2)
+    def recalibrate(self, task: tp.Any, batches: tp.Sequence[tp.Any]) -> None:
+        """Re-estimate the active BN pairs' statistics on ``batches`` (quantized eval forwards)."""
+        active = [m.bns[m.key] for m in self.model.modules() if isinstance(m, SwitchableBN)]
+        if not active or not batches:
+            return
+        was_training = self.model.training
+        momenta = [bn.momentum for bn in active]
+        self.model.eval()
+        for bn in active:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration batches
+            bn.train()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    task.step(self.model, batch)
+        finally:
+            for bn, momentum in zip(active, momenta):
+                bn.momentum = momentum
+            self.model.train(was_training)
+
+    def search(self, evaluate: tp.Callable[[nn.Module], float], budget: tp.Optional[float] = None,
+               recalibrate: tp.Optional[tp.Callable[[], None]] = None, max_moves: int = 10000) -> Config:
+        """Greedy retraining-free search of a configuration with ``cost <= budget``.
+
+        Args:
+            evaluate: model -> error on calibration data (lower is better), called in eval mode.
+            budget: in ``budget_kind`` units (the constructor's ``budget`` when None).
+            recalibrate: called after each configuration change, before ``evaluate`` (BN stats).
+            max_moves: safety cap on the number of accepted moves.
+        Returns:
+            the chosen configuration, left active (and the one :meth:`export` packs).
+        """
+        budget = self.budget if budget is None else float(budget)
+        low = {n: (self.bits[0], (self.act_bits[0] if (self.act_bits and n in self._act_modules) else 0))
+               for n in self.layers}
+        if self.cost(low) > budget * (1 + 1e-9):
+            raise QuantizerError(f"{self.budget_kind} budget {budget:g} is below the smallest reachable "
+                                 f"cost {self.cost(low):g} (every layer at its lowest candidate)")
+        was_training = self.model.training
+
+        def measure(cfg: Config) -> float:
+            self.set_config(cfg)
+            if recalibrate is not None:
+                recalibrate()
+            self.model.eval()
+            with torch.no_grad():
+                return float(evaluate(self.model))
+
+        def neighbours(cfg: Config, step: int) -> tp.Iterator[Config]:
+            for n in self.layers:
+                for axis, cands in ((0, self.bits), (1, self.act_bits if n in self._act_modules else [])):
+                    if cfg[n][axis] not in cands:
+                        continue
+                    j = cands.index(cfg[n][axis]) + step
+                    if 0 <= j < len(cands):
+                        new = dict(cfg)
+                        pair = list(cfg[n])
+                        pair[axis] = cands[j]
+                        new[n] = (pair[0], pair[1])
+                        yield new
+
+        cfg = self.mid_config()
+        err = measure(cfg)
+        moves = 0
+        while self.cost(cfg) > budget * (1 + 1e-9) and moves < max_moves:  # descend to the budget
+            scored = []
+            for new in neighbours(cfg, -1):
+                saved = self.cost(cfg) - self.cost(new)
+                if saved > 0:
+                    new_err = measure(new)
+                    scored.append(((new_err - err) / saved, new_err, new))
+            _, err, cfg = min(scored, key=lambda item: item[0])
+            moves += 1
+        while moves < max_moves:  # spend what is left of the budget where it helps most
+            scored = []
+            for new in neighbours(cfg, +1):
+                extra = self.cost(new) - self.cost(cfg)
+                if extra > 0 and self.cost(new) <= budget * (1 + 1e-9):
+                    new_err = measure(new)
+                    if new_err < err:
+                        scored.append(((err - new_err) / extra, new_err, new))
+            if not scored:
+                break
+            _, err, cfg = max(scored, key=lambda item: item[0])
+            moves += 1
+        self.search_error = measure(cfg)  # leaves cfg active with its BN recalibrated
+        self._searched = True
+        self.model.train(was_training)
+        return dict(cfg)
+
+    def finalize(self, calibration: tp.Optional[Calibration] = None) -> bool:
+        """Run the search on the loop's calibration batches (mean task loss as the error)."""
+        if calibration is None:
+            raise QuantizerError("oneshot_mpq needs calibration batches after training: the loop must "
+                                 "call finalize(Calibration(task, batches)) (docs/INTERFACES.md)")
+        task, batches = calibration.task, list(calibration.batches)
+        if not batches:
+            raise QuantizerError("oneshot_mpq got an empty calibration set")
+
+        def evaluate(model: nn.Module) -> float:
+            return sum(float(task.step(model, b)[0]) for b in batches) / len(batches)
+
+        self.search(evaluate, recalibrate=lambda: self.recalibrate(task, batches))
+        return False
+
+    @property
+    def phase(self) -> str:
+        return "searched" if self._searched else "supernet"
+
+    # ----------------------------------------------------------------- export / state
+    def _bn_entries(self) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Dict[str, torch.Tensor]]:
+        """Active BN pair of each container, under the plain model's names: (params, buffers)."""
+        params, buffers = {}, {}
+        modules = dict(self.model.named_modules())
+        for name in self._bn_owner:
+            bn = modules[name].bns[modules[name].key]
+            for attr, p in bn.named_parameters():
+                params[f"{name}.{attr}"] = p.detach().cpu().clone()
+            for attr, b in bn.named_buffers():
+                buffers[f"{name}.{attr}"] = b.detach().cpu().clone()
+        return params, buffers
+
+    def export(self) -> tp.Dict[str, tp.Any]:
+        state = super().export()
+        prefixes = tuple(f"{name}." for name in self._bn_owner)
+        floats = {k: v for k, v in state["float"].items() if not k.startswith(prefixes)}
+        bn_params, bn_buffers = self._bn_entries()
+        dtype = torch.float16 if self.float16 else torch.float32
+        floats.update({k: v.to(dtype) for k, v in bn_params.items()})
+        state["float"] = floats
+        state["buffers"] = bn_buffers
+        acts = {}
+        for name in self._act_modules:
+            if name not in self._act_signed:
+                raise QuantizerError(f"activation step of {name!r} was never initialised: run at least "
+                                     "one forward before exporting")
+            bits = self._config[name][1]
+            step = self._asteps[f"{self._akey(name)}_{bits}"].detach().float().clamp_min(1e-8).cpu().clone()
+            acts[name] = {"kind": "lsq", "bits": bits, "signed": self._act_signed[name], "step": step}
+        state["activations"] = acts
+        state["mpq_config"] = {n: list(pair) for n, pair in self._config.items()}
+        return state
+
+    @classmethod
+    def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
+        super().restore_model(model, state)
+        buffers = dict(model.named_buffers())
+        for name, value in state.get("buffers", {}).items():
+            if name not in buffers:
+                raise QuantizerError(f"quantized state has buffer {name!r} that the model lacks")
+            with torch.no_grad():
+                buffers[name].copy_(value.to(buffers[name].dtype))
+        install_restored_activations(model, state.get("activations", {}))
+        return model
+
+    def model_size(self) -> torch.Tensor:
+        bits = sum(float(self._param_bits(qp)) for qp in self.qparams)
+        prefixes = tuple(f"{name}." for name in self._bn_owner)
+        floats = sum(p.numel() for n, p in self._float_params if not n.startswith(prefixes))
+        floats += sum(v.numel() for v in self._bn_entries()[0].values())
+        bits += floats * (16 if self.float16 else 32)
+        return torch.tensor(bits / 8 / MB)
+
+    def detach(self) -> None:
+        super().detach()
+        for handle in self._act_handles:
+            handle.remove()
+        self._act_handles.clear()
+
+    def quantizer_parameters(self) -> tp.List[nn.Parameter]:
+        return list(self._wsteps.values()) + list(self._asteps.values())
+
+    def state_dict(self) -> tp.Dict[str, tp.Any]:
+        state = super().state_dict()
+        state.update({"act_signed": dict(self._act_signed), "frozen": {k: list(v) for k, v in self._frozen.items()},
+                      "steps_done": self._steps_done, "searched": self._searched, "macs": dict(self.macs),
+                      "config": {n: list(p) for n, p in self._config.items()}})
+        return state
+
+    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        super().load_state_dict(state)
+        unknown = set(state.get("act_signed", {})) - set(self._act_modules)
+        if unknown:
+            raise QuantizerError(f"quantizer state has activation quantizers {sorted(unknown)} the model lacks")
+        self._act_signed = {k: bool(v) for k, v in state.get("act_signed", {}).items()}
+        self._frozen = {k: [int(b) for b in v] for k, v in state.get("frozen", {}).items()}
+        self._steps_done = int(state.get("steps_done", 0))
+        self._searched = bool(state.get("searched", False))
+        self.macs = {k: float(v) for k, v in state.get("macs", {}).items()}
+        self.set_config({n: tuple(p) for n, p in state.get("config", self.max_config()).items()})
