@@ -128,16 +128,24 @@ class Trainer:
         self.optimizers = [main] + list(extra)
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: full micro-batch groups, capped by ``train.steps_per_epoch``."""
+        """Optimizer steps per epoch: full micro-batch groups, capped by ``train.steps_per_epoch``.
+
+        The batch count comes from ``len(task.train_batches(0))`` or, for tasks that yield batches
+        from a generator, from the optional ``task.num_train_batches()``.
+        """
         cap = self.train_cfg.get("steps_per_epoch")
-        batches = self.task.train_batches(0)
-        try:
-            n = len(batches) // self.train_cfg["grad_accum"]  # type: ignore[arg-type]
-        except TypeError:
-            if cap is None:
-                raise ValueError(f"task {self.task.name!r} yields training batches without a length; "
-                                 "set train.steps_per_epoch") from None
-            return int(cap)
+        counter = getattr(self.task, "num_train_batches", None)
+        if callable(counter):
+            n_batches = int(counter())
+        else:
+            batches = self.task.train_batches(0)
+            if not hasattr(batches, "__len__"):
+                if cap is None:
+                    raise ValueError(f"task {self.task.name!r} yields training batches without a length "
+                                     "and has no num_train_batches(); set train.steps_per_epoch")
+                return int(cap)
+            n_batches = len(batches)  # type: ignore[arg-type]
+        n = n_batches // self.train_cfg["grad_accum"]
         if n == 0:
             raise ValueError(f"task {self.task.name!r} has fewer training batches than "
                              f"train.grad_accum={self.train_cfg['grad_accum']}")

@@ -13,7 +13,11 @@ from diffq_bench import cli
 from diffq_bench.config import find_conf_dir
 from diffq_bench.tasks import TASKS
 
-DEBUG = ["train.epochs=1", "train.steps_per_epoch=2", "runtime.progress=false"]
+# Debug size: 2 optimizer steps of a 1-layer d=32 model, cheap evaluation windows. `++` sets a key
+# whether or not the task file lists it.
+DEBUG = ["train.epochs=1", "train.steps_per_epoch=2", "runtime.progress=false",
+         "++task.context_window=0", "++task.eval_tokens_per_sample=256", "++task.eval_batch_size=64",
+         "++task.model.d_model=32", "++task.model.ffn_dim=64", "++task.model.n_layers=1"]
 
 
 def _need_lm():
