@@ -2,8 +2,12 @@
 import typing as tp
 
 from .base import DataMissingError, Task
+from .separation import MusdbDemucsTask, SfmixTask
 
-TASKS: tp.Dict[str, tp.Type[Task]] = {}
+TASKS: tp.Dict[str, tp.Type[Task]] = {
+    MusdbDemucsTask.name: MusdbDemucsTask,
+    SfmixTask.name: SfmixTask,
+}
 
 
 def get_task(name: str, **kwargs: tp.Any) -> Task:

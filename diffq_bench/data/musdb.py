@@ -1,0 +1,234 @@
+"""MusDB18-HQ in its official on-disk layout, read with soundfile.
+
+Layout (the official MusDB18-HQ archive, and what :mod:`diffq_bench.data.sfmix` writes)::
+
+    <root>/train/<track>/{mixture,drums,bass,other,vocals}.wav
+    <root>/test/<track>/{mixture,drums,bass,other,vocals}.wav
+
+Splits: ``train`` = the train folder minus the validation tracks, ``valid`` = those tracks (the
+standard 14 of MusDB/open-unmix/Demucs, see :func:`musdb_validation_tracks`), ``test`` = the test
+folder. Training reads random-access segments straight from the WAVs (no decoding of whole tracks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ..models.demucs import SOURCES
+from ..tasks.base import DataMissingError
+
+STEMS = ("mixture",) + SOURCES
+SPLITS = ("train", "valid", "test")
+
+# The validation split of the musdb package (musdb 0.4.3, musdb/configs/mus.yaml, key
+# ``validation_tracks``), used by open-unmix and Demucs. Kept here because importing musdb needs an
+# ffmpeg binary; :func:`musdb_validation_tracks` prefers the installed package's file when present.
+MUSDB_VALIDATION_TRACKS = (
+    "Actions - One Minute Smile",
+    "Clara Berry And Wooldog - Waltz For My Victims",
+    "Johnny Lokke - Promises & Lies",
+    "Patrick Talbot - A Reason To Leave",
+    "Triviul - Angelsaint",
+    "Alexander Ross - Goodbye Bolero",
+    "Fergessen - Nos Palpitants",
+    "Leaf - Summerghost",
+    "Skelpolu - Human Mistakes",
+    "Young Griffo - Pennies",
+    "ANiMAL - Rockshow",
+    "James May - On The Line",
+    "Meaxic - Take A Step",
+    "Traffic Experiment - Sirens",
+)
+
+
+def musdb_validation_tracks() -> tp.List[str]:
+    """The 14 standard validation track names, read from the musdb package's ``configs/mus.yaml``
+    when musdb is installed (without importing it: that needs ffmpeg), else the copy above."""
+    spec = importlib.util.find_spec("musdb")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "configs" / "mus.yaml"
+        if path.is_file():
+            import yaml  # a dependency of hydra/omegaconf
+            tracks = yaml.safe_load(path.read_text()).get("validation_tracks")
+            if tracks:
+                return list(tracks)
+    return list(MUSDB_VALIDATION_TRACKS)
+
+
+@dataclasses.dataclass
+class Track:
+    """One track folder: ``name``, ``folder`` and its length in samples (all stems agree)."""
+    name: str
+    folder: Path
+    length: int
+
+
+class MusdbHQ:
+    """Index of a MusDB18-HQ-layout folder, with checks of the format.
+
+    Args:
+        root: folder holding ``train/`` and ``test/``.
+        samplerate: expected sample rate of every WAV (44100 for MusDB18-HQ).
+        channels: expected channels of every WAV (2 for MusDB18-HQ).
+        valid_tracks: names of the train tracks used for validation (MusDB's 14 when None).
+        prepare_hint: how to obtain the data, appended to "data missing" errors.
+    Raises:
+        DataMissingError: folder, split or stem missing (the message names the path and layout).
+        ValueError: a WAV with the wrong sample rate or channel count, or stems of unequal length.
+    """
+
+    def __init__(self, root: tp.Union[str, Path], samplerate: int = 44100, channels: int = 2,
+                 valid_tracks: tp.Optional[tp.Sequence[str]] = None, prepare_hint: str = ""):
+        self.root = Path(root)
+        self.samplerate = int(samplerate)
+        self.channels = int(channels)
+        self.hint = prepare_hint
+        valid = musdb_validation_tracks() if valid_tracks is None else list(valid_tracks)
+        self._tracks: tp.Dict[str, tp.List[Track]] = {}
+        train = self._scan("train")
+        names = {t.name for t in train}
+        missing = [v for v in valid if v not in names]
+        if missing:
+            raise DataMissingError(f"validation track(s) {missing} not found in {self.root / 'train'}"
+                                   f"{self._hint()}")
+        self._tracks["train"] = [t for t in train if t.name not in valid]
+        self._tracks["valid"] = [t for t in train if t.name in valid]
+        self._tracks["test"] = self._scan("test")
+        if not self._tracks["train"]:
+            raise DataMissingError(f"no training track left in {self.root / 'train'} once the "
+                                   f"{len(valid)} validation tracks are set aside{self._hint()}")
+
+    def _hint(self) -> str:
+        return f". {self.hint}" if self.hint else ""
+
+    def _scan(self, folder: str) -> tp.List[Track]:
+        base = self.root / folder
+        layout = "<root>/{train,test}/<track>/{" + ",".join(STEMS) + "}.wav"
+        if not base.is_dir():
+            raise DataMissingError(f"MusDB18-HQ folder {base} does not exist (expected layout "
+                                   f"{layout}){self._hint()}")
+        tracks = []
+        for folder_path in sorted(p for p in base.iterdir() if p.is_dir()):
+            lengths = {}
+            for stem in STEMS:
+                path = folder_path / f"{stem}.wav"
+                if not path.is_file():
+                    raise DataMissingError(f"missing stem {path} (expected layout {layout})"
+                                           f"{self._hint()}")
+                info = sf.info(str(path))
+                if info.samplerate != self.samplerate:
+                    raise ValueError(f"{path} has sample rate {info.samplerate} Hz, expected "
+                                     f"{self.samplerate} Hz")
+                if info.channels != self.channels:
+                    raise ValueError(f"{path} has {info.channels} channel(s), expected {self.channels}")
+                lengths[stem] = info.frames
+            if len(set(lengths.values())) != 1:
+                raise ValueError(f"stems of {folder_path} differ in length: {lengths}")
+            tracks.append(Track(folder_path.name, folder_path, lengths["mixture"]))
+        if not tracks:
+            raise DataMissingError(f"no track folder in {base} (expected layout {layout})"
+                                   f"{self._hint()}")
+        return tracks
+
+    def tracks(self, split: str) -> tp.List[Track]:
+        """The tracks of ``split`` (``train``, ``valid`` or ``test``), sorted by name."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        return list(self._tracks[split])
+
+    def read(self, track: Track, offset: int = 0, length: tp.Optional[int] = None,
+             stems: tp.Sequence[str] = STEMS) -> torch.Tensor:
+        """Audio of ``stems`` of ``track`` as a float32 tensor ``[len(stems), channels, T]``.
+
+        Args:
+            track: a track of this set.
+            offset: first sample to read.
+            length: samples to read (to the end when None); zero-padded past the end.
+            stems: which stems, in order.
+        """
+        frames = track.length - offset if length is None else length
+        out = np.zeros((len(stems), self.channels, frames), dtype=np.float32)
+        for index, stem in enumerate(stems):
+            data, _ = sf.read(str(track.folder / f"{stem}.wav"), start=offset, frames=frames,
+                              dtype="float32", always_2d=True)
+            out[index, :, :data.shape[0]] = data.T
+        return torch.from_numpy(out)
+
+
+class SegmentDataset(torch.utils.data.Dataset):
+    """Fixed-length training segments of the sources, every ``stride`` samples of every track.
+
+    Each item is ``[len(SOURCES), channels, length]``; the mixture is rebuilt as their sum after
+    augmentation (as Demucs does), so remixed batches stay consistent.
+
+    Args:
+        db: the dataset index.
+        split: which split to cut.
+        length: samples per segment.
+        stride: samples between segment starts.
+    """
+
+    def __init__(self, db: MusdbHQ, split: str, length: int, stride: int):
+        if length <= 0 or stride <= 0:
+            raise ValueError(f"segment length and stride must be > 0 samples, got {length}, {stride}")
+        self.db = db
+        self.length = length
+        self.index: tp.List[tp.Tuple[Track, int]] = []
+        for track in db.tracks(split):
+            count = max(1, 1 + (track.length - length) // stride)  # short tracks: one padded item
+            self.index.extend((track, k * stride) for k in range(count))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        track, offset = self.index[item]
+        return self.db.read(track, offset, self.length, stems=SOURCES)
+
+
+def augment(sources: torch.Tensor, generator: torch.Generator, shift: int = 0,
+            flip: bool = True, remix_group: int = 4) -> torch.Tensor:
+    """Demucs' data augmentation on a batch of sources ``[B, S, C, T]``.
+
+    - random time shift: each source of each item is cropped at its own offset in ``[0, shift)``
+      (the output is ``shift`` samples shorter), so sources are re-aligned at random;
+    - channel swap and sign flip, independently per source and item (``flip``);
+    - remixing: within groups of ``remix_group`` items, each source is permuted across items, so a
+      mixture combines sources from different tracks (0 or 1 disables it).
+
+    Args:
+        sources: batch of sources.
+        generator: the only source of randomness (epochs are reproducible).
+        shift: maximum shift in samples (0 disables it).
+        flip: enable channel swaps and sign flips.
+        remix_group: group size for remixing.
+    """
+    batch, num, channels, time = sources.shape
+    if shift:
+        if shift >= time:
+            raise ValueError(f"shift ({shift}) must be shorter than the segment ({time} samples)")
+        length = time - shift
+        offsets = torch.randint(shift, (batch, num, 1, 1), generator=generator)
+        idx = offsets + torch.arange(length).view(1, 1, 1, length)
+        sources = sources.gather(3, idx.expand(batch, num, channels, length))
+    if flip:
+        if channels == 2:
+            left = torch.randint(2, (batch, num, 1, 1), generator=generator)
+            order = torch.cat([left, 1 - left], dim=2).expand(-1, -1, -1, sources.size(-1))
+            sources = sources.gather(2, order)
+        signs = torch.randint(2, (batch, num, 1, 1), generator=generator) * 2 - 1
+        sources = sources * signs.to(sources.dtype)
+    if remix_group > 1 and batch >= remix_group:
+        groups = batch // remix_group
+        head = sources[:groups * remix_group].view(groups, remix_group, num, channels, -1)
+        perm = torch.argsort(torch.rand(groups, remix_group, num, generator=generator), dim=1)
+        head = head.gather(1, perm.view(groups, remix_group, num, 1, 1).expand_as(head))
+        sources = torch.cat([head.reshape(-1, num, channels, head.size(-1)),
+                             sources[groups * remix_group:]])
+    return sources

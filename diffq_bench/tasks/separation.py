@@ -1,0 +1,232 @@
+"""Music source separation tasks: Demucs v2 on MusDB18-HQ, and on the embedded sfmix set.
+
+Training follows Demucs v2: random segments of the four sources (``valid_length(segment) +
+shift`` samples), augmented (random per-source shift, channel swap, sign flip, remixing across
+the batch), mixed by summation, separated, L1 loss against the center-trimmed sources.
+Evaluation separates whole tracks of the real mixture file in overlapping chunks and reports nSDR
+(always) and museval's BSS-Eval v4 SDR when ``sdr=True`` (slow; needs museval and ffmpeg).
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import metrics_audio
+from ..data import musdb as mdb  # module import: data.musdb imports tasks.base (no cycle issue)
+from ..data import sfmix as sfmix_data
+from ..models.demucs import Demucs, center_trim
+from .base import DataMissingError, Task
+
+LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": F.l1_loss,
+    "mse": F.mse_loss,
+}
+
+
+class MusdbDemucsTask(Task):
+    """Demucs v2 on MusDB18-HQ (``<data>/musdb18hq/{train,test}/<track>/<stem>.wav``).
+
+    Args:
+        samplerate: Hz of the data (MusDB18-HQ: 44100; other rates are rejected by the loader).
+        audio_channels: channels of the data (MusDB18-HQ: 2).
+        channels, depth, growth, kernel_size, stride, context, lstm_layers, glu, rescale,
+            resample, normalize: :class:`diffq_bench.models.demucs.Demucs` arguments.
+        segment: seconds of audio per training example (before the shift augmentation).
+        segment_stride: seconds between consecutive training segments of a track.
+        shift: seconds of the random per-source shift augmentation (0 disables it).
+        flip: random channel swap and sign flip per source.
+        remix_group: remix sources across groups of this many batch items (0/1 disables it).
+        batch_size: training segments per batch.
+        loss: ``l1`` (Demucs) or ``mse``.
+        eval_segment: seconds per chunk when separating full tracks.
+        eval_overlap: overlap between chunks, in [0, 1).
+        eval_tracks: evaluate only the first N tracks of the split (0: all; for debug runs).
+        sdr: also compute museval BSS-Eval v4 SDR (slow; needs ``pip install 'diffq-bench[eval]'``
+            and an ``ffmpeg`` binary).
+    """
+    name = "musdb_demucs"
+    metric = "nsdr"
+    lower_is_better = False
+    data_subdir = "musdb18hq"
+
+    def __init__(self, samplerate: int = 44100, audio_channels: int = 2, channels: int = 64,
+                 depth: int = 6, growth: float = 2.0, kernel_size: int = 8, stride: int = 4,
+                 context: int = 3, lstm_layers: int = 2, glu: bool = True, rescale: float = 0.1,
+                 resample: bool = True, normalize: bool = False, segment: float = 10.0,
+                 segment_stride: float = 1.0, shift: float = 1.0, flip: bool = True,
+                 remix_group: int = 4, batch_size: int = 64, loss: str = "l1",
+                 eval_segment: float = 10.0, eval_overlap: float = 0.25, eval_tracks: int = 0,
+                 sdr: bool = False):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
+        for key, value in (("samplerate", samplerate), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        for key, value in (("segment", segment), ("segment_stride", segment_stride),
+                           ("eval_segment", eval_segment)):
+            if not value > 0:
+                raise ValueError(f"{key} must be > 0 seconds, got {value!r}")
+        if shift < 0 or not 0 <= eval_overlap < 1 or eval_tracks < 0 or remix_group < 0:
+            raise ValueError(f"need shift >= 0, eval_overlap in [0, 1), eval_tracks >= 0, "
+                             f"remix_group >= 0; got {shift}, {eval_overlap}, {eval_tracks}, "
+                             f"{remix_group}")
+        self.samplerate = samplerate
+        self.audio_channels = audio_channels
+        self.model_kwargs = dict(audio_channels=audio_channels, channels=channels, depth=depth,
+                                 growth=growth, kernel_size=kernel_size, stride=stride,
+                                 context=context, lstm_layers=lstm_layers, glu=glu,
+                                 rescale=rescale, resample=resample, normalize=normalize,
+                                 samplerate=samplerate)
+        # Validates the architecture now (bad kwargs fail before any data is touched) for free.
+        self._geometry = Demucs(mdb.SOURCES, device="meta", **self.model_kwargs)
+        self.segment = int(round(segment * samplerate))
+        self.segment_stride = max(1, int(round(segment_stride * samplerate)))
+        self.shift = int(round(shift * samplerate))
+        self.flip = bool(flip)
+        self.remix_group = int(remix_group)
+        self.batch_size = batch_size
+        self.loss = LOSSES[loss]
+        self.eval_segment = int(round(eval_segment * samplerate))
+        self.eval_overlap = float(eval_overlap)
+        self.eval_tracks = int(eval_tracks)
+        self.sdr = bool(sdr)
+        self.db: tp.Optional[mdb.MusdbHQ] = None
+
+    # ------------------------------------------------------------------------------- data
+    def _open(self) -> mdb.MusdbHQ:
+        root = self.data_root / self.data_subdir
+        hint = (f"Download MusDB18-HQ (zenodo record 3338373) and unpack it so that {root}/train "
+                "and test/ hold one folder per track (set paths.data or DIFFQ_BENCH_DATA to "
+                "the parent folder); or run the embedded set: task=sfmix")
+        if not root.is_dir():
+            raise DataMissingError(f"MusDB18-HQ not found at {root}. {hint}")
+        return mdb.MusdbHQ(root, self.samplerate, self.audio_channels, prepare_hint=hint)
+
+    def setup(self, data_root, cache_dir, device, num_workers: int = 0, seed: int = 0) -> None:
+        """Index the dataset and check its format (sample rate, channels, stems)."""
+        super().setup(data_root, cache_dir, device, num_workers, seed)
+        self.db = self._open()
+        length = self._geometry.valid_length(self.segment) + self.shift
+        self.train_set = mdb.SegmentDataset(self.db, "train", length, self.segment_stride)
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised Demucs v2 (rescale init)."""
+        return Demucs(mdb.SOURCES, **self.model_kwargs)
+
+    def train_batches(self, epoch: int) -> tp.Iterator[torch.Tensor]:
+        """Shuffled, augmented source batches ``[B, 4, C, T]``; reproducible from (seed, epoch)."""
+        if self.db is None:
+            raise RuntimeError("call setup() before train_batches()")
+        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(len(self.train_set), generator=gen).tolist()
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size,
+                                             sampler=order, num_workers=self.num_workers,
+                                             drop_last=len(order) >= self.batch_size)
+        for sources in loader:
+            yield mdb.augment(sources, gen, self.shift, self.flip, self.remix_group)
+
+    def step(self, model: nn.Module, batch: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
+        """Mix the sources, separate, L1 (or MSE) against the center-trimmed sources."""
+        sources = batch.to(self.device)
+        estimates = model(sources.sum(dim=1))
+        sources = center_trim(sources, estimates)
+        loss = self.loss(estimates, sources)
+        return loss, {"loss": float(loss.detach())}
+
+    # -------------------------------------------------------------------------- evaluation
+    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
+        """Separate every track of ``split``; nSDR per source and mean (+ SDR if asked).
+
+        nSDR: per track and source over the whole track, averaged over tracks, then over
+        sources (``nsdr``). SDR: museval median over 1 s frames per track, median over tracks
+        per source (the SiSEC/MusDB convention), then mean over sources (``sdr``).
+        """
+        if self.db is None:
+            raise RuntimeError("call setup() before evaluate()")
+        if split not in ("valid", "test"):
+            raise ValueError(f"evaluate split must be 'valid' or 'test', got {split!r}")
+        if self.sdr:
+            metrics_audio._import_museval()  # fail before the (long) separation, not after it
+        tracks = self.db.tracks(split)
+        if self.eval_tracks:
+            tracks = tracks[:self.eval_tracks]
+        was_training = model.training
+        model.eval()
+        nsdrs, sdrs = [], []
+        try:
+            for track in tracks:
+                audio = self.db.read(track).to(self.device)
+                estimates = metrics_audio.separate(model, audio[0], self.eval_segment,
+                                                   self.eval_overlap)
+                references = audio[1:]
+                nsdrs.append(metrics_audio.nsdr(references, estimates).cpu().numpy())
+                if self.sdr:
+                    sdrs.append(metrics_audio.museval_sdr(references, estimates, self.samplerate))
+        finally:
+            model.train(was_training)
+        out: tp.Dict[str, float] = {}
+        per_source = np.mean(nsdrs, axis=0)
+        for name, value in zip(mdb.SOURCES, per_source):
+            out[f"nsdr_{name}"] = float(value)
+        out["nsdr"] = float(per_source.mean())
+        if self.sdr:
+            with np.errstate(all="ignore"):
+                sdr_source = np.nanmedian(np.stack(sdrs), axis=0)
+            for name, value in zip(mdb.SOURCES, sdr_source):
+                out[f"sdr_{name}"] = float(value)
+            out["sdr"] = float(np.nanmean(sdr_source)) if np.isfinite(sdr_source).any() else math.nan
+        return out
+
+
+class SfmixTask(MusdbDemucsTask):
+    """A small Demucs on sfmix, the embedded soundfont-rendered set (see docs/sfmix.md).
+
+    The set is rendered on first use into ``<data>/sfmix/`` and read through the MusDB18-HQ
+    loader. The last ``valid_tracks`` train tracks form the validation split.
+
+    Args:
+        train_tracks, test_tracks, duration, data_seed: the set's size and seed
+            (:func:`diffq_bench.data.sfmix.build_sfmix`); ``data_seed`` is independent of the run
+            seed, so every run of a grid sees the same data.
+        valid_tracks: how many train tracks are held out for validation.
+        others: as :class:`MusdbDemucsTask`, with small-model defaults (16 kHz, 16 channels,
+            depth 4, 2 s segments).
+    """
+    name = "sfmix"
+    data_subdir = "sfmix"
+
+    def __init__(self, train_tracks: int = 24, test_tracks: int = 8, valid_tracks: int = 4,
+                 duration: float = 10.0, data_seed: int = 0, samplerate: int = 16000,
+                 audio_channels: int = 2, channels: int = 16, depth: int = 4, growth: float = 2.0,
+                 kernel_size: int = 8, stride: int = 4, context: int = 3, lstm_layers: int = 2,
+                 glu: bool = True, rescale: float = 0.1, resample: bool = True,
+                 normalize: bool = False, segment: float = 2.0, segment_stride: float = 0.5,
+                 shift: float = 0.25, flip: bool = True, remix_group: int = 4, batch_size: int = 8,
+                 loss: str = "l1", eval_segment: float = 4.0, eval_overlap: float = 0.25,
+                 eval_tracks: int = 0, sdr: bool = False):
+        # Explicit keywords (no **kwargs) so the config-vs-signature check sees every key.
+        super().__init__(samplerate=samplerate, audio_channels=audio_channels, channels=channels,
+                         depth=depth, growth=growth, kernel_size=kernel_size, stride=stride,
+                         context=context, lstm_layers=lstm_layers, glu=glu, rescale=rescale,
+                         resample=resample, normalize=normalize, segment=segment,
+                         segment_stride=segment_stride, shift=shift, flip=flip,
+                         remix_group=remix_group, batch_size=batch_size, loss=loss,
+                         eval_segment=eval_segment, eval_overlap=eval_overlap,
+                         eval_tracks=eval_tracks, sdr=sdr)
+        if not 1 <= valid_tracks < train_tracks:
+            raise ValueError(f"valid_tracks must be in [1, train_tracks - 1] = "
+                             f"[1, {train_tracks - 1}], got {valid_tracks}")
+        self.set_kwargs = dict(samplerate=samplerate, train_tracks=train_tracks,
+                               test_tracks=test_tracks, duration=duration, seed=data_seed)
+        self.valid_tracks = sfmix_data.track_names("train", train_tracks)[-valid_tracks:]
+
+    def _open(self) -> mdb.MusdbHQ:
+        folder = sfmix_data.build_sfmix(self.data_root / self.data_subdir, **self.set_kwargs)
+        return mdb.MusdbHQ(folder, self.samplerate, self.audio_channels,
+                           valid_tracks=self.valid_tracks)
