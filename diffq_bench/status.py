@@ -123,12 +123,14 @@ def run_row(folder: Path, job_state: tp.Mapping[str, str], label: str = "",
             "best": best_metric(folder), "run": label or "-"}
 
 
-def grid_runs(grid: str, root: tp.Optional[str] = None) -> tp.List[tp.Tuple[Path, str]]:
+def grid_runs(grid: str, root: tp.Optional[str] = None,
+              overrides: tp.Sequence[str] = ()) -> tp.List[tp.Tuple[Path, str]]:
     """(run folder, overrides) of every run of grid ``grid``, composed like the sweeper does.
 
     Args:
         grid: name of ``conf/grid/<grid>.yaml``.
         root: ``paths.root`` override (default: the config's).
+        overrides: the extra command-line overrides the grid was launched with.
     """
     from omegaconf import OmegaConf
     from .config import compose, find_conf_dir
@@ -136,21 +138,34 @@ def grid_runs(grid: str, root: tp.Optional[str] = None) -> tp.List[tp.Tuple[Path
     if not (find_conf_dir() / "grid" / f"{grid}.yaml").is_file():
         raise ValueError(f"unknown grid {grid!r}: no conf/grid/{grid}.yaml "
                          f"(available: {', '.join(sorted(p.stem for p in (find_conf_dir() / 'grid').glob('*.yaml')))})")
-    extra = [f"paths.root={root}"] if root else []
-    base = compose([f"+grid={grid}", *extra])
+    extra = [*([f"paths.root={root}"] if root else []), *overrides]
+    base = compose([f"+grid={grid}", *[o for o in extra if "," not in o]])
     runs = OmegaConf.to_container(base.grid.runs, resolve=False)
     out = []
-    for overrides in sweep.expand_grid(runs, [f"+grid={grid}", *extra], grid):
-        cfg = sweep.without_hydra(compose(overrides))
+    for job in sweep.expand_grid(runs, [f"+grid={grid}", *extra], grid):
+        cfg = sweep.without_hydra(compose(job))
         out.append((Xp(cfg.paths.root, cfg).folder,
-                    " ".join(o for o in overrides if not o.startswith(("+grid=", "paths.root=")))))
+                    " ".join(o for o in job if o not in extra and not o.startswith("+grid="))))
     return list(dict.fromkeys(out))
 
 
-def collect(root: Path, grid: tp.Optional[str] = None) -> tp.List[tp.Dict[str, str]]:
-    """Rows for all runs under ``root/xps`` (or for the runs of ``grid``, including NEW ones)."""
+def collect(root: Path, grid: tp.Optional[str] = None,
+            overrides: tp.Sequence[str] = ()) -> tp.List[tp.Dict[str, str]]:
+    """Rows for all runs under ``root/xps``, or for the runs of ``grid`` (never launched ones as
+    NEW) followed by any other run folder whose status lists that grid.
+
+    Args:
+        root: the run store root.
+        grid: grid name (None: every run folder).
+        overrides: command-line overrides the grid was launched with (change the signatures).
+    """
     if grid:
-        runs = grid_runs(grid, str(root))
+        runs = grid_runs(grid, str(root), overrides)
+        listed = {folder for folder, _ in runs}
+        for folder in sorted((root / "xps").glob("*")):
+            status = _read_json(folder / "status.json") or {}
+            if folder not in listed and grid in (status.get("grids") or []):
+                runs.append((folder, "(grid run launched with other overrides)"))
     else:
         runs = [(p, "") for p in sorted((root / "xps").glob("*")) if p.is_dir()]
     ids = set()
@@ -182,17 +197,21 @@ def render(rows: tp.Sequence[tp.Mapping[str, str]]) -> str:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    """``diffq-bench-status [--grid NAME] [--root DIR] [--json]``."""
+    """``diffq-bench-status [--grid NAME] [--root DIR] [--json] [OVERRIDES...]``."""
     parser = argparse.ArgumentParser(prog="diffq-bench-status", description=__doc__.split("\n")[0])
     parser.add_argument("--grid", help="only the runs of conf/grid/<NAME>.yaml (never-launched ones shown as NEW)")
     parser.add_argument("--root", default="outputs", help="run store root (paths.root), default: outputs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("overrides", nargs="*",
+                        help="with --grid: the extra overrides the grid was launched with (task=... train.epochs=...)")
     args = parser.parse_args(argv)
+    if args.overrides and not args.grid:
+        parser.error("overrides are only meaningful with --grid")
     root = Path(args.root)
     if not args.grid and not (root / "xps").is_dir():
         parser.error(f"no run store at {root / 'xps'} (pass --root, the paths.root of your runs)")
     try:
-        rows = collect(root, args.grid)
+        rows = collect(root, args.grid, args.overrides)
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(rows, indent=2) if args.json else render(rows))

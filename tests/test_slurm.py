@@ -1,0 +1,268 @@
+"""Sweeps on the real one-node SLURM cluster of ../shared/slurm (skipped, with the reason, if the
+scripts cannot run), plus unit tests of the squeue/sacct parsing.
+
+The cluster tests run a 4-run debug grid as one job array, requeue a run mid-training with
+``scontrol requeue`` and compare it with the uninterrupted run, check that a failing run is FAILED
+in sacct and status.json, and that launching the grid again (or while its jobs are queued)
+submits nothing. Runs use the runner's test task (tests/conftest.py ``ToyTask``: a few seconds of
+CPU per run, with a per-step delay so a run can be caught mid-training), 1 CPU per job.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from diffq_bench import slurm, sweep
+from slurm_cluster import REPO_ROOT, ClusterUnavailable, start_cluster, wait_for
+
+# ------------------------------------------------------------------ unit: parsing (no cluster)
+
+
+@pytest.mark.parametrize("spec,ids", [
+    ("12", ["12"]), ("12_3", ["12_3"]), ("12_[0-2]", ["12_0", "12_1", "12_2"]),
+    ("7_[1,4-5%2]", ["7_1", "7_4", "7_5"]), ("7_[0-6:3]", ["7_0", "7_3", "7_6"]),
+])
+def test_expand_job_ids(spec, ids):
+    assert slurm.expand_job_ids(spec) == ids
+
+
+def test_parse_table_maps_array_and_raw_ids():
+    text = "15|12_3|RUNNING\n12|12_[4-5]|PENDING\n20|20|CANCELLED by 0\n21|21|COMPLETED+\nbad line\n"
+    assert slurm._parse_table(text) == {"15": "RUNNING", "12_3": "RUNNING", "12_4": "PENDING",
+                                        "12_5": "PENDING", "20": "CANCELLED", "21": "COMPLETED"}
+
+
+def test_job_states_ignores_foreign_ids_and_live_states(monkeypatch):
+    monkeypatch.setattr(slurm, "available", lambda: False)
+    assert slurm.job_states([None, "", "local-3", "abc"]) == {}
+    with pytest.raises(slurm.SlurmError, match="not on the PATH"):
+        slurm.job_states(["3"])
+    assert slurm.is_live("PENDING") and slurm.is_live("REQUEUED") and not slurm.is_live("FAILED")
+    assert not slurm.is_live(None)
+
+
+def test_current_job_id_and_restart_count(monkeypatch):
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    assert slurm.current_job_id() is None and slurm.restart_count() == 0
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    assert slurm.current_job_id() == "41"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert slurm.current_job_id() == "40_1" and slurm.restart_count() == 2
+
+
+def test_launcher_rejects_bad_settings():
+    from hydra_plugins.diffq_bench_sweeper.slurm_launcher import SlurmLauncher
+    with pytest.raises(ValueError, match="max_requeues"):
+        SlurmLauncher(max_requeues=-1, submitit_folder="x", timeout_min=5)
+    launcher = SlurmLauncher(submitit_folder="x", timeout_min=5.5)
+    with pytest.raises(ValueError, match="timeout_min must be an integer"):
+        launcher._executor()
+
+
+# ------------------------------------------------------------------ the real cluster
+
+GRID = """\
+# @package _global_
+grid:
+  name: slurm4
+  runs:
+    - {quant: none, seed: "0,1"}
+    - {quant: qat, quant.bits: "4,8"}
+"""
+# Debug size: 4 epochs x 6 steps x 0.15 s of delay ~ 4 s of training per run.
+DEBUG = ["task=toy", "task.n_train=96", "task.hidden=32", "train.epochs=4", "runtime.progress=false"]
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+         "hydra.launcher.partition=debug"]
+# Runs the real CLI with the runner's test task registered (cloudpickle ships `task_fn` by value
+# to the job; the job imports conftest from PYTHONPATH).
+APP = """\
+import hydra
+from conftest import ToyTask
+from diffq_bench.config import find_conf_dir
+
+
+def task_fn(cfg):
+    from diffq_bench.cli import _hydra_task
+    from diffq_bench.tasks import TASKS
+    TASKS["toy"] = ToyTask
+    _hydra_task(cfg)
+
+
+hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")(task_fn)()
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        started = start_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"real SLURM cluster unavailable: {exc}")
+    yield started
+    started.stop()
+
+
+class Bench:
+    """A copy of conf/ with the test grid and task, and a way to launch sweeps into a run store."""
+
+    def __init__(self, base: Path):
+        from conftest import TOY_YAML
+        self.base = base
+        self.conf = base / "conf"
+        shutil.copytree(REPO_ROOT / "conf", self.conf)
+        (self.conf / "grid").mkdir(exist_ok=True)
+        (self.conf / "grid" / "slurm4.yaml").write_text(GRID)
+        (self.conf / "task").mkdir(exist_ok=True)
+        (self.conf / "task" / "toy.yaml").write_text(TOY_YAML)
+        if not (self.conf / "task" / "wikitext_mini.yaml").exists():  # config.yaml's default task
+            (self.conf / "task" / "wikitext_mini.yaml").write_text(TOY_YAML)
+        (base / "app.py").write_text(APP)
+        # TOY_TASK_DELAY: seconds of sleep per step (not part of the run identity); SLURM passes the
+        # submitting environment to the jobs
+        self.env = {**os.environ, "DIFFQ_BENCH_CONF": str(self.conf), "TOY_TASK_DELAY": "0.15",
+                    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(self, root: str, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(self.base / "app.py"), "-m", f"paths.root={self.base / root}",
+               f"paths.data={self.base / 'data'}", *SLURM, *DEBUG, *overrides]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env,
+                              cwd=self.base)
+
+    def status(self, root: str, *args: str) -> str:
+        return subprocess.run([sys.executable, "-c", "from diffq_bench.status import main; main()",
+                               "--root", str(self.base / root), *args], capture_output=True,
+                              text=True, timeout=120, env=self.env, cwd=self.base).stdout
+
+    def runs(self, root: str) -> dict:
+        out = {}
+        for folder in sorted((self.base / root / "xps").glob("*")):
+            status = json.loads((folder / "status.json").read_text())
+            result = folder / "result.json"
+            out[folder.name] = (status, json.loads(result.read_text()) if result.exists() else None)
+        return out
+
+
+def _sacct(job_ids):
+    return slurm.job_states(job_ids)
+
+
+@pytest.fixture(scope="module")
+def bench(cluster, tmp_path_factory):
+    return Bench(tmp_path_factory.mktemp("slurm_bench"))
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(bench):
+    """The 4-run grid launched once as a job array (shared by the tests below)."""
+    t0 = time.monotonic()
+    out = bench.launch("store", "+grid=slurm4")
+    return out, time.monotonic() - t0
+
+
+def _output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_grid_runs_as_one_job_array(bench, grid_sweep):
+    proc, elapsed = grid_sweep
+    assert proc.returncode == 0, _output(proc)[-3000:]
+    assert "4 runs: 4 to launch, 0 done, 0 queued/running" in _output(proc)
+    runs = bench.runs("store")
+    assert len(runs) == 4
+    job_ids = [sweep.read_submissions(bench.base / "store" / "xps" / sig)[-1]["job_id"] for sig in runs]
+    assert len({j.split("_")[0] for j in job_ids}) == 1, f"not one array: {job_ids}"
+    assert sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
+    # the launcher returns when the last result is written; the job step may still be ending
+    wait_for(lambda: set(_sacct(job_ids).values()) == {"COMPLETED"}, 30, "sacct: all 4 COMPLETED")
+    for sig, (status, result) in runs.items():
+        assert status["state"] == "DONE" and status["grids"] == ["slurm4"], status
+        assert result is not None and result["grids"] == ["slurm4"]
+    table = subprocess.run([sys.executable, "-c", "from diffq_bench.results import main; main()",
+                            "--root", str(bench.base / "store"), "--grid", "slurm4", "--format", "csv"],
+                           capture_output=True, text=True, env=bench.env, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert all(sig in table.stdout for sig in runs), table.stdout
+    text = bench.status("store", "--grid", "slurm4", *DEBUG)
+    assert text.strip().endswith("4 runs: 4 DONE"), text
+    assert "quant=qat quant.bits=8" in text
+    without = bench.status("store", "--grid", "slurm4")  # the grid at full size: never launched
+    assert without.strip().endswith("8 runs: 4 DONE, 4 NEW"), without
+    assert "test_acc=" in text
+    print(f"4-run grid as a job array: {elapsed:.1f} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_relaunching_the_grid_submits_nothing(bench, grid_sweep):
+    assert grid_sweep[0].returncode == 0
+    before = sum(len(sweep.read_submissions(p)) for p in (bench.base / "store" / "xps").iterdir())
+    proc = bench.launch("store", "+grid=slurm4")
+    assert proc.returncode == 0, _output(proc)[-3000:]
+    assert "4 runs: 0 to launch, 4 done, 0 queued/running" in _output(proc)
+    assert "nothing to launch" in _output(proc)
+    after = sum(len(sweep.read_submissions(p)) for p in (bench.base / "store" / "xps").iterdir())
+    assert after == before == 4
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench, grid_sweep):
+    assert grid_sweep[0].returncode == 0
+    reference = {sig: result for sig, (_, result) in bench.runs("store").items()}
+    cluster.start_bumper()
+    try:
+        # same config as the grid's (quant=none, seed=0) run, in another store, not waiting
+        args = ("quant=none", "seed=0", "hydra.launcher.wait=false")
+        proc = bench.launch("requeue", *args)
+        assert proc.returncode == 0, _output(proc)[-3000:]
+        (folder,) = list((bench.base / "requeue" / "xps").iterdir())
+        job = sweep.read_submissions(folder)[-1]["job_id"]
+        again = bench.launch("requeue", *args)  # queued or running: must not be submitted again
+        assert "1 runs: 0 to launch, 0 done, 1 queued/running" in _output(again), _output(again)[-2000:]
+        assert len(sweep.read_submissions(folder)) == 1
+
+        def mid_training():
+            status = json.loads((folder / "status.json").read_text()) if (folder / "status.json").exists() else {}
+            return status.get("state") == "RUNNING" and status.get("epoch", 0) >= 1
+        wait_for(mid_training, 120, "the run to finish its first epoch")
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        wait_for(lambda: json.loads((folder / "status.json").read_text())["state"] == "DONE", 150,
+                 "the requeued run to finish")
+    finally:
+        cluster.stop_bumper()
+    status = json.loads((folder / "status.json").read_text())
+    result = json.loads((folder / "result.json").read_text())
+    assert status["requeues"] == 1 and status["attempt"] == 2, status
+    assert "resumed at epoch" in (folder / "log.txt").read_text()
+    ref = reference.get(folder.name)
+    assert ref is not None, "the grid's uninterrupted run has a different signature"
+    for key, value in ref["metrics"].items():
+        if key != "wall_time_s":
+            assert result["metrics"][key] == value, key
+    wait_for(lambda: _sacct([job]).get(job) == "COMPLETED", 30, f"sacct to show {job} COMPLETED")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_failing_run_is_failed_in_sacct_and_status(bench):
+    # batch_size=0 passes config validation (keys only) and breaks the toy task's batching
+    proc = bench.launch("failing", "quant=none", "task.batch_size=0")
+    assert proc.returncode != 0
+    assert "1 of 1 run(s) FAILED" in _output(proc), _output(proc)[-3000:]
+    (folder,) = list((bench.base / "failing" / "xps").iterdir())
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "FAILED" and "Traceback" in (status["traceback"] or "")
+    job = sweep.read_submissions(folder)[-1]["job_id"]
+    wait_for(lambda: _sacct([job]).get(job) == "FAILED", 60, f"sacct to show {job} FAILED")
+    assert "FAILED" in bench.status("failing")
