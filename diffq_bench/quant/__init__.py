@@ -12,7 +12,10 @@ import typing as tp
 from torch import nn
 
 from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, serialize,
-                   FORMAT_VERSION)
+                   FORMAT_NAME, FORMAT_VERSION)
+from .diffq import DiffQuantizer
+from .lsq import LSQQuantizer
+from .uniform import UniformQuantizer
 from .ipq import QuantNoiseIPQQuantizer
 from .quant_noise import QuantNoiseQuantizer
 from .dsq import DSQQuantizer
@@ -20,6 +23,9 @@ from .oneshot import OneShotMPQQuantizer
 
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
     "none": NoQuantizer,
+    "diffq": DiffQuantizer,
+    "qat": UniformQuantizer,
+    "lsq": LSQQuantizer,
     "dsq": DSQQuantizer,
     "oneshot_mpq": OneShotMPQQuantizer,
     "quant_noise": QuantNoiseQuantizer,
@@ -56,6 +62,11 @@ def restore(model: nn.Module, state: tp.Union[dict, bytes]) -> nn.Module:
     """
     if isinstance(state, (bytes, bytearray)):
         state = deserialize(bytes(state))
+    elif not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+        raise QuantizerError("not a diffq-bench quantized state (missing format marker)")
+    elif state.get("version", 0) > FORMAT_VERSION:
+        raise QuantizerError(f"quantized state has format version {state.get('version')}, "
+                             f"this diffq-bench reads up to {FORMAT_VERSION}: upgrade it")
     method = state.get("method") if isinstance(state, dict) else None
     if method not in QUANTIZERS:
         raise QuantizerError(f"quantized state names unknown method {method!r}; "
@@ -64,4 +75,5 @@ def restore(model: nn.Module, state: tp.Union[dict, bytes]) -> nn.Module:
 
 
 __all__ = ["QUANTIZERS", "get_quantizer", "restore", "BaseQuantizer", "QuantizerError",
-           "serialize", "deserialize", "FORMAT_VERSION"]
+           "serialize", "deserialize", "FORMAT_VERSION", "NoQuantizer", "DiffQuantizer",
+           "UniformQuantizer", "LSQQuantizer"]

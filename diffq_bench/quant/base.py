@@ -118,6 +118,7 @@ class BaseQuantizer:
         self._active: tp.Optional[nn.Module] = None
         self._subtree: tp.Dict[nn.Module, tp.List[QParam]] = {}
         self._float_subtree: tp.Dict[nn.Module, tp.List[tp.Tuple[nn.Module, str, nn.Parameter]]] = {}
+        self._eval_cache: tp.Dict[tp.Any, tp.Tuple[tp.Any, torch.Tensor]] = {}
         self._find_params()
 
     # ----------------------------------------------------------------------------- discovery
@@ -202,15 +203,18 @@ class BaseQuantizer:
             return
         self._active = module
         train = module.training
+        if train and self._eval_cache:  # weights are about to change: free the eval copies
+            self._eval_cache.clear()
         values: tp.Dict[int, torch.Tensor] = {}
         for qp in self._subtree[module]:
             root = qp.other or qp
             if id(root) not in values:
-                values[id(root)] = self._train_value(root) if train else self._eval_value(root)
+                values[id(root)] = self._train_value(root) if train else self._cached_eval(root)
             self._shadow(qp.module, qp.attr, values[id(root)])
         if not train:
             for owner, attr, param in self._float_subtree[module]:
-                self._shadow(owner, attr, param.detach().half().to(param.dtype))
+                self._shadow(owner, attr, self._cached(
+                    ("f16", id(param)), param, (), lambda p=param: p.detach().half().to(p.dtype)))
 
     def _post_forward(self, module: nn.Module, inputs: tp.Any, output: tp.Any) -> None:
         if self._active is not module:
@@ -220,6 +224,30 @@ class BaseQuantizer:
         for owner, attr, _ in self._float_subtree[module]:
             self._shadow(owner, attr, None)
         self._active = None
+
+    def _cached(self, slot: tp.Any, param: torch.Tensor, extra: tp.Any,
+                compute: tp.Callable[[], torch.Tensor]) -> torch.Tensor:
+        # Eval weights only change when the parameter (or the quantizer's own state) does: the
+        # version counter moves on every in-place update (optimizer step, load_state_dict).
+        key = (param.data_ptr(), param._version, param.device, param.dtype, extra)
+        hit = self._eval_cache.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._eval_cache[slot] = (key, value)
+        return value
+
+    def _cached_eval(self, qp: QParam) -> torch.Tensor:
+        extra = self._eval_key(qp)
+        if extra is None:
+            return self._eval_value(qp)
+        with torch.no_grad():
+            return self._cached(qp.name, qp.param, extra, lambda: self._eval_value(qp))
+
+    def _eval_key(self, qp: QParam) -> tp.Any:
+        """Hashable summary of the quantizer state that :meth:`_eval_value` depends on besides
+        the parameter itself (e.g. versions of learnable step sizes), or None to disable caching."""
+        return None
 
     # --------------------------------------------------------------------- to be implemented
     def _train_value(self, qp: QParam) -> torch.Tensor:
@@ -265,13 +293,15 @@ class BaseQuantizer:
         params = self.quantizer_parameters()
         if not params:
             return []
-        lr = self.default_lr if lr is None else lr
+        if lr is None:  # method default, else the main optimizer's own learning rate
+            lr = self.default_lr if self.default_lr is not None else optimizer.defaults["lr"]
         if separate_adam:
             return [torch.optim.Adam(params, lr=lr, **kwargs)]
         optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0, **kwargs})
         return []
 
-    default_lr: float = 1e-3
+    #: learning rate of the quantizer's parameters when none is given (None: the main one).
+    default_lr: tp.Optional[float] = 1e-3
 
     def model_size(self) -> torch.Tensor:
         """Size of the model in MiB, as a tensor (differentiable where the method allows)."""
@@ -332,11 +362,21 @@ class BaseQuantizer:
         eval-time behaviour too.
         """
         params = dict(model.named_parameters(remove_duplicate=False))
+        covered = (set(state.get("quantized", {})) | set(state.get("float", {}))
+                   | set(state.get("tied", {})))
+        missing = sorted(set(params) - covered)
+        if missing:
+            raise QuantizerError(f"model has {len(missing)} parameter(s) the quantized state lacks "
+                                 f"(e.g. {missing[:3]}): wrong model architecture for this state")
         for section in ("quantized", "float"):
             for name, entry in state.get(section, {}).items():
                 if name not in params:
                     raise QuantizerError(f"quantized state has parameter {name!r} that the model lacks")
                 target = params[name]
+                shape = entry.get("shape") if section == "quantized" else list(entry.shape)
+                if shape is not None and tuple(shape) != tuple(target.shape):
+                    raise QuantizerError(f"shape mismatch for {name!r}: state has {tuple(shape)}, "
+                                         f"model has {tuple(target.shape)}")
                 value = cls._restore_param(entry, target) if section == "quantized" else entry
                 if tuple(value.shape) != tuple(target.shape):
                     raise QuantizerError(f"shape mismatch for {name!r}: state has {tuple(value.shape)}, "

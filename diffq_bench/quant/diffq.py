@@ -1,0 +1,317 @@
+"""DiffQ (Défossez et al. 2022): pseudo quantization noise with a learnable bit width per group.
+
+Faithful to REFERENCE.md §1. Per quantized tensor ``w`` (flattened, ``N`` entries):
+
+- range ``scale = max(w) - min(w)`` over the whole tensor (not detached);
+- one logit per group of ``group_size`` contiguous entries (0: one group for the tensor);
+  ``bits = min_bits + sigmoid(logit) * (max_bits - min_bits)``, initialised at ``init_bits``;
+- train forward: ``w + Δ/2 · N(0, 1)`` (Gaussian, default) or ``w + Δ · U(-½, ½)`` with
+  ``Δ = scale / (2**bits - 1)`` per group; the stored float weight is never written;
+- eval forward and export: ``round(bits)`` per group, asymmetric min-max levels (see
+  :mod:`diffq_bench.quant.uniform`);
+- size (bits): ``Σ_groups len_g · bits_g + 2·32 + 8 + bits_bits · n_groups`` with
+  ``bits_bits = ceil(log2(1 + round(max_bits) - round(min_bits)))``.
+
+Remainder rule: when ``group_size`` does not divide ``N``, the last group is shorter
+(``N mod group_size`` entries); it has its own logit and counts ``len_g · bits_g`` in the size.
+
+Speed: the noisy weight is one custom autograd function per tensor: one fused
+``addcmul`` forward over a reused noise buffer, a hand-written backward (one in-place product
+and one group reduction), and the range gradient routed to the arg-min/arg-max entries only.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
+from .pack import pack_uint, unpack_uint
+from .uniform import check_bits_order, dequantize_levels, quantize_levels, tensor_range
+
+NOISES = {"gaussian": 0.5, "uniform": 1.0}  # name -> coefficient c of Δ in the noise c·Δ·u
+_BLOCK = 256  # many short rows: amax(dim=1) parallelizes over rows and vectorizes
+
+
+def _argminmax(flat: torch.Tensor) -> tp.Tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Indices and values of min and max of a 1-D tensor in about one memory pass."""
+    n = flat.numel()
+    rows = n // _BLOCK
+    if rows < 4:
+        imin, imax = int(flat.argmin()), int(flat.argmax())
+        return imin, imax, flat[imin], flat[imax]
+    blocks = flat[:rows * _BLOCK].view(rows, _BLOCK)
+    mins, maxs = blocks.amin(dim=1), blocks.amax(dim=1)  # fast paths; aminmax(dim) is not
+    rmin, rmax = int(mins.argmin()), int(maxs.argmax())
+    imin = rmin * _BLOCK + int(flat[rmin * _BLOCK:(rmin + 1) * _BLOCK].argmin())
+    imax = rmax * _BLOCK + int(flat[rmax * _BLOCK:(rmax + 1) * _BLOCK].argmax())
+    if rows * _BLOCK < n:  # the tail that does not fill a block
+        tail = flat[rows * _BLOCK:]
+        tmin, tmax = int(tail.argmin()), int(tail.argmax())
+        if tail[tmin] < flat[imin]:
+            imin = rows * _BLOCK + tmin
+        if tail[tmax] > flat[imax]:
+            imax = rows * _BLOCK + tmax
+    return imin, imax, flat[imin], flat[imax]
+
+
+def _grouped(flat: torch.Tensor, group_size: int) -> tp.List[tp.Tuple[torch.Tensor, slice]]:
+    """``[(2-D view, group slice)]``: full groups as ``(n_full, g)``, the remainder as ``(1, r)``."""
+    n = flat.numel()
+    g = group_size if group_size > 0 else n
+    full = n // g
+    parts = []
+    if full:
+        parts.append((flat[:full * g].view(full, g), slice(0, full)))
+    if full * g < n:
+        parts.append((flat[full * g:].view(1, n - full * g), slice(full, full + 1)))
+    return parts
+
+
+class _NoisePool:
+    """Reusable noise buffers: fresh large allocations cost page faults on every step."""
+
+    def __init__(self) -> None:
+        self.free: tp.List[torch.Tensor] = []
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        for i, buf in enumerate(self.free):
+            if buf.numel() == like.numel() and buf.device == like.device and buf.dtype == like.dtype:
+                return self.free.pop(i)
+        return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if len(self.free) < 2:
+            self.free.append(buf)
+
+
+class _PseudoQuantNoise(torch.autograd.Function):
+    """``w + c·Δ_g·u`` with ``Δ_g = scale / (2**bits_g - 1)``, gradients to ``w`` and the logits."""
+
+    @staticmethod
+    def forward(ctx, weight, logits, min_bits, span, group_size, coef, noise, pool, fixed):
+        flat = weight.detach().reshape(-1)
+        imin, imax, low, high = _argminmax(flat)
+        scale = high - low
+        sig = torch.sigmoid(logits.detach())
+        den = torch.exp2(min_bits + span * sig) - 1
+        delta = scale * coef / den
+        if fixed is not None:
+            u = fixed.reshape(-1).to(flat)
+        else:
+            u = pool.take(flat)
+            if noise == "gaussian":
+                u.normal_()
+            else:
+                u.uniform_(-0.5, 0.5)
+        out = torch.empty_like(flat)
+        out_parts = _grouped(out, group_size)
+        for (w_v, sl), (u_v, _), (o_v, _) in zip(_grouped(flat, group_size),
+                                                  _grouped(u, group_size), out_parts):
+            torch.addcmul(w_v, u_v, delta[sl].unsqueeze(1), out=o_v)
+        ctx.u, ctx.pool, ctx.owned = u, pool, fixed is None
+        ctx.meta = (imin, imax, group_size, coef, span)
+        ctx.save_for_backward(sig, den, scale)
+        return out.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sig, den, scale = ctx.saved_tensors
+        imin, imax, group_size, coef, span = ctx.meta
+        u = ctx.u
+        if u is None:
+            raise RuntimeError("DiffQ noise: backward ran twice through the same forward "
+                               "(retain_graph is not supported by the pseudo-quantization noise)")
+        ctx.u = None
+        grad = grad_out.reshape(-1)
+        if not ctx.owned:
+            u = u.clone()
+        u.mul_(grad)  # u is ours and not needed afterwards: reuse it for grad·u
+        grad_delta = torch.cat([part.sum(1) for part, _ in _grouped(u, group_size)])
+        if ctx.owned:
+            ctx.pool.give(u)
+        # Δ = c·scale/den, den = 2**bits - 1, bits = min + span·sigmoid(logit)
+        grad_scale = (grad_delta * coef / den).sum()
+        dden = (den + 1) * math.log(2) * span * sig * (1 - sig)
+        grad_logits = -grad_delta * coef * scale / den.square() * dden
+        grad_w = grad.clone()
+        grad_w[imax] += grad_scale
+        grad_w[imin] -= grad_scale
+        return grad_w.view_as(grad_out), grad_logits, None, None, None, None, None, None, None
+
+
+class DiffQuantizer(BaseQuantizer):
+    """DiffQ: differentiable model compression via pseudo quantization noise.
+
+    Args:
+        model: the model to quantize.
+        group_size: weights per learnable bit width; 0 = one per tensor. When it does not divide
+            a tensor, that tensor's last group is shorter. It must divide at least one tensor.
+        min_bits: lower bound of the bit width (in [1, 16), < max_bits).
+        max_bits: upper bound of the bit width (in (1, 16]).
+        init_bits: initial bit width, strictly between min_bits and max_bits.
+        noise: ``gaussian`` (std Δ/2) or ``uniform`` (Δ·U(-½, ½)).
+        penalty: λ >= 0; :meth:`penalty_term` is λ · :meth:`model_size` (MiB).
+        min_size: parameters of at most this many MiB stay float.
+        float16: store the float parameters as float16.
+        exclude: fnmatch patterns of parameter names kept in float.
+    """
+    name = "diffq"
+    config_keys = ("group_size", "min_bits", "max_bits", "init_bits", "noise", "penalty",
+                   "min_size", "float16", "exclude")
+
+    def __init__(self, model: nn.Module, group_size: int = 16, min_bits: float = 2,
+                 max_bits: float = 15, init_bits: float = 8, noise: str = "gaussian",
+                 penalty: float = 0.0, min_size: float = 0.01, float16: bool = False,
+                 exclude: tp.Sequence[str] = ()):
+        check_range("group_size", group_size, 0, float("inf"), integer=True)
+        check_bits_order(min_bits, max_bits)
+        if not (isinstance(init_bits, (int, float)) and min_bits < init_bits < max_bits):
+            raise QuantizerError(f"init_bits must be strictly between min_bits={min_bits} and "
+                                 f"max_bits={max_bits}, got {init_bits!r}")
+        if noise not in NOISES:
+            raise QuantizerError(f"noise must be one of {sorted(NOISES)}, got {noise!r}")
+        check_range("penalty", penalty, 0, float("inf"))
+        self.group_size, self.noise, self.penalty = int(group_size), noise, float(penalty)
+        self.min_bits, self.max_bits, self.init_bits = min_bits, max_bits, init_bits
+        super().__init__(model, min_size=min_size, float16=float16, exclude=exclude)
+        if self.group_size and self.qparams and not any(
+                qp.param.numel() % self.group_size == 0 for qp in self.qparams):
+            sizes = sorted({qp.param.numel() for qp in self.qparams})[:8]
+            raise QuantizerError(f"group_size={self.group_size} divides none of the quantized "
+                                 f"tensor sizes {sizes}...; use 0 (one group per tensor) or a "
+                                 "divisor of the tensor sizes (8, 16 in the paper)")
+        p0 = (init_bits - min_bits) / (max_bits - min_bits)
+        logit0 = math.log(p0 / (1 - p0))
+        self.logits: tp.Dict[str, nn.Parameter] = {}
+        for qp in self.qparams:
+            groups = self._num_groups(qp)
+            self.logits[qp.name] = nn.Parameter(torch.full((groups,), logit0, device=qp.param.device))
+        self._pools = {qp.name: _NoisePool() for qp in self.qparams}
+        self._bits_lo = int(round(min_bits))
+        self._bits_hi = int(round(max_bits))
+        codes = self._bits_hi - self._bits_lo + 1
+        self.bits_bits = math.ceil(math.log2(codes)) if codes > 1 else 0
+
+    # ------------------------------------------------------------------------------ helpers
+    def _num_groups(self, qp: QParam) -> int:
+        n = qp.param.numel()
+        return 1 if self.group_size == 0 else -(-n // self.group_size)
+
+    def _group_lengths(self, qp: QParam) -> torch.Tensor:
+        n, groups = qp.param.numel(), self._num_groups(qp)
+        g = self.group_size or n
+        lengths = torch.full((groups,), float(g), device=qp.param.device)
+        lengths[-1] = n - g * (groups - 1)
+        return lengths
+
+    def _logit(self, qp: QParam) -> nn.Parameter:
+        logit = self.logits[qp.name]
+        if logit.device != qp.param.device:  # model moved after the quantizer was built
+            logit.data = logit.data.to(qp.param.device)
+        return logit
+
+    def get_bits(self, qp: QParam) -> torch.Tensor:
+        """Continuous bit width per group (differentiable in the logits)."""
+        return self.min_bits + torch.sigmoid(self._logit(qp)) * (self.max_bits - self.min_bits)
+
+    def eval_bits(self, qp: QParam) -> torch.Tensor:
+        """Integer bit width per group used at eval and export: ``round(bits)`` (int64)."""
+        logit = self._logit(qp).detach()
+        check_finite(f"{qp.name} (bit logits)", logit, "DiffQ logit")
+        bits = torch.round(self.min_bits + torch.sigmoid(logit) * (self.max_bits - self.min_bits))
+        return bits.long().clamp_(self._bits_lo, self._bits_hi)
+
+    def _expand(self, per_group: torch.Tensor, qp: QParam) -> torch.Tensor:
+        n = qp.param.numel()
+        if self.group_size == 0:
+            return per_group.expand(n)
+        return per_group.repeat_interleave(self.group_size)[:n]
+
+    # ----------------------------------------------------------------------- quantizer API
+    def quantizer_parameters(self) -> tp.List[nn.Parameter]:
+        return [self.logits[qp.name] for qp in self.qparams]
+
+    def _train_value(self, qp: QParam, fixed_noise: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _PseudoQuantNoise.apply(qp.param, self._logit(qp), float(self.min_bits),
+                                       float(self.max_bits - self.min_bits), self.group_size,
+                                       NOISES[self.noise], self.noise, self._pools[qp.name],
+                                       fixed_noise)
+
+    def _eval_key(self, qp: QParam) -> tp.Any:
+        logit = self._logit(qp)
+        return (logit._version, logit.data_ptr())
+
+    def _quantize(self, qp: QParam) -> tp.Tuple[torch.Tensor, torch.Tensor, float, float]:
+        check_finite(qp.name, qp.param.detach(), "weight")
+        bits = self.eval_bits(qp)
+        low, high = tensor_range(qp.param)
+        steps = self._expand(torch.exp2(bits.float()) - 1, qp)
+        return quantize_levels(qp.param, low, high, steps), bits, low, high
+
+    def _eval_value(self, qp: QParam) -> torch.Tensor:
+        levels, bits, low, high = self._quantize(qp)
+        steps = self._expand(torch.exp2(bits.float()) - 1, qp)
+        return dequantize_levels(levels, low, high, steps).view_as(qp.param).to(qp.param.dtype)
+
+    def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
+        levels, bits, low, high = self._quantize(qp)
+        levels, bits = levels.cpu(), bits.cpu()
+        per_elem = self._expand(bits, qp)
+        chunks = []
+        for width in torch.unique(bits).tolist():  # ascending: restore reads them in this order
+            chunks.append(pack_uint(levels[per_elem == width], int(width)))
+        codes = bits - self._bits_lo
+        return {"shape": list(qp.param.shape), "min": low, "max": high,
+                "group_size": self.group_size, "bits_lo": self._bits_lo,
+                "bits_bits": self.bits_bits,
+                "bits": pack_uint(codes, self.bits_bits) if self.bits_bits else
+                torch.zeros(0, dtype=torch.uint8),
+                "levels": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}
+
+    @classmethod
+    def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
+        n, g = like.numel(), int(entry["group_size"])
+        groups = 1 if g == 0 else -(-n // g)
+        nb = int(entry["bits_bits"])
+        codes = unpack_uint(entry["bits"], nb, groups) if nb else torch.zeros(groups, dtype=torch.long)
+        bits = codes + int(entry["bits_lo"])
+        per_elem = bits.expand(n) if g == 0 else bits.repeat_interleave(g)[:n]
+        levels = torch.empty(n, dtype=torch.long)
+        data, offset = entry["levels"], 0
+        for width in torch.unique(bits).tolist():
+            mask = per_elem == width
+            count = int(mask.sum())
+            size = (count * int(width) + 7) // 8
+            levels[mask] = unpack_uint(data[offset:offset + size], int(width), count)
+            offset += size
+        if offset != data.numel():
+            raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths need "
+                                 f"{offset}: corrupt state")
+        steps = torch.exp2(per_elem.float()) - 1
+        out = dequantize_levels(levels.to(like.device), entry["min"], entry["max"],
+                                steps.to(like.device))
+        return out.view(like.shape)
+
+    def _param_bits(self, qp: QParam, rounded: bool = False) -> torch.Tensor:
+        bits = self.eval_bits(qp).float() if rounded else self.get_bits(qp)
+        groups = bits.numel()
+        return (self._group_lengths(qp) * bits).sum() + 64 + 8 + self.bits_bits * groups
+
+    def true_model_size(self) -> float:
+        """Analytic size (MiB) with the exported (rounded) bit widths."""
+        total = sum(float(self._param_bits(qp, rounded=True)) for qp in self.qparams)
+        total += sum(p.numel() for _, p in self._float_params) * (16 if self.float16 else 32)
+        return total / 8 / 2 ** 20
+
+    def bits_per_weight(self) -> float:
+        numel = sum(qp.param.numel() for qp in self.qparams)
+        if numel == 0:
+            return 0.0
+        return sum(float(self._param_bits(qp, rounded=True)) for qp in self.qparams) / numel
+
+    def penalty_term(self) -> torch.Tensor:
+        """λ · :meth:`model_size` (MiB), differentiable in the logits."""
+        return self.penalty * self.model_size()

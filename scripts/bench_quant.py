@@ -1,0 +1,186 @@
+"""Benchmark of the quantizer library; writes results/bench/quant.json.
+
+Measures, on CPU by default:
+1. DiffQ train step time / float train step time, same model, batch and optimizer (Adam), on a
+   transformer LM of the embedded size (4 layers, d=256, vocab 15k, batch 8x128). Steps of the two
+   models are interleaved and the median ratio reported, so load from other processes hits both.
+2. Pack (export) and unpack (restore) throughput on a ~10M-parameter LM with learned-like mixed
+   bit widths.
+3. Packed bytes (true_size_bytes) over the information-theoretic size (Σ bits/8 plus the small
+   per-tensor header of the analytic accounting), on the same ~10M-parameter model.
+
+Usage: python scripts/bench_quant.py [--steps 8] [--threads 2] [--device cpu] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from diffq_bench.quant import get_quantizer, restore
+from diffq_bench.quant.base import MB
+
+
+class TinyLM(nn.Module):
+    """Pre-norm causal transformer LM with tied input/output embeddings."""
+
+    def __init__(self, vocab: int, dim: int = 256, layers: int = 4, heads: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1024, dim) * 0.02)
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        x = self.emb(tokens) + self.pos[:t]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        return F.linear(self.norm(x), self.emb.weight)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[str, tp.Any]:
+    torch.manual_seed(0)
+    base = TinyLM(vocab).to(device)
+    tokens = torch.randint(0, vocab, (8, 129), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    models = {"float": base, "diffq": copy.deepcopy(base)}
+    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=1e-3)
+    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    quantizer.setup_optimizer(optims["diffq"])
+
+    def step(kind: str) -> float:
+        model, opt = models[kind], optims[kind]
+        _sync(device)
+        begin = time.perf_counter()
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        if kind == "diffq":
+            loss = loss + quantizer.penalty_term()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - begin
+
+    for _ in range(2):  # warm-up: allocator, kernels, Adam state
+        step("float"), step("diffq")
+    times: tp.Dict[str, tp.List[float]] = {"float": [], "diffq": []}
+    ratios = []
+    for i in range(steps):
+        order = ("float", "diffq") if i % 2 == 0 else ("diffq", "float")
+        got = {kind: step(kind) for kind in order}
+        for kind in got:
+            times[kind].append(got[kind])
+        ratios.append(got["diffq"] / got["float"])
+    models["diffq"].eval()
+    with torch.no_grad():
+        _sync(device)
+        begin = time.perf_counter()
+        models["diffq"](inputs)  # first eval forward quantizes
+        _sync(device)
+        first = time.perf_counter() - begin
+        begin = time.perf_counter()
+        models["diffq"](inputs)  # cached eval weights
+        _sync(device)
+        cached = time.perf_counter() - begin
+    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "batch": "8x128",
+            "params": sum(p.numel() for p in base.parameters()),
+            "quantizer": "diffq(group_size=16, penalty=1e-3)",
+            "float_step_s": statistics.median(times["float"]),
+            "diffq_step_s": statistics.median(times["diffq"]),
+            "ratio_median": statistics.median(ratios), "ratios": ratios,
+            "eval_forward_first_s": first, "eval_forward_cached_s": cached}
+
+
+def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
+    torch.manual_seed(1)
+    model = TinyLM(vocab).to(device)
+    quantizer = get_quantizer("diffq", model, group_size=16)
+    with torch.no_grad():  # spread the widths over 2..8 bits, as after training with a penalty
+        for logit in quantizer.quantizer_parameters():
+            logit.uniform_(-4.0, -1.0)
+    params = sum(p.numel() for p in model.parameters())
+    begin = time.perf_counter()
+    state = quantizer.export()
+    pack_s = time.perf_counter() - begin
+    true_bytes = quantizer.true_size_bytes()
+    fresh = TinyLM(vocab).to(device)
+    begin = time.perf_counter()
+    restore(fresh, state)
+    unpack_s = time.perf_counter() - begin
+    packed = sum(e["levels"].numel() + e["bits"].numel() for e in state["quantized"].values())
+    info_bits = sum(float(quantizer._param_bits(qp, rounded=True)) for qp in quantizer.qparams)
+    weight_bits = sum(float((quantizer._group_lengths(qp) * quantizer.eval_bits(qp).float()).sum())
+                      for qp in quantizer.qparams)
+    float_bytes = sum(p.numel() * 4 for _, p in quantizer._float_params)
+    ideal = info_bits / 8 + float_bytes
+    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "params": params,
+            "bits_per_weight": quantizer.bits_per_weight(),
+            "pack_s": pack_s, "unpack_restore_s": unpack_s,
+            "pack_mparam_per_s": params / pack_s / 1e6, "unpack_mparam_per_s": params / unpack_s / 1e6,
+            "pack_float_mb_per_s": params * 4 / MB / pack_s,
+            "unpack_float_mb_per_s": params * 4 / MB / unpack_s,
+            "packed_mb_per_s": packed / MB / pack_s,
+            "true_size_bytes": true_bytes, "ideal_bytes": ideal,
+            "bytes_over_ideal": true_bytes / ideal,
+            "bytes_over_pure_bits": true_bytes / (weight_bits / 8 + float_bytes)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocab", type=int, default=15000, help="vocab of the step-time LM")
+    parser.add_argument("--pack-vocab", type=int, default=27000, help="vocab of the ~10M LM")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
+                                                / "results" / "bench" / "quant.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    step = bench_step_ratio(device, args.steps, args.vocab)
+    print(f"(1) train step: float {step['float_step_s'] * 1e3:.1f} ms, DiffQ "
+          f"{step['diffq_step_s'] * 1e3:.1f} ms, median ratio {step['ratio_median']:.3f} "
+          f"(target <= 1.10); eval forward {step['eval_forward_first_s'] * 1e3:.1f} ms first, "
+          f"{step['eval_forward_cached_s'] * 1e3:.1f} ms cached")
+    pack = bench_packing(device, args.pack_vocab)
+    print(f"(2) pack {pack['pack_mparam_per_s']:.1f} Mparam/s ({pack['pack_float_mb_per_s']:.0f} "
+          f"MB/s of float32 weights), unpack+restore {pack['unpack_mparam_per_s']:.1f} Mparam/s "
+          f"({pack['unpack_float_mb_per_s']:.0f} MB/s) on {pack['params'] / 1e6:.1f}M params")
+    print(f"(3) true size {pack['true_size_bytes']} B / information-theoretic "
+          f"{pack['ideal_bytes']:.0f} B = {pack['bytes_over_ideal']:.4f} (target <= 1.01); "
+          f"over pure Σbits/8 + floats: {pack['bytes_over_pure_bits']:.4f}; "
+          f"{pack['bits_per_weight']:.2f} bits/weight")
+    result = {"step_time": step, "packing": pack,
+              "env": {"torch": torch.__version__, "threads": args.threads, "device": str(device),
+                      "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                      "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
