@@ -101,7 +101,7 @@ hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base=
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
     try:
         started = start_cluster()
@@ -251,6 +251,40 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench, grid_s
         if key != "wall_time_s":
             assert result["metrics"][key] == value, key
     wait_for(lambda: _sacct([job]).get(job) == "COMPLETED", 30, f"sacct to show {job} COMPLETED")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench):
+    """USR2 (time limit near, or preemption) -> checkpoint + self-requeue + resume; the second
+    USR2 exceeds max_requeues=1 -> FAILED in status.json and sacct, requeues recorded."""
+    status_path = None
+
+    def status():
+        return json.loads(status_path.read_text()) if status_path and status_path.exists() else {}
+    cluster.start_bumper()
+    try:
+        proc = bench.launch("usr2", "quant=none", "seed=5", "hydra.launcher.wait=false",
+                            "hydra.launcher.max_requeues=1")
+        assert proc.returncode == 0, _output(proc)[-3000:]
+        (folder,) = list((bench.base / "usr2" / "xps").iterdir())
+        status_path = folder / "status.json"
+        job = sweep.read_submissions(folder)[-1]["job_id"]
+        wait_for(lambda: status().get("state") == "RUNNING" and status().get("epoch", 0) >= 1, 120,
+                 "the run to finish its first epoch")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        wait_for(lambda: status().get("state") == "RUNNING" and status().get("attempt") == 2, 120,
+                 "the requeued run to start again")
+        assert status()["requeues"] == 1
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        wait_for(lambda: status().get("state") == "FAILED", 60, "the run to give up")
+    finally:
+        cluster.stop_bumper()
+    final = status()
+    assert "max_requeues=1" in final["traceback"] and final["requeues"] == 2, final
+    log = (folder / "log.txt").read_text()
+    assert "resumed at epoch" in log and log.count("preempted at epoch") == 2
+    wait_for(lambda: _sacct([job]).get(job) == "FAILED", 60, f"sacct to show {job} FAILED")
 
 
 @pytest.mark.slurm

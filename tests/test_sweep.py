@@ -164,6 +164,7 @@ def toy_app(tmp_path):
     return tmp_path, run
 
 
+@pytest.mark.slow
 def test_grid_sweeper_runs_a_grid_once(toy_app):
     root, run = toy_app
     out = run("+grid=toy")
@@ -181,6 +182,7 @@ def test_grid_sweeper_runs_a_grid_once(toy_app):
     assert len((root / "store" / "calls.txt").read_text().split()) == 7
 
 
+@pytest.mark.slow
 def test_grid_sweeper_reports_failures_and_exits_non_zero(toy_app):
     root, run = toy_app
     out = run("a=1,2", "fail=true")
