@@ -90,6 +90,29 @@ def _number(key: str, value: tp.Any, low: float, integer: bool = False,
         raise ConfigError(f"{key} must be {kind} in [{low}, {high}], got {value!r}")
 
 
+def _try_build(task_name: str, task_cls: type, task_kw: tp.Dict[str, tp.Any],
+               quant_kw: tp.Dict[str, tp.Any], quant_name: str) -> None:
+    """Construct the task and the quantizer (on a stand-in layer) to surface bad argument values.
+
+    Task constructors only check their arguments (data is touched in ``setup``); a quantizer needs
+    a model, and the real one needs the data, so a small Linear stands in: it catches range errors
+    (bits, min/max bits, noise kind...), not model-dependent ones (group size vs tensor size).
+    """
+    from torch import nn
+    from .quant import QuantizerError, get_quantizer
+    try:
+        task_cls(**task_kw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"task {task_name!r}: {exc}") from exc
+    try:
+        quantizer = get_quantizer(quant_name, nn.Sequential(nn.Linear(64, 64)), **quant_kw)
+    except QuantizerError as exc:
+        raise ConfigError(f"quant {quant_name!r}: {exc}") from exc
+    except Exception:  # noqa: BLE001 - the stand-in model may not suit every method: not a config error
+        return
+    quantizer.detach()
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the composed config; raise :class:`ConfigError` with a readable message.
 
@@ -124,6 +147,8 @@ def validate(cfg: DictConfig) -> None:
         _number("quant.penalty", quant_kw["penalty"], 0.0)
     if "group_size" in quant_kw:
         _number("quant.group_size", quant_kw["group_size"], 0, integer=True)
+
+    _try_build(plain["task"]["name"], TASKS[plain["task"]["name"]], task_kw, quant_kw, plain["quant"]["name"])
 
     optim = plain["optim"]
     _number("optim.lr", optim.get("lr"), 0.0)

@@ -28,6 +28,8 @@ class ToyTask(Task):
     def __init__(self, n_train: int = 192, batch_size: int = 16, hidden: int = 128,
                  dropout: float = 0.1):
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n_train, self.batch_size, self.hidden, self.dropout = n_train, batch_size, hidden, dropout
         # Seconds of sleep per step (not a kwarg: it must not change the run identity), so a test
         # can kill a run in the middle of training.
