@@ -257,8 +257,9 @@ class Trainer:
                     self._micro_step(next(iterator), accum)
                 self._optimizer_step(total_steps)
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
-                                size=f"{self.quantizer.true_model_size():.3g}MB", refresh=False)
+                if not bar.disable:  # the size costs a pass over the bit logits: only when shown
+                    bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
+                                    size=f"{self.quantizer.true_model_size():.3g}MB", refresh=False)
                 if PREEMPT.is_set():
                     self.save_checkpoint()
                     raise Preempted(f"preempted at epoch {self.epoch + 1} step {self.step_in_epoch}; "

@@ -86,6 +86,15 @@ def atomic_write_json(path: tp.Union[str, Path], data: tp.Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _job_id() -> tp.Optional[str]:
+    """The scheduler job id, spelt as submissions.jsonl and sacct do (``<array>_<task>``)."""
+    try:
+        from .slurm import current_job_id
+    except ImportError:
+        return os.environ.get("SLURM_JOB_ID")
+    return current_job_id()
+
+
 class RunLockedError(RuntimeError):
     """Another live process holds this run folder."""
 
@@ -172,7 +181,7 @@ class Xp:
         known += [g for g in grids if g not in known]
         return self.write_status("RUNNING", attempt=int(status.get("attempt", 0)) + 1,
                                  started=now_iso(), traceback=None, grids=known,
-                                 job_id=os.environ.get("SLURM_JOB_ID"))
+                                 job_id=_job_id())
 
     # history / log / result -----------------------------------------------------------------
     def read_history(self) -> tp.List[tp.Dict[str, tp.Any]]:
