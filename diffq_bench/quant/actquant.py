@@ -146,8 +146,11 @@ def lsq_dequantize(levels: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 def act_layers(model: nn.Module, names: tp.Iterable[str]) -> tp.Dict[str, nn.Module]:
     """The modules among ``names`` whose first input is a quantizable activation, in model order."""
     wanted = set(names)
+    # Linear children of attention modules (out_proj) are read functionally, never called.
+    functional = {id(child) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)
+                  for child in mod.children()}
     return {name: mod for name, mod in model.named_modules()
-            if name in wanted and isinstance(mod, ACT_LAYERS)}
+            if name in wanted and isinstance(mod, ACT_LAYERS) and id(mod) not in functional}
 
 
 def install_input_hooks(modules: tp.Dict[str, nn.Module],
@@ -170,12 +173,15 @@ def install_input_hooks(modules: tp.Dict[str, nn.Module],
 
 def _restored_act(entry: tp.Dict[str, tp.Any], x: torch.Tensor) -> torch.Tensor:
     kind = entry.get("kind")
+
+    def scalar(key: str) -> torch.Tensor:  # stored as a Python float (exact float32 value)
+        return torch.as_tensor(entry[key], dtype=torch.float32, device=x.device)
     if kind == "dsq":
-        levels = dsq_levels(x, entry["lower"].to(x.device), entry["upper"].to(x.device), entry["bits"])
-        return dsq_dequantize(levels, entry["lower"].to(x.device), entry["upper"].to(x.device),
-                              entry["bits"]).to(x.dtype)
+        lower, upper = scalar("lower"), scalar("upper")
+        levels = dsq_levels(x, lower, upper, entry["bits"])
+        return dsq_dequantize(levels, lower, upper, entry["bits"]).to(x.dtype)
     if kind == "lsq":
-        step = entry["step"].to(x.device)
+        step = scalar("step")
         return lsq_dequantize(lsq_levels(x, step, entry["bits"], entry["signed"]), step).to(x.dtype)
     raise QuantizerError(f"unknown activation quantizer kind {kind!r}; valid: dsq, lsq")
 
@@ -190,7 +196,8 @@ def install_restored_activations(model: nn.Module, activations: tp.Dict[str, tp.
     Args:
         model: the model being restored.
         activations: module name -> entry (``kind`` dsq: ``bits``, ``lower``, ``upper``;
-            ``kind`` lsq: ``bits``, ``signed``, ``step``), as written by the quantizer's export.
+            ``kind`` lsq: ``bits``, ``signed``, ``step``; bounds/steps as floats), as written by
+            the quantizer's export.
     """
     for handle in model.__dict__.pop(_RESTORED_ATTR, []):
         handle.remove()

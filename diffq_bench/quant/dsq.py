@@ -119,17 +119,19 @@ class DSQQuantizer(BaseQuantizer):
     def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
         lower, upper, _, bits = self._wparams(qp)
         levels = dsq_levels(qp.param, lower, upper, bits)
+        # Bounds as Python floats (exact float32 values): a 0-d tensor costs ~10x more bytes in
+        # the serialized state than its 4 bytes of data.
         return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.cpu(), bits),
-                "lower": lower.detach().float().cpu().clone(),
-                "upper": upper.detach().float().cpu().clone()}
+                "lower": float(lower.detach().float()), "upper": float(upper.detach().float())}
 
     @classmethod
     def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
         if entry["numel"] != like.numel():
-            raise QuantizerError(f"quantized entry holds {entry['numel']} values, parameter has "
+            raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, parameter has "
                                  f"{like.numel()}")
         levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"])
-        return dsq_dequantize(levels, entry["lower"], entry["upper"], entry["bits"]).reshape(like.shape)
+        lower, upper = (torch.as_tensor(entry[k], dtype=torch.float32) for k in ("lower", "upper"))
+        return dsq_dequantize(levels, lower, upper, entry["bits"]).reshape(like.shape)
 
     def _param_bits(self, qp: QParam) -> torch.Tensor:
         return torch.tensor(float(self._wbits[qp.name] * qp.param.numel() + 2 * 32))
@@ -183,12 +185,11 @@ class DSQQuantizer(BaseQuantizer):
         state = super().export()
         acts = {}
         for name in self._act_modules:
-            if not self._act_init[name]:
-                raise QuantizerError(f"activation range of {name!r} was never initialised: run at "
-                                     "least one forward before exporting a DSQ model")
+            if not self._act_init[name]:  # no forward reached it yet: its input is not quantized
+                continue
             lower, upper, _, bits = self._aparams(name)
-            acts[name] = {"kind": "dsq", "bits": bits, "lower": lower.detach().float().cpu().clone(),
-                          "upper": upper.detach().float().cpu().clone()}
+            acts[name] = {"kind": "dsq", "bits": bits, "lower": float(lower.detach().float()),
+                          "upper": float(upper.detach().float())}
         state["activations"] = acts
         return state
 

@@ -314,14 +314,15 @@ class OneShotMPQQuantizer(BaseQuantizer):
         step = self._step(qp, bits)
         levels = lsq_levels(qp.param, step, bits, True) + 2 ** (bits - 1)  # offset to unsigned
         return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.reshape(-1).cpu(), bits),
-                "step": step.detach().float().clamp_min(1e-8).cpu().clone()}
+                "step": float(step.detach().float().clamp_min(1e-8))}  # exact float32 value
 
     @classmethod
     def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
         if entry["numel"] != like.numel():
-            raise QuantizerError(f"quantized entry holds {entry['numel']} values, parameter has {like.numel()}")
+            raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, "
+                                 f"parameter has {like.numel()}")
         levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"]) - 2 ** (entry["bits"] - 1)
-        return lsq_dequantize(levels, entry["step"]).reshape(like.shape)
+        return lsq_dequantize(levels, torch.as_tensor(entry["step"], dtype=torch.float32)).reshape(like.shape)
 
     def _param_bits(self, qp: QParam) -> torch.Tensor:
         return torch.tensor(float(self._wbits(qp) * qp.param.numel() + 32))
@@ -549,11 +550,10 @@ class OneShotMPQQuantizer(BaseQuantizer):
         state["buffers"] = bn_buffers
         acts = {}
         for name in self._act_modules:
-            if name not in self._act_signed:
-                raise QuantizerError(f"activation step of {name!r} was never initialised: run at least "
-                                     "one forward before exporting")
+            if name not in self._act_signed:  # no forward reached it yet: its input is not quantized
+                continue
             bits = self._config[name][1]
-            step = self._asteps[f"{self._akey(name)}_{bits}"].detach().float().clamp_min(1e-8).cpu().clone()
+            step = float(self._asteps[f"{self._akey(name)}_{bits}"].detach().float().clamp_min(1e-8))
             acts[name] = {"kind": "lsq", "bits": bits, "signed": self._act_signed[name], "step": step}
         state["activations"] = acts
         state["mpq_config"] = {n: list(pair) for n, pair in self._config.items()}
