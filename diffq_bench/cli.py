@@ -100,12 +100,17 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
 
 
 def _hydra_task(cfg: DictConfig) -> None:
+    from .tasks import DataMissingError
     try:
         run(cfg)
     except ConfigError as exc:
         # Bad config: a one-line message, no traceback, non-zero exit (SystemExit passes Hydra).
         print(f"diffq-bench: config error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+    except DataMissingError as exc:
+        # The run is recorded FAILED (traceback in status.json); the user needs the path, not a stack.
+        print(f"diffq-bench: data missing: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 def main() -> None:

@@ -143,6 +143,25 @@ def test_failure_is_recorded_and_exits_nonzero(compose_toy, toy_task, toy_conf, 
     assert info.value.code not in (0, None)
 
 
+def test_missing_data_is_a_clear_error(toy_task, toy_conf, tmp_path, monkeypatch, capsys):
+    from diffq_bench.tasks import DataMissingError
+
+    def setup(self, data_root, *args, **kwargs):
+        raise DataMissingError(f"no toy data in {data_root}/toy; run scripts/prepare_toy.sh")
+    monkeypatch.setattr(toy_task, "setup", setup)
+    root = tmp_path / "store"
+    monkeypatch.setattr("sys.argv", ["diffq-bench", f"hydra.searchpath=[file://{toy_conf}]", "task=toy",
+                                     "quant=none", f"paths.root={root}", f"paths.data={tmp_path / 'd'}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"diffq-bench: data missing: no toy data in {tmp_path / 'd'}/toy" in err
+    (folder,) = (root / "xps").iterdir()
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "FAILED" and "DataMissingError" in status["traceback"]
+
+
 def test_corrupt_checkpoint_is_a_clear_error(compose_toy):
     cfg = compose_toy()
     xp = Xp(cfg.paths.root, cfg)
