@@ -276,3 +276,27 @@ def test_ipq_run_end_to_end_with_resume_inside_the_ipq_phase(compose_toy, toy_ta
     resumed = cli.run(cfg)
     stable = lambda r: {k: v for k, v in r["metrics"].items() if k != "wall_time_s"}  # noqa: E731
     assert stable(resumed) == stable(reference)
+
+
+def test_conv_model_export_restore_exact_with_kernel_and_column_blocks():
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1),
+                             nn.Flatten(), nn.Linear(16 * 36, 8))
+    model = build(0)
+    quantizer = QuantNoiseIPQQuantizer(model, min_size=0, n_centroids=16, n_iter=4, p=0.2)
+    x = torch.randn(2, 3, 6, 6)
+    model.train()
+    model(x).sum().backward()
+    quantizer.finalize()
+    state = quantizer.export()
+    assert state["quantized"]["0.weight"]["block"] == 9   # 3x3 kernels
+    assert state["quantized"]["2.weight"]["block"] == 8   # 1x1 conv: 8 input channels
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    quantizer.detach()
+    fresh = build(1).eval()
+    restore(fresh, deserialize(serialize(state)))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

@@ -130,3 +130,25 @@ def test_quant_noise_run_end_to_end(compose_toy):
     # 4-bit levels + per-channel overhead; biases in float and torch.save's per-tensor records
     # weigh on this 21k-parameter model, so the real ratio stays below the ideal 8x
     assert metrics["compression"] > 4 and 4 < metrics["bits_per_weight"] < 5
+
+
+def test_conv_weights_get_one_range_per_output_channel():
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model = build(0)
+    quantizer = QuantNoiseQuantizer(model, bits=4, min_size=0)
+    state = quantizer.export()
+    assert state["quantized"]["0.weight"]["scale"].numel() == 8
+    assert state["quantized"]["0.bias"]["scale"].numel() == 1  # 1-D: one range
+    for channel in quantizer._eval_value(quantizer.qparams[0]):
+        assert channel.unique().numel() <= 16
+    x = torch.randn(2, 3, 5, 5)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    quantizer.detach()
+    fresh = build(1).eval()
+    restore(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
