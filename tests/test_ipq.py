@@ -300,3 +300,19 @@ def test_conv_model_export_restore_exact_with_kernel_and_column_blocks():
     restore(fresh, deserialize(serialize(state)))
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+def test_centroid_gradient_is_the_mean_over_its_blocks():
+    model = nn.Linear(16, 32, bias=False)
+    quantizer = QuantNoiseIPQQuantizer(model, min_size=0, n_centroids=4, n_iter=3, block_size=8)
+    quantizer.finalize()
+    centroids, assign = quantizer.centroids["weight"], quantizer.assignments["weight"]
+    x = torch.randn(5, 16)
+    model.train()
+    model(x).pow(2).sum().backward()
+    with torch.no_grad():  # dL/dW of the quantized weight, then averaged per codeword
+        weight = centroids[assign].reshape(32, 16)
+        grad_w = (2 * (x @ weight.t())).t() @ x
+        blocks = grad_w.reshape(-1, 8)
+        expected = torch.stack([blocks[assign == k].mean(0) for k in range(4)])
+    assert torch.allclose(centroids.grad, expected, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,8 @@ Phases, driven by the generic hooks of :class:`~diffq_bench.quant.base.BaseQuant
    their blocks) + one assignment per block. From then on the layer's weight is
    ``centroids[assignments]``: the centroids are trainable (fine-tuned with the rest of the model,
    each receives the summed gradient of its blocks), the assignments are fixed, the float weight
-   is frozen. Parameters matched by no stage are quantized with the last stage.
+   is frozen. Parameters matched by no stage are quantized with the last stage. As in Stock et
+   al. (2020), a centroid is updated with the mean gradient of its blocks (not their sum).
 
 Eval always shows the truly quantized model, bit for bit what :meth:`export` stores: layers not
 quantized yet are shown (and exported) through a k-means of their current weight, cached until the
@@ -259,10 +260,16 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
     # ---------------------------------------------------------------------------- forwards
     def _train_value(self, qp: QParam) -> torch.Tensor:
         if qp.name in self.centroids:
-            centroids = self.centroids[qp.name]
+            centroids, assign = self.centroids[qp.name], self.assignments[qp.name]
             if self.int8_centroids:  # fine-tune through the int8 rounding (straight-through)
                 centroids = centroids + (self._stored(centroids) - centroids).detach()
-            return centroids[self.assignments[qp.name]].reshape(qp.param.shape)
+            if centroids.requires_grad:
+                # Stock et al. 2020: a codeword moves by the *mean* gradient of its blocks
+                # (autograd through the gather would sum them: lr would scale with cluster size).
+                counts = torch.bincount(assign, minlength=centroids.shape[0]).clamp(min=1)
+                centroids = centroids.view_as(centroids)
+                centroids.register_hook(lambda g: g / counts.unsqueeze(1).to(g.dtype))
+            return centroids[assign].reshape(qp.param.shape)
         weight = qp.param
         if self.p <= 0:
             return weight

@@ -3,10 +3,12 @@ import typing as tp
 
 from .base import DataMissingError, Task
 from .separation import MusdbDemucsTask, SfmixTask
+from .vision import VISION_TASKS
 
 TASKS: tp.Dict[str, tp.Type[Task]] = {
     MusdbDemucsTask.name: MusdbDemucsTask,
     SfmixTask.name: SfmixTask,
+    **VISION_TASKS,
 }
 
 
