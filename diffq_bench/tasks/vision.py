@@ -1,0 +1,331 @@
+"""Image classification tasks: ImageNet (timm models), CIFAR-10/100 (the paper's models), digits.
+
+Every task reads its data through the loader of the official format
+(:mod:`diffq_bench.data.images`), trains with cross-entropy (optionally label smoothing, or
+timm's mixup/cutmix), and reports top-1 (the paper's metric, in percent), top-5 and the mean loss.
+
+- ``imagenet``: ImageFolder ``<data>/imagenet/{train,val}`` (or ``<data>`` itself), timm's
+  train/eval transforms, any timm model (``pretrained=False`` always) or a CIFAR model by name.
+  ``valid`` and ``test`` are both ``val/`` unless a labelled ``test/`` folder exists.
+- ``cifar10`` / ``cifar100``: the official python batches under ``<data>``; random crop (pad 4) +
+  flip, CIFAR normalisation; ``valid_size`` > 0 holds out the last training images for validation,
+  0 validates on the test set.
+- ``digits``: scikit-learn's digits written once under ``<data>/digits`` in both formats; option
+  ``format`` picks which loader reads them: ``imagefolder`` (timm transforms, like ImageNet) or
+  ``cifar`` (CIFAR-10 pickles, checksums verified against the written manifest).
+"""
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from ..data import digits as digits_data
+from ..data.images import (ArrayImageDataset, CIFAR_SPECS, cifar_transform, imagefolder_classes,
+                           imagefolder_split, make_loader, read_cifar, subset, timm_image_transform)
+from ..models.cifar import CIFAR_MODELS, create_cifar_model
+from .base import DataMissingError, Task
+
+SPLITS = ("valid", "test")
+
+
+def create_image_model(name: str, num_classes: int, model_kwargs: tp.Optional[dict] = None
+                       ) -> nn.Module:
+    """A CIFAR model of :data:`CIFAR_MODELS` or any timm model, freshly initialised.
+
+    Args:
+        name: key of ``CIFAR_MODELS`` or a timm model name (``deit_base_patch16_224``...).
+        num_classes: output classes.
+        model_kwargs: extra constructor arguments (``img_size``, ``drop_path_rate``, ``widths``...).
+    Raises:
+        ValueError: unknown name (lists the CIFAR models; timm names come from ``timm.list_models``).
+    """
+    import timm
+    kwargs = dict(model_kwargs or {})
+    if name in CIFAR_MODELS:
+        return create_cifar_model(name, num_classes, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown image model {name!r}; valid: {', '.join(sorted(CIFAR_MODELS))} "
+                         "or a timm model name (timm.list_models())")
+    try:
+        # pretrained=False always: nothing is ever downloaded.
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad model_kwargs for timm model {name!r}: {exc}") from exc
+
+
+def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    return int((top == target[:, None]).any(dim=-1).sum())
+
+
+class ImageClassificationTask(Task):
+    """Shared logic of the image classification tasks (subclasses provide :meth:`_load`).
+
+    Args:
+        model: model name (see :func:`create_image_model`).
+        model_kwargs: extra model constructor arguments.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        augment: training augmentation options (format-specific, see the subclass).
+        label_smoothing: cross-entropy label smoothing (ignored when ``mixup`` is set: mixup
+            has its own ``label_smoothing`` option).
+        mixup: options of ``timm.data.Mixup`` (``mixup_alpha``, ``cutmix_alpha``,
+            ``label_smoothing``...); empty/None disables it.
+        train_subset: use a fixed random subset of this many training images (0: all); for debug runs.
+        eval_subset: same for the validation and test sets.
+    """
+    metric = "top1"
+    lower_is_better = False
+
+    def __init__(self, model: str, model_kwargs: tp.Optional[dict] = None, batch_size: int = 128,
+                 eval_batch_size: tp.Optional[int] = None, augment: tp.Optional[dict] = None,
+                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
+                 train_subset: int = 0, eval_subset: int = 0):
+        super().__init__()
+        for key, value in (("batch_size", batch_size), ("train_subset", train_subset + 1),
+                           ("eval_subset", eval_subset + 1)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= {1 if key == 'batch_size' else 0}, "
+                                 f"got {value!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ValueError(f"eval_batch_size must be null or an integer >= 1, got {eval_batch_size!r}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.model_name = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.augment = dict(augment or {})
+        self.label_smoothing = float(label_smoothing)
+        self.mixup_options = dict(mixup or {})
+        self.train_subset = train_subset
+        self.eval_subset = eval_subset
+        self.num_classes = 0
+        self.datasets: tp.Dict[str, Dataset] = {}
+        self._mixup: tp.Optional[tp.Callable] = None
+
+    # ---------------------------------------------------------------------------- data
+    def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+        """Datasets ``train`` (with augmentation), ``valid``, ``test`` and the number of classes."""
+        raise NotImplementedError
+
+    def setup(self, data_root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
+              device: tp.Union[str, torch.device], num_workers: int = 0, seed: int = 0) -> None:
+        super().setup(data_root, cache_dir, device, num_workers, seed)
+        datasets, self.num_classes = self._load()
+        # The subsets use a fixed seed, not the run seed: every run of a debug grid sees the same data.
+        self.datasets = {"train": subset(datasets["train"], self.train_subset, 0)}
+        for split in SPLITS:
+            self.datasets[split] = subset(datasets[split], self.eval_subset, 1)
+        if self.mixup_options:
+            from timm.data import Mixup
+            try:
+                self._mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
+            except TypeError as exc:
+                raise ValueError(f"bad mixup option ({exc}); valid keys are the arguments of "
+                                 "timm.data.Mixup") from exc
+
+    def build_model(self) -> nn.Module:
+        if not self.num_classes:
+            raise RuntimeError(f"task {self.name!r}: call setup() before build_model()")
+        return create_image_model(self.model_name, self.num_classes, self.model_kwargs)
+
+    def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
+        return make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
+                           self.num_workers)
+
+    # ------------------------------------------------------------------------ compute
+    def step(self, model: nn.Module, batch: tp.Any) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
+        images, target = (t.to(self.device, non_blocking=True) for t in batch)
+        if self._mixup is not None:
+            images, soft = self._mixup(images, target)
+            logits = model(images)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            return loss, {}  # accuracy against mixed targets means nothing
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        top1 = 100.0 * _topk_correct(logits.detach(), target, 1) / len(target)
+        return loss, {"top1": top1}
+
+    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
+        """Top-1 / top-5 accuracy (percent) and mean cross-entropy (no smoothing) on ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        loader = make_loader(self.datasets[split], self.eval_batch_size, False, self.seed,
+                             num_workers=self.num_workers)
+        was_training = model.training
+        model.eval()
+        total, loss, top1, top5 = 0, 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for images, target in loader:
+                    images, target = images.to(self.device), target.to(self.device)
+                    logits = model(images).float()
+                    loss += float(F.cross_entropy(logits, target, reduction="sum"))
+                    top1 += _topk_correct(logits, target, 1)
+                    top5 += _topk_correct(logits, target, 5)
+                    total += len(target)
+        finally:
+            model.train(was_training)
+        if total == 0:
+            raise ValueError(f"task {self.name!r}: the {split} set is empty")
+        return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
+
+
+# ------------------------------------------------------------------------- format readers
+def _imagefolder_datasets(root: Path, img_size: int, augment: dict, eval_options: dict
+                          ) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+    classes = imagefolder_classes(root)
+    train_tf = timm_image_transform(img_size, True, augment)
+    eval_tf = timm_image_transform(img_size, False, eval_options)
+    test_folder = "test" if (root / "test").is_dir() else "val"
+    datasets = {"train": imagefolder_split(root, "train", classes, train_tf),
+                "valid": imagefolder_split(root, "val", classes, eval_tf),
+                "test": imagefolder_split(root, test_folder, classes, eval_tf)}
+    return datasets, len(classes)
+
+
+def _cifar_datasets(root: Path, variant: str, augment: dict, verify_checksums: bool,
+                    valid_size: int) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+    spec = CIFAR_SPECS[variant]
+    options = {"mean": spec.mean, "std": spec.std, "padding": 4, "hflip": 0.5, **augment}
+    unknown = sorted(set(options) - {"mean", "std", "padding", "hflip"})
+    if unknown:
+        raise ValueError(f"unknown CIFAR augment option(s) {unknown}; valid: mean, std, padding, hflip")
+    images, labels, _ = read_cifar(root, variant, train=True, verify_checksums=verify_checksums)
+    test_images, test_labels, _ = read_cifar(root, variant, train=False, verify_checksums=False)
+    if not 0 <= valid_size < len(images):
+        raise ValueError(f"valid_size must be in [0, {len(images) - 1}] for {variant}, got {valid_size}")
+    train_tf = cifar_transform(True, options["mean"], options["std"], options["padding"], options["hflip"])
+    eval_tf = cifar_transform(False, options["mean"], options["std"])
+    keep = len(images) - valid_size
+    test = ArrayImageDataset(test_images, test_labels, eval_tf)
+    datasets: tp.Dict[str, Dataset] = {
+        "train": ArrayImageDataset(images[:keep], labels[:keep], train_tf),
+        # The held-out images are the last ones (CIFAR-10: the end of data_batch_5).
+        "valid": ArrayImageDataset(images[keep:], labels[keep:], eval_tf) if valid_size else test,
+        "test": test}
+    return datasets, spec.num_classes
+
+
+def _eval_options(augment: dict) -> dict:
+    return {k: v for k, v in augment.items() if k in ("crop_pct", "crop_mode", "interpolation", "mean", "std")}
+
+
+# ------------------------------------------------------------------------------- tasks
+class ImageNetTask(ImageClassificationTask):
+    """ImageNet (or any ImageFolder data set) with a timm model.
+
+    Args:
+        img_size: network input side (timm transforms resize/crop to it).
+        augment: keyword arguments of ``timm.data.create_transform`` (``scale``, ``hflip``,
+            ``auto_augment``, ``re_prob``, ``interpolation``, ``crop_pct``, ``mean``, ``std``...);
+            the eval transform takes ``crop_pct``/``crop_mode``/``interpolation``/``mean``/``std``.
+        folder: sub-folder of the data root holding ``train/`` and ``val/``.
+        other: see :class:`ImageClassificationTask`.
+    """
+    name = "imagenet"
+
+    def __init__(self, model: str = "resnet50", img_size: int = 224, folder: str = "imagenet",
+                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
+                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
+                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
+                 train_subset: int = 0, eval_subset: int = 0):
+        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
+                         mixup, train_subset, eval_subset)
+        if not isinstance(img_size, int) or img_size < 8:
+            raise ValueError(f"img_size must be an integer >= 8, got {img_size!r}")
+        self.img_size = img_size
+        self.folder = folder
+
+    def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+        root = self.data_root / self.folder
+        if not root.is_dir() and (self.data_root / "train").is_dir():
+            root = self.data_root  # the data root is the ImageFolder itself
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise DataMissingError(
+                f"ImageNet not found: expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG "
+                f"(set paths.data or DIFFQ_BENCH_DATA to the folder holding '{self.folder}/'; "
+                "see scripts/prepare_imagenet.md to lay out the official archives)")
+        return _imagefolder_datasets(root, self.img_size, self.augment, _eval_options(self.augment))
+
+
+class Cifar10Task(ImageClassificationTask):
+    """CIFAR-10 from the official python batches.
+
+    Args:
+        verify_checksums: check the files' MD5 against the official sums (false only for fixtures).
+        valid_size: training images held out for validation (0: validate on the test set).
+        augment: ``padding`` (random crop, default 4), ``hflip`` (default 0.5), ``mean``, ``std``.
+        other: see :class:`ImageClassificationTask`.
+    """
+    name = "cifar10"
+    variant = "cifar10"
+
+    def __init__(self, model: str = "resnet18", verify_checksums: bool = True, valid_size: int = 0,
+                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
+                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
+                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
+                 train_subset: int = 0, eval_subset: int = 0):
+        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
+                         mixup, train_subset, eval_subset)
+        if not isinstance(valid_size, int) or valid_size < 0:
+            raise ValueError(f"valid_size must be an integer >= 0, got {valid_size!r}")
+        self.verify_checksums = bool(verify_checksums)
+        self.valid_size = valid_size
+
+    def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+        return _cifar_datasets(self.data_root, self.variant, self.augment, self.verify_checksums,
+                               self.valid_size)
+
+
+class Cifar100Task(Cifar10Task):
+    """CIFAR-100 (fine labels) from the official python batches; options as :class:`Cifar10Task`."""
+    name = "cifar100"
+    variant = "cifar100"
+
+
+class DigitsTask(ImageClassificationTask):
+    """scikit-learn's handwritten digits, written once in an official format and read back.
+
+    Args:
+        format: ``imagefolder`` (timm loader + transforms) or ``cifar`` (CIFAR-10 pickle loader).
+        img_size: network input side for ``imagefolder`` (the CIFAR format is 32x32).
+        augment: as :class:`ImageNetTask` or :class:`Cifar10Task`, depending on ``format``.
+        other: see :class:`ImageClassificationTask`.
+    """
+    name = "digits"
+    FORMATS = ("imagefolder", "cifar")
+
+    def __init__(self, model: str = "resnet", format: str = "imagefolder", img_size: int = 32,
+                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
+                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
+                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
+                 train_subset: int = 0, eval_subset: int = 0):
+        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
+                         mixup, train_subset, eval_subset)
+        if format not in self.FORMATS:
+            raise ValueError(f"unknown digits format {format!r}; valid: {', '.join(self.FORMATS)}")
+        if format == "cifar" and img_size != 32:
+            raise ValueError(f"the CIFAR format is 32x32: img_size must be 32, got {img_size!r}")
+        self.format = format
+        self.img_size = img_size
+
+    def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+        root = self.data_root / "digits"
+        if self.format == "imagefolder":
+            folder = digits_data.ensure_imagefolder(root)
+            return _imagefolder_datasets(folder, self.img_size, self.augment, _eval_options(self.augment))
+        folder = digits_data.ensure_cifar(root)
+        # Checksums are verified against the manifest written with the files.
+        return _cifar_datasets(folder, "cifar10", self.augment, True, digits_data.SPLIT_SIZES["val"])
+
+
+VISION_TASKS: tp.Dict[str, tp.Type[Task]] = {
+    cls.name: cls for cls in (ImageNetTask, Cifar10Task, Cifar100Task, DigitsTask)}

@@ -1,0 +1,206 @@
+"""Loaders of the official image formats on format-faithful fixtures, and the embedded digits."""
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffq_bench.data import digits, images
+from diffq_bench.data.images import DataCorruptError
+from diffq_bench.tasks import DataMissingError
+
+torch.set_num_threads(1)
+
+
+def _py2_style_batch(path, data, labels, label_key="labels", extra=None):
+    """A batch as the official (python 2) files are: byte-string keys, uint8 rows of 3072."""
+    content = {b"batch_label": b"training batch 1 of 5", b"data": data,
+               label_key.encode(): list(map(int, labels)),
+               b"filenames": [b"f%d.png" % i for i in range(len(labels))], **(extra or {})}
+    path.write_bytes(pickle.dumps(content, protocol=2))
+
+
+def make_cifar10_fixture(root, per_batch=4):
+    """cifar-10-batches-py with known pixels: image i has R=i, G=100+i, B=200-i everywhere but (0,1)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    n = 0
+    for name in ["data_batch_%d" % k for k in range(1, 6)] + ["test_batch"]:
+        ids = np.arange(n, n + per_batch)
+        planes = np.stack([np.full((len(ids), 32, 32), v, np.uint8)
+                           for v in (ids[:, None, None], 100 + ids[:, None, None], 200 - ids[:, None, None])], 1)
+        planes[:, 0, 0, 1] = 255  # marks row 0, column 1 of the red plane: checks row-major layout
+        _py2_style_batch(folder / name, planes.reshape(len(ids), 3072), ids % 10)
+        n += per_batch
+    (folder / "batches.meta").write_bytes(pickle.dumps(
+        {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, protocol=2))
+    return folder
+
+
+def test_cifar10_reader_layout(tmp_path):
+    make_cifar10_fixture(tmp_path)
+    x, y, names = images.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+    assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert names == ["c%d" % i for i in range(10)]
+    assert (x[3, 5, 5] == [3, 103, 197]).all() and list(y[:12]) == [i % 10 for i in range(12)]
+    assert x[0, 0, 1, 0] == 255 and x[0, 1, 0, 0] == 0
+    tx, ty, _ = images.read_cifar(tmp_path / "cifar-10-batches-py", "cifar10", train=False,
+                                  verify_checksums=False)
+    assert tx.shape == (4, 32, 32, 3) and list(ty) == [0, 1, 2, 3]
+
+
+def test_cifar_checksums_are_checked_unless_disabled(tmp_path):
+    make_cifar10_fixture(tmp_path)
+    with pytest.raises(DataCorruptError, match="official checksum.*verify_checksums=false"):
+        images.read_cifar(tmp_path, "cifar10", train=True)
+
+
+def test_cifar100_reader(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 6), ("test", 3)):
+        _py2_style_batch(folder / name, rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         np.arange(n) * 17 % 100, label_key="fine_labels",
+                         extra={b"coarse_labels": [0] * n})
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x%d" % i for i in range(100)],
+                                                b"coarse_label_names": [b"y"] * 20}, protocol=2))
+    x, y, names = images.read_cifar(tmp_path, "cifar100", train=True, verify_checksums=False)
+    assert x.shape == (6, 32, 32, 3) and list(y) == [0, 17, 34, 51, 68, 85] and len(names) == 100
+
+
+def test_cifar_missing_names_path(tmp_path):
+    with pytest.raises(DataMissingError, match="cifar-10-batches-py"):
+        images.read_cifar(tmp_path, "cifar10", train=True)
+    with pytest.raises(ValueError, match="cifar100"):
+        images.read_cifar(tmp_path, "cifar11", train=True)
+
+
+def test_unpickler_refuses_code(tmp_path):
+    folder = make_cifar10_fixture(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    (folder / "data_batch_2").write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
+    with pytest.raises(DataCorruptError, match="refusing global"):
+        images.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+
+
+def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
+    rng = np.random.default_rng(1)
+    tr = rng.integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
+    te = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    sums = images.write_cifar10_batches(tmp_path, tr, np.arange(13) % 10, te, np.arange(4), list("abcdefghij"))
+    assert json.loads((tmp_path / "checksums.json").read_text()) == sums
+    x, y, names = images.read_cifar(tmp_path, "cifar10", train=True)  # verified by the manifest
+    assert (x == tr).all() and list(y) == list(np.arange(13) % 10) and names == list("abcdefghij")
+    # Format-faithful: torchvision's own reader (checksums off: these are not the official files).
+    from torchvision.datasets import CIFAR10
+
+    class Unchecked(CIFAR10):
+        train_list = [[f"data_batch_{i}", None] for i in range(1, 6)]
+        test_list = [["test_batch", None]]
+        meta = {**CIFAR10.meta, "md5": None}
+        base_folder = "."
+    tv = Unchecked(str(tmp_path), train=True, download=False)
+    assert (tv.data == tr).all() and tv.targets == list(np.arange(13) % 10) and tv.classes == list("abcdefghij")
+    with open(tmp_path / "test_batch", "r+b") as f:  # corrupt one byte
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(DataCorruptError, match="test_batch.*checksums.json"):
+        images.read_cifar(tmp_path, "cifar10", train=False)
+
+
+def make_imagefolder(root, splits=("train", "val"), classes=("cat", "dog", "eel"), per_class=3, size=20):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.full((size, size + 4, 3), 60 * c, np.uint8) + rng.integers(0, 40, (size, size + 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_imagefolder_classes_from_train(tmp_path):
+    make_imagefolder(tmp_path)
+    make_imagefolder(tmp_path / "x", splits=("val",), classes=("eel",))
+    classes = images.imagefolder_classes(tmp_path)
+    assert classes == {"cat": 0, "dog": 1, "eel": 2}
+    tf = images.timm_image_transform(16, False, {"crop_pct": 1.0})
+    val = images.imagefolder_split(tmp_path / "x", "val", classes, tf)  # only 'eel': index stays 2
+    assert len(val) == 3 and {val[i][1] for i in range(3)} == {2} and val[0][0].shape == (3, 16, 16)
+    train = images.imagefolder_split(tmp_path, "train", classes, images.timm_image_transform(16, True, {}))
+    assert len(train) == 9 and sorted({train[i][1] for i in range(9)}) == [0, 1, 2]
+
+
+def test_imagefolder_errors(tmp_path):
+    make_imagefolder(tmp_path, splits=("train",))
+    with pytest.raises(DataMissingError, match="val"):
+        images.imagefolder_classes(tmp_path)
+    make_imagefolder(tmp_path, splits=("val",), classes=("cat", "yak"))
+    with pytest.raises(DataCorruptError, match="yak"):
+        images.imagefolder_split(tmp_path, "val", {"cat": 0, "dog": 1, "eel": 2})
+    with pytest.raises(ValueError, match="create_transform"):
+        images.timm_image_transform(16, True, {"nope": 1})
+
+
+class _Noise(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.rand(2) + random.random() + float(np.random.rand()), i
+
+
+def test_seeded_loader_is_deterministic_and_leaves_global_rng():
+    torch.manual_seed(123)
+    random.seed(5)
+    before = (torch.get_rng_state(), random.getstate())
+    a = [b for b in images.make_loader(_Noise(), 4, True, seed=1, epoch=3)]
+    b = [b for b in images.make_loader(_Noise(), 4, True, seed=1, epoch=3)]
+    c = [b for b in images.make_loader(_Noise(), 4, True, seed=1, epoch=4)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert len(a) == 2  # drop_last: 10 items, batches of 4
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    # The same item gets the same augmentation whatever its position in the epoch.
+    with_workers = [b for b in images.make_loader(_Noise(), 4, True, seed=1, epoch=3, num_workers=1)]
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, with_workers))
+
+
+def test_subset_is_fixed():
+    ds = list(range(100))
+    s1, s2 = images.subset(ds, 10, 0), images.subset(ds, 10, 0)
+    assert list(s1) == list(s2) and len(s1) == 10 and images.subset(ds, 0, 0) is ds
+
+
+def test_digits_split_and_formats(tmp_path):
+    split = digits.load_split()
+    assert {k: len(v[1]) for k, v in split.items()} == {"train": 1257, "val": 180, "test": 360}
+    for name in ("val", "test"):  # stratified: every digit present in roughly its share
+        counts = np.bincount(split[name][1], minlength=10)
+        assert counts.min() >= 0.8 * counts.mean()
+    folder = digits.ensure_imagefolder(tmp_path)
+    png = sorted((folder / "test" / "3").iterdir())[0]
+    first3 = split["test"][0][split["test"][1] == 3][0]
+    assert (np.asarray(Image.open(png)) == first3).all()
+    mtime = (folder / digits.MANIFEST).stat().st_mtime_ns
+    assert digits.ensure_imagefolder(tmp_path) == folder  # written once
+    assert (folder / digits.MANIFEST).stat().st_mtime_ns == mtime
+    cifar = digits.ensure_cifar(tmp_path)
+    x, y, names = images.read_cifar(cifar, "cifar10", train=True)
+    assert x.shape == (1437, 32, 32, 3) and names == [str(d) for d in range(10)]
+    assert (y[-180:] == split["val"][1]).all() and (x[..., 0] == x[..., 2]).all()
+    # Upsampling keeps the content: 4x4 block means follow the 8x8 source.
+    small = x[:50, ..., 0].reshape(50, 8, 4, 8, 4).mean((2, 4))
+    corr = np.corrcoef(small.ravel(), split["train"][0][:50].ravel().astype(float))[0, 1]
+    assert corr > 0.9
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left over
