@@ -305,14 +305,13 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
             qp.param.requires_grad_(False)  # the weight is now a function of the centroids
 
     def _advance(self, target: int) -> bool:
-        changed = False
+        start = self.done_stages
         while self.done_stages < min(target, len(self.stages)):
             logger.info("quant_noise_ipq: quantizing stage %d/%d %s", self.done_stages + 1,
                         len(self.stages), self.stages[self.done_stages])
             self.quantize_stage(self.done_stages)
             self.done_stages += 1
-            changed = True
-        return changed
+        return self.done_stages > start
 
     def on_epoch_end(self, epoch: int, total_epochs: int) -> bool:
         due = sum(1 for e in self.stage_epochs(total_epochs) if e <= epoch)
@@ -357,11 +356,11 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
             dim, count, k = self._k(qp)
             assign = state["assignments"][name]
             if tuple(centroids.shape) != (k, dim) or tuple(assign.shape) != (count,):
-                raise QuantizerError(f"iPQ state for {name!r} has centroids {tuple(centroids.shape)} "
-                                     f"/ assignments {tuple(assign.shape)}, expected ({k}, {dim}) / ({count},)")
-            device = qp.param.device
-            self.centroids[name] = nn.Parameter(centroids.to(device, qp.param.dtype))
-            self.assignments[name] = assign.to(device).long()
+                raise QuantizerError(
+                    f"iPQ state for {name!r} has centroids {tuple(centroids.shape)} / assignments "
+                    f"{tuple(assign.shape)}, expected ({k}, {dim}) / ({count},)")
+            self.centroids[name] = nn.Parameter(centroids.to(qp.param.device, qp.param.dtype))
+            self.assignments[name] = assign.to(qp.param.device).long()
             qp.param.requires_grad_(False)
         self.done_stages = int(state.get("done_stages", 0))
 
