@@ -131,6 +131,12 @@ class MusdbDemucsTask(Task):
         for sources in loader:
             yield mdb.augment(sources, gen, self.shift, self.flip, self.remix_group)
 
+    def num_train_batches(self) -> int:
+        """Batches per epoch (the loop's epoch length; :meth:`train_batches` is a generator)."""
+        if self.db is None:
+            raise RuntimeError("call setup() before num_train_batches()")
+        return max(1, len(self.train_set) // self.batch_size)
+
     def step(self, model: nn.Module, batch: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
         """Mix the sources, separate, L1 (or MSE) against the center-trimmed sources."""
         sources = batch.to(self.device)
@@ -196,18 +202,18 @@ class SfmixTask(MusdbDemucsTask):
             seed, so every run of a grid sees the same data.
         valid_tracks: how many train tracks are held out for validation.
         others: as :class:`MusdbDemucsTask`, with small-model defaults (16 kHz, 16 channels,
-            depth 4, 2 s segments).
+            depth 4, 1 s segments, batches of 4).
     """
     name = "sfmix"
     data_subdir = "sfmix"
 
     def __init__(self, train_tracks: int = 24, test_tracks: int = 8, valid_tracks: int = 4,
-                 duration: float = 10.0, data_seed: int = 0, samplerate: int = 16000,
+                 duration: float = 8.0, data_seed: int = 0, samplerate: int = 16000,
                  audio_channels: int = 2, channels: int = 16, depth: int = 4, growth: float = 2.0,
                  kernel_size: int = 8, stride: int = 4, context: int = 3, lstm_layers: int = 2,
                  glu: bool = True, rescale: float = 0.1, resample: bool = True,
-                 normalize: bool = False, segment: float = 2.0, segment_stride: float = 0.5,
-                 shift: float = 0.25, flip: bool = True, remix_group: int = 4, batch_size: int = 8,
+                 normalize: bool = False, segment: float = 1.0, segment_stride: float = 0.5,
+                 shift: float = 0.25, flip: bool = True, remix_group: int = 4, batch_size: int = 4,
                  loss: str = "l1", eval_segment: float = 4.0, eval_overlap: float = 0.25,
                  eval_tracks: int = 0, sdr: bool = False):
         # Explicit keywords (no **kwargs) so the config-vs-signature check sees every key.

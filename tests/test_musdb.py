@@ -1,0 +1,138 @@
+"""MusDB18-HQ loader on format-faithful fixtures (44.1 kHz stereo 16-bit WAVs, official layout)."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from diffq_bench.data import musdb as mdb
+from diffq_bench.tasks.base import DataMissingError
+
+SR = 44100
+
+
+def write_track(folder, length, seed, samplerate=SR, channels=2, lengths=None):
+    """One track folder with the five stems; mixture = sum of the sources (as in MusDB-HQ)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    sources = {s: (0.2 * rng.standard_normal((length, channels))).astype(np.float32)
+               for s in mdb.SOURCES}
+    stems = {"mixture": sum(sources.values()) / 2, **sources}
+    for stem, audio in stems.items():
+        n = (lengths or {}).get(stem, length)
+        sf.write(str(folder / f"{stem}.wav"), audio[:n], samplerate, subtype="PCM_16")
+    return stems
+
+
+@pytest.fixture
+def musdb_root(tmp_path):
+    """Two training tracks plus the 14 standard validation tracks (a strict loader needs them all)."""
+    root = tmp_path / "musdb18hq"
+    make_musdb(root)
+    return root
+
+
+def make_musdb(root, length=2205, test_length=3000):
+    for i, name in enumerate(["A - One", "B - Two"]):
+        write_track(root / "train" / name, length + 100 * i, i)
+    for i, name in enumerate(mdb.MUSDB_VALIDATION_TRACKS):
+        write_track(root / "train" / name, length // 2, 100 + i)
+    write_track(root / "test" / "Z - Test", test_length, 9)
+
+
+def test_standard_validation_tracks():
+    tracks = mdb.musdb_validation_tracks()
+    assert len(tracks) == 14 and len(set(tracks)) == 14
+    assert "Leaf - Summerghost" in tracks and "Traffic Experiment - Sirens" in tracks
+
+
+def test_splits(musdb_root):
+    db = mdb.MusdbHQ(musdb_root)
+    assert [t.name for t in db.tracks("train")] == ["A - One", "B - Two"]
+    assert [t.name for t in db.tracks("valid")] == sorted(mdb.MUSDB_VALIDATION_TRACKS)
+    assert [t.name for t in db.tracks("test")] == ["Z - Test"]
+    assert [t.length for t in db.tracks("train")] == [2205, 2305]
+    custom = mdb.MusdbHQ(musdb_root, valid_tracks=["A - One"])
+    assert [t.name for t in custom.tracks("valid")] == ["A - One"]
+    assert len(custom.tracks("train")) == 15
+    with pytest.raises(ValueError, match="valid: train, valid, test"):
+        db.tracks("dev")
+
+
+def test_read_matches_files(musdb_root):
+    db = mdb.MusdbHQ(musdb_root)
+    track = db.tracks("test")[0]
+    audio = db.read(track)
+    assert audio.shape == (5, 2, 3000) and audio.dtype == torch.float32
+    vocals, _ = sf.read(str(track.folder / "vocals.wav"), dtype="float32")
+    assert torch.equal(audio[4], torch.from_numpy(vocals.T.copy()))
+    part = db.read(track, offset=2900, length=200, stems=("bass",))
+    assert part.shape == (1, 2, 200)
+    assert torch.equal(part[0, :, :100], audio[2, :, 2900:])
+    assert not part[0, :, 100:].any()  # past the end: zero padding
+
+
+def test_missing_data_errors_name_the_path(tmp_path, musdb_root):
+    with pytest.raises(DataMissingError, match="nowhere"):
+        mdb.MusdbHQ(tmp_path / "nowhere", prepare_hint="get it")
+    (musdb_root / "test" / "Z - Test" / "drums.wav").unlink()
+    with pytest.raises(DataMissingError, match="drums.wav"):
+        mdb.MusdbHQ(musdb_root)
+
+
+def test_missing_validation_track(musdb_root):
+    with pytest.raises(DataMissingError, match="validation track"):
+        mdb.MusdbHQ(musdb_root, valid_tracks=["Nope - Nothing"])
+
+
+def test_format_errors(tmp_path):
+    root = tmp_path / "m"
+    write_track(root / "train" / "A", 1000, 1)
+    write_track(root / "test" / "T", 1000, 2, samplerate=22050)
+    with pytest.raises(ValueError, match="22050 Hz, expected 44100"):
+        mdb.MusdbHQ(root, valid_tracks=[])
+    with pytest.raises(ValueError, match="1 channel"):
+        root2 = tmp_path / "m2"
+        write_track(root2 / "train" / "A", 1000, 1, channels=1)
+        mdb.MusdbHQ(root2, valid_tracks=[])
+    root3 = tmp_path / "m3"
+    write_track(root3 / "train" / "A", 1000, 1, lengths={"bass": 900})
+    with pytest.raises(ValueError, match="differ in length"):
+        mdb.MusdbHQ(root3, valid_tracks=[])
+
+
+def test_segments(musdb_root):
+    db = mdb.MusdbHQ(musdb_root)
+    data = mdb.SegmentDataset(db, "train", length=1000, stride=500)
+    # 2205 -> starts 0, 500, 1000 ; 2305 -> 0, 500, 1000
+    assert len(data) == 6
+    item = data[1]
+    assert item.shape == (4, 2, 1000)
+    track = db.tracks("train")[0]
+    assert torch.equal(item, db.read(track, 500, 1000, stems=mdb.SOURCES))
+    with pytest.raises(ValueError, match="> 0"):
+        mdb.SegmentDataset(db, "train", length=0, stride=1)
+
+
+def test_augment_shift_flip_remix():
+    torch.manual_seed(0)
+    batch = torch.randn(8, 4, 2, 50)
+    out = mdb.augment(batch, torch.Generator().manual_seed(1), shift=10, flip=False, remix_group=0)
+    assert out.shape == (8, 4, 2, 40)
+    for b in range(8):
+        for s in range(4):  # every source is a crop of itself at some offset < shift
+            assert any(torch.equal(out[b, s], batch[b, s, :, o:o + 40]) for o in range(10))
+    flipped = mdb.augment(batch, torch.Generator().manual_seed(1), shift=0, flip=True, remix_group=0)
+    for b in range(8):
+        for s in range(4):
+            x, y = batch[b, s], flipped[b, s]
+            assert any(torch.equal(y, sign * x[list(order)]) for sign in (1, -1)
+                       for order in ((0, 1), (1, 0)))
+    remixed = mdb.augment(batch, torch.Generator().manual_seed(1), shift=0, flip=False, remix_group=4)
+    for group in (slice(0, 4), slice(4, 8)):  # sources move only inside their group
+        for s in range(4):
+            assert torch.allclose(remixed[group, s].sum(0), batch[group, s].sum(0), atol=1e-5)
+    assert not torch.equal(remixed, batch)
+    again = mdb.augment(batch, torch.Generator().manual_seed(1), shift=10, flip=True, remix_group=4)
+    assert torch.equal(again, mdb.augment(batch, torch.Generator().manual_seed(1), 10, True, 4))
+    with pytest.raises(ValueError, match="shorter than the segment"):
+        mdb.augment(batch, torch.Generator(), shift=50)
