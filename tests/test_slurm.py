@@ -90,10 +90,18 @@ from conftest import ToyTask
 from diffq_bench.config import find_conf_dir
 
 
+class ExplodingToyTask(ToyTask):
+    name = "toy_exploding"
+
+    def step(self, model, batch):
+        raise FloatingPointError("deliberate failure in a training step")
+
+
 def task_fn(cfg):
     from diffq_bench.cli import _hydra_task
     from diffq_bench.tasks import TASKS
     TASKS["toy"] = ToyTask
+    TASKS["toy_exploding"] = ExplodingToyTask
     _hydra_task(cfg)
 
 
@@ -123,6 +131,7 @@ class Bench:
         (self.conf / "grid" / "slurm4.yaml").write_text(GRID)
         (self.conf / "task").mkdir(exist_ok=True)
         (self.conf / "task" / "toy.yaml").write_text(TOY_YAML)
+        (self.conf / "task" / "toy_exploding.yaml").write_text(TOY_YAML.replace("name: toy", "name: toy_exploding"))
         if not (self.conf / "task" / "wikitext_mini.yaml").exists():  # config.yaml's default task
             (self.conf / "task" / "wikitext_mini.yaml").write_text(TOY_YAML)
         (base / "app.py").write_text(APP)
@@ -290,13 +299,14 @@ def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_failing_run_is_failed_in_sacct_and_status(bench):
-    # batch_size=0 passes config validation (keys only) and breaks the toy task's batching
-    proc = bench.launch("failing", "quant=none", "task.batch_size=0")
+    # a valid config whose task raises in its first training step (APP's ExplodingToyTask)
+    proc = bench.launch("failing", "quant=none", "task=toy_exploding")
     assert proc.returncode != 0
     assert "1 of 1 run(s) FAILED" in _output(proc), _output(proc)[-3000:]
     (folder,) = list((bench.base / "failing" / "xps").iterdir())
     status = json.loads((folder / "status.json").read_text())
-    assert status["state"] == "FAILED" and "Traceback" in (status["traceback"] or "")
+    assert status["state"] == "FAILED", status
+    assert "FloatingPointError: deliberate failure" in (status["traceback"] or ""), status
     job = sweep.read_submissions(folder)[-1]["job_id"]
     wait_for(lambda: _sacct([job]).get(job) == "FAILED", 60, f"sacct to show {job} FAILED")
     assert "FAILED" in bench.status("failing")

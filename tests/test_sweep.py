@@ -1,5 +1,6 @@
 """Grid expansion, the launch plan (skip DONE / live runs) and the grid sweeper plugin end to end."""
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,8 @@ from omegaconf import OmegaConf
 
 from diffq_bench import sweep
 from diffq_bench.xp import Xp
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_entry_overrides_formats_scalars():
@@ -111,14 +114,20 @@ def test_submissions_roundtrip(tmp_path):
 
 
 APP = '''
-import sys
+import time
 import hydra
 from diffq_bench.xp import Xp
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg):
-    if cfg.fail:
-        raise RuntimeError("deliberate failure")
+    start = time.time()
+    try:
+        time.sleep(cfg.sleep)
+        if cfg.fail or cfg.a == cfg.fail_on:
+            raise RuntimeError("deliberate failure")
+    finally:
+        with open(cfg.paths.root + "/spans.txt", "a") as f:
+            f.write(f"{start} {time.time()}\\n")
     xp = Xp(cfg.paths.root, cfg)
     xp.create()
     with open(cfg.paths.root + "/calls.txt", "a") as f:
@@ -142,6 +151,8 @@ def toy_app(tmp_path):
         a: 0
         b: 0
         fail: false
+        fail_on: -1
+        sleep: 0.0
         paths: {{root: {tmp_path / 'store'}}}
         hydra:
           sweep:
@@ -155,6 +166,8 @@ def toy_app(tmp_path):
             - {a: 1}
             - {a: "2,3", b: 5}
         """))
+    (conf / "hydra" / "launcher").mkdir(parents=True)
+    shutil.copy(REPO / "conf" / "hydra" / "launcher" / "local_parallel.yaml", conf / "hydra" / "launcher")
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "store").mkdir()
 
@@ -188,3 +201,22 @@ def test_grid_sweeper_reports_failures_and_exits_non_zero(toy_app):
     out = run("a=1,2", "fail=true")
     assert out.returncode != 0
     assert "2 of 2 run(s) FAILED" in out.stderr and "deliberate failure" in out.stderr
+
+
+@pytest.mark.slow
+def test_local_parallel_launcher_caps_concurrency_and_reports_failures(toy_app):
+    root, run = toy_app
+    out = run("a=1,2,3", "fail_on=2", "sleep=1.0", "hydra/launcher=local_parallel",
+              "hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.2")
+    assert out.returncode != 0 and "1 of 3 run(s) FAILED" in out.stderr, out.stdout + out.stderr
+    assert "RuntimeError: deliberate failure" in out.stderr
+    assert len((root / "store" / "calls.txt").read_text().split()) == 2
+    spans = [tuple(map(float, line.split())) for line in (root / "store" / "spans.txt").read_text().splitlines()]
+    assert len(spans) == 3
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
+
+
+def test_local_parallel_launcher_rejects_bad_limit():
+    from hydra_plugins.diffq_bench_sweeper.local_launcher import LocalParallelLauncher
+    with pytest.raises(ValueError, match="max_parallel must be an integer >= 1"):
+        LocalParallelLauncher(max_parallel=0)

@@ -20,6 +20,7 @@ What this adds to ``hydra_plugins.hydra_submitit_launcher``:
 
 import logging
 import signal
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -133,7 +134,6 @@ class SlurmLauncher(BaseSubmititLauncher):
                  singleton_state: tp.Dict[type, Singleton]) -> JobReturn:
         import submitit
         from diffq_bench import slurm
-        from diffq_bench.train import Preempted
 
         signals = _PreemptSignals()
         signals.install(submitit.JobEnvironment._usr_sig())
@@ -152,7 +152,9 @@ class SlurmLauncher(BaseSubmititLauncher):
         if ret.status != JobStatus.FAILED:
             return ret
         error = ret._return_value
-        if not isinstance(error, Preempted):
+        # train (and torch) is imported by the run itself; if it never was, nothing was preempted
+        train = sys.modules.get("diffq_bench.train")
+        if train is None or not isinstance(error, train.Preempted):
             raise error  # non-zero exit: SLURM records FAILED; the traceback is in status.json
         if signals.received == signal.SIGTERM:
             log.warning("stopped by SLURM (requeue, preemption or cancel) after checkpointing")
@@ -162,7 +164,8 @@ class SlurmLauncher(BaseSubmititLauncher):
                 f"preempted or timed out after {restarts} requeues; max_requeues={self.max_requeues} "
                 "(hydra.launcher.max_requeues)"))
         jid = slurm.current_job_id()
-        assert jid is not None, "Preempted by a signal outside a SLURM job"
+        if jid is None:  # a local job: nobody requeues it; the next sweep resumes the checkpoint
+            raise error
         slurm.requeue(jid)
         log.warning("checkpointed and requeued job %s (restart %d of at most %d)", jid, restarts + 1,
                     self.max_requeues)
