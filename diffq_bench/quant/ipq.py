@@ -201,6 +201,11 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         if self.skipped:
             logger.warning("quant_noise_ipq leaves in float (no PQ blocks): %s",
                            "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
+        used = {self.stage_of(qp) for qp in self.qparams}
+        for index, patterns in enumerate(self.stages):
+            if index not in used:  # most likely a typo in a pattern: say so, the run goes on
+                logger.warning("quant_noise_ipq stage %d %s matches no quantized parameter",
+                               index + 1, patterns)
 
     # ------------------------------------------------------------------------------ layout
     def _accepts(self, name: str, module: nn.Module, attr: str, param: nn.Parameter) -> bool:
