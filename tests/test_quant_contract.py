@@ -125,10 +125,10 @@ def test_tied_weight_counted_once(name):
 def test_size_and_penalty_api(name):
     model, quantizer = make(name)
     size = quantizer.model_size()
-    assert isinstance(size, torch.Tensor) and size.dim() == 0 and float(size) > 0
+    assert isinstance(size, torch.Tensor) and size.dim() == 0 and float(size.detach()) > 0
     assert quantizer.true_model_size() > 0
     penalty = quantizer.penalty_term()
-    assert isinstance(penalty, torch.Tensor) and float(penalty) >= 0
+    assert isinstance(penalty, torch.Tensor) and float(penalty.detach()) >= 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     extra = quantizer.setup_optimizer(opt)
     assert isinstance(extra, list)

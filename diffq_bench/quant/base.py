@@ -79,6 +79,10 @@ def check_range(name: str, value: float, low: float, high: float, integer: bool 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "parameter") -> None:
     """Raise a clear error naming ``name`` when ``tensor`` holds NaN or inf."""
+    # One vectorized reduction first: any NaN/inf makes the sum non-finite; only then (or on
+    # an overflow of the sum) pay for the elementwise check that counts the bad entries.
+    if tensor.numel() and bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))):
+        return
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise QuantizerError(f"{what} {name!r} holds {bad} non-finite value(s) (NaN/inf); "

@@ -29,7 +29,7 @@ from torch import nn
 
 from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
 from .pack import pack_uint, unpack_uint
-from .uniform import check_bits_order, dequantize_levels, quantize_levels, tensor_range
+from .uniform import check_bits_order, tensor_range
 
 NOISES = {"gaussian": 0.5, "uniform": 1.0}  # name -> coefficient c of Δ in the noise c·Δ·u
 _BLOCK = 256  # many short rows: amax(dim=1) parallelizes over rows and vectorizes
@@ -68,6 +68,97 @@ def _grouped(flat: torch.Tensor, group_size: int) -> tp.List[tp.Tuple[torch.Tens
     if full * g < n:
         parts.append((flat[full * g:].view(1, n - full * g), slice(full, full + 1)))
     return parts
+
+
+def grouped_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: float,
+                   group_size: int) -> torch.Tensor:
+    """Levels ``round((w - min) / (max - min) * (2**bits_g - 1))`` per group (int32, flat)."""
+    flat = weight.detach().reshape(-1).float()
+    out = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
+    scale = high - low
+    if scale <= 0:  # constant tensor: every weight is exactly ``low``
+        return out
+    steps = torch.exp2(bits.float()) - 1
+    for (w_v, sl), (o_v, _) in zip(_grouped(flat, group_size), _grouped(out, group_size)):
+        st = steps[sl].unsqueeze(1)
+        levels = torch.round((w_v - low) / scale * st)
+        o_v.copy_(torch.minimum(levels.clamp_(min=0), st))
+    return out
+
+
+def grouped_dequantize(levels: torch.Tensor, bits: torch.Tensor, low: float, high: float,
+                       group_size: int) -> torch.Tensor:
+    """``levels * ((max - min) / (2**bits_g - 1)) + min`` per group (float32, flat).
+
+    The one dequantization used by both the eval forward and restore (bit-identical outputs).
+    """
+    steps = torch.exp2(bits.float()) - 1
+    step = torch.tensor(high - low, dtype=torch.float32, device=levels.device) / steps
+    low_t = torch.tensor(low, dtype=torch.float32, device=levels.device)
+    out = torch.empty(levels.numel(), dtype=torch.float32, device=levels.device)
+    for (l_v, sl), (o_v, _) in zip(_grouped(levels, group_size), _grouped(out, group_size)):
+        torch.mul(l_v, step[sl].unsqueeze(1), out=o_v)
+        o_v.add_(low_t)
+    return out
+
+
+def _by_width(levels: torch.Tensor, bits: torch.Tensor, group_size: int
+              ) -> tp.List[tp.Tuple[int, torch.Tensor]]:
+    """``[(width, levels of all groups of that width)]`` in ascending width, groups in order.
+
+    Full groups are gathered with one stable sort (no per-width pass over all weights); the
+    shorter remainder group, if any, goes at the end of its width's chunk.
+    """
+    n = levels.numel()
+    g = group_size or n
+    n_full, rem = n // g, n % g
+    widths_full = bits[:n_full]
+    order = torch.sort(widths_full, stable=True).indices
+    rows = levels[:n_full * g].view(n_full, g).index_select(0, order)
+    counts = torch.bincount(widths_full, minlength=17).tolist() if n_full else [0] * 17
+    tail = levels[n_full * g:] if rem else None
+    tail_width = int(bits[-1]) if tail is not None else -1
+    out, start = [], 0
+    for width in range(1, 17):
+        pieces = []
+        if counts[width]:
+            pieces.append(rows[start:start + counts[width]].reshape(-1))
+            start += counts[width]
+        if width == tail_width:
+            pieces.append(tail.reshape(-1))
+        if pieces:
+            out.append((width, torch.cat(pieces) if len(pieces) > 1 else pieces[0]))
+    return out
+
+
+def _from_widths(read: tp.Callable[[int, int], torch.Tensor], bits: torch.Tensor, n: int,
+                 group_size: int) -> torch.Tensor:
+    """Inverse of :func:`_by_width`: ``read(width, count)`` returns the next chunk's levels."""
+    g = group_size or n
+    n_full, rem = n // g, n % g
+    widths_full = bits[:n_full]
+    order = torch.sort(widths_full, stable=True).indices
+    counts = torch.bincount(widths_full, minlength=17).tolist() if n_full else [0] * 17
+    tail_width = int(bits[-1]) if rem else -1
+    rows = torch.empty(n_full, g, dtype=torch.long)
+    tail = torch.empty(rem, dtype=torch.long)
+    start = 0
+    for width in range(1, 17):
+        count = counts[width] * g + (rem if width == tail_width else 0)
+        if not count:
+            continue
+        chunk = read(width, count)
+        rows[start:start + counts[width]] = chunk[:counts[width] * g].view(-1, g)
+        start += counts[width]
+        if width == tail_width:
+            tail = chunk[counts[width] * g:]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n_full)
+    levels = torch.empty(n, dtype=torch.long)
+    # a gather (index_select) is much cheaper than scattering rows back with advanced indexing
+    torch.index_select(rows, 0, inverse, out=levels[:n_full * g].view(n_full, g))
+    levels[n_full * g:] = tail
+    return levels
 
 
 class _NoisePool:
@@ -224,12 +315,6 @@ class DiffQuantizer(BaseQuantizer):
         bits = torch.round(self.min_bits + torch.sigmoid(logit) * (self.max_bits - self.min_bits))
         return bits.long().clamp_(self._bits_lo, self._bits_hi)
 
-    def _expand(self, per_group: torch.Tensor, qp: QParam) -> torch.Tensor:
-        n = qp.param.numel()
-        if self.group_size == 0:
-            return per_group.expand(n)
-        return per_group.repeat_interleave(self.group_size)[:n]
-
     # ----------------------------------------------------------------------- quantizer API
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
         return [self.logits[qp.name] for qp in self.qparams]
@@ -248,21 +333,17 @@ class DiffQuantizer(BaseQuantizer):
         check_finite(qp.name, qp.param.detach(), "weight")
         bits = self.eval_bits(qp)
         low, high = tensor_range(qp.param)
-        steps = self._expand(torch.exp2(bits.float()) - 1, qp)
-        return quantize_levels(qp.param, low, high, steps), bits, low, high
+        return grouped_levels(qp.param, bits, low, high, self.group_size), bits, low, high
 
     def _eval_value(self, qp: QParam) -> torch.Tensor:
         levels, bits, low, high = self._quantize(qp)
-        steps = self._expand(torch.exp2(bits.float()) - 1, qp)
-        return dequantize_levels(levels, low, high, steps).view_as(qp.param).to(qp.param.dtype)
+        out = grouped_dequantize(levels, bits, low, high, self.group_size)
+        return out.view_as(qp.param).to(qp.param.dtype)
 
     def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
         levels, bits, low, high = self._quantize(qp)
         levels, bits = levels.cpu(), bits.cpu()
-        per_elem = self._expand(bits, qp)
-        chunks = []
-        for width in torch.unique(bits).tolist():  # ascending: restore reads them in this order
-            chunks.append(pack_uint(levels[per_elem == width], int(width)))
+        chunks = [pack_uint(values, width) for width, values in _by_width(levels, bits, self.group_size)]
         codes = bits - self._bits_lo
         return {"shape": list(qp.param.shape), "min": low, "max": high,
                 "group_size": self.group_size, "bits_lo": self._bits_lo,
@@ -278,21 +359,23 @@ class DiffQuantizer(BaseQuantizer):
         nb = int(entry["bits_bits"])
         codes = unpack_uint(entry["bits"], nb, groups) if nb else torch.zeros(groups, dtype=torch.long)
         bits = codes + int(entry["bits_lo"])
-        per_elem = bits.expand(n) if g == 0 else bits.repeat_interleave(g)[:n]
-        levels = torch.empty(n, dtype=torch.long)
         data, offset = entry["levels"], 0
-        for width in torch.unique(bits).tolist():
-            mask = per_elem == width
-            count = int(mask.sum())
-            size = (count * int(width) + 7) // 8
-            levels[mask] = unpack_uint(data[offset:offset + size], int(width), count)
+
+        def read(width: int, count: int) -> torch.Tensor:
+            nonlocal offset
+            size = (count * width + 7) // 8
+            if offset + size > data.numel():
+                raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths "
+                                     f"need more: corrupt state")
             offset += size
+            return unpack_uint(data[offset - size:offset], width, count)
+
+        levels = _from_widths(read, bits, n, g)
         if offset != data.numel():
             raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths need "
                                  f"{offset}: corrupt state")
-        steps = torch.exp2(per_elem.float()) - 1
-        out = dequantize_levels(levels.to(like.device), entry["min"], entry["max"],
-                                steps.to(like.device))
+        out = grouped_dequantize(levels.to(like.device), bits.to(like.device), entry["min"],
+                                 entry["max"], g)
         return out.view(like.shape)
 
     def _param_bits(self, qp: QParam, rounded: bool = False) -> torch.Tensor:

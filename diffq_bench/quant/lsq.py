@@ -34,9 +34,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
+class _PositiveST(torch.autograd.Function):
+    # A custom function, not ``(clamp(s) - s).detach() + s``: with s = -0.5 that expression
+    # rounds to exactly 0 in float32 (1e-8 is lost against 0.5) and the forward divides by zero.
+    @staticmethod
+    def forward(ctx, step):
+        return step.clamp(min=STEP_EPS)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def positive_step(step: torch.Tensor) -> torch.Tensor:
-    """``max(step, STEP_EPS)`` with a straight-through gradient."""
-    return (step.clamp(min=STEP_EPS) - step).detach() + step
+    """``max(step, STEP_EPS)`` with a straight-through (identity) gradient."""
+    return _PositiveST.apply(step)
 
 
 def lsq_levels(weight: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:

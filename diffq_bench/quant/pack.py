@@ -79,17 +79,15 @@ def pack_uint(values: torch.Tensor, nbits: int) -> torch.Tensor:
     cols = torch.zeros(8 * m, dtype=torch.int32, device=values.device)
     cols[:n] = flat
     cols = cols.view(m, 8).t().contiguous()  # cols[i] = value i of every block of 8
-    out = torch.empty(nbits, m, dtype=torch.int32, device=values.device)
+    out = torch.empty(m, nbits, dtype=torch.uint8, device=values.device)
     for k, terms in enumerate(_byte_plan(nbits)):
-        acc = out[k]
-        for j, (i, shift) in enumerate(terms):
+        acc = None
+        for i, shift in terms:
             term = cols[i] >> shift if shift >= 0 else cols[i] << -shift
-            if j == 0:
-                acc.copy_(term)
-            else:
-                acc.bitwise_or_(term)
-        acc.bitwise_and_(0xFF)
-    return out.t().reshape(-1)[:nbytes].to(torch.uint8).clone()
+            acc = term if acc is None else acc.bitwise_or_(term)
+        out[:, k] = acc.bitwise_and_(0xFF)  # narrowing copy straight into the interleaved layout
+    flat_out = out.view(-1)
+    return flat_out if flat_out.numel() == nbytes else flat_out[:nbytes].clone()
 
 
 def unpack_uint(packed: torch.Tensor, nbits: int, count: int) -> torch.Tensor:
@@ -120,9 +118,9 @@ def unpack_uint(packed: torch.Tensor, nbits: int, count: int) -> torch.Tensor:
     if nbits == 8:
         return packed.long()
     m = (count + 7) // 8
-    data = torch.zeros(m * nbits, dtype=torch.int32, device=packed.device)
+    data = torch.zeros(m * nbits, dtype=torch.uint8, device=packed.device)
     data[:nbytes] = packed
-    data = data.view(m, nbits).t().contiguous()  # data[k] = byte k of every block
+    data = data.view(m, nbits).t().to(torch.int32)  # data[k] = byte k of every block
     plan = _byte_plan(nbits)
     mask = (1 << nbits) - 1
     vals = torch.zeros(8, m, dtype=torch.int32, device=packed.device)
