@@ -15,6 +15,7 @@ augmentation: the batches of epoch ``e`` depend only on ``(seed, e)``, with or w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -390,17 +391,24 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tp.Any:
-        local = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(local))
-                random.seed(int(local))
-                np.random.seed(int(local))
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with seeded_rng(self.seed, self.epoch, int(index)):
+            return self.dataset[index]
+
+
+@contextlib.contextmanager
+def seeded_rng(*keys: int) -> tp.Iterator[None]:
+    """Seed python's, numpy's and torch's (CPU) global RNGs from ``keys``; restore them on exit."""
+    local = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(local)
+            random.seed(local)
+            np.random.seed(local)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def subset(dataset: Dataset, size: int, seed: int) -> Dataset:

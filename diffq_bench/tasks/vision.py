@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from ..data import digits as digits_data
 from ..data.images import (ArrayImageDataset, CIFAR_SPECS, cifar_transform, imagefolder_classes,
-                           imagefolder_split, make_loader, read_cifar, subset, timm_image_transform)
+                           imagefolder_split, make_loader, read_cifar, seeded_rng, subset,
+                           timm_image_transform)
 from ..models.cifar import CIFAR_MODELS, create_cifar_model
 from .base import DataMissingError, Task
 
@@ -56,6 +57,25 @@ def create_image_model(name: str, num_classes: int, model_kwargs: tp.Optional[di
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise ValueError(f"bad model_kwargs for timm model {name!r}: {exc}") from exc
+
+
+class _MixedBatches:
+    """Training batches with timm's mixup/cutmix applied once per batch, seeded by (seed, epoch, index).
+
+    Mixing in the batch stream rather than in :meth:`step` keeps one mixed batch per step even
+    when a quantizer runs several forwards on it (sub-network sampling), and makes it reproducible.
+    """
+
+    def __init__(self, loader: tp.Any, mixup: tp.Callable, seed: int, epoch: int):
+        self.loader, self.mixup, self.seed, self.epoch = loader, mixup, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> tp.Iterator[tp.Tuple[torch.Tensor, torch.Tensor]]:
+        for index, (images, target) in enumerate(self.loader):
+            with seeded_rng(self.seed, self.epoch, index, 1):
+                yield self.mixup(images, target)  # (mixed images, soft targets)
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
@@ -125,6 +145,8 @@ class ImageClassificationTask(Task):
             self.datasets[split] = subset(datasets[split], self.eval_subset, 1)
         if self.mixup_options:
             from timm.data import Mixup
+            if self.batch_size % 2:
+                raise ValueError(f"mixup/cutmix needs an even batch_size, got {self.batch_size}")
             try:
                 self._mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
             except TypeError as exc:
@@ -137,16 +159,18 @@ class ImageClassificationTask(Task):
         return create_image_model(self.model_name, self.num_classes, self.model_kwargs)
 
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
-        return make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
-                           self.num_workers)
+        loader = make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
+                             self.num_workers)
+        if self._mixup is not None:
+            return _MixedBatches(loader, self._mixup, self.seed, epoch)
+        return loader
 
     # ------------------------------------------------------------------------ compute
     def step(self, model: nn.Module, batch: tp.Any) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
         images, target = (t.to(self.device, non_blocking=True) for t in batch)
-        if self._mixup is not None:
-            images, soft = self._mixup(images, target)
+        if target.is_floating_point():  # soft targets from mixup/cutmix
             logits = model(images)
-            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             return loss, {}  # accuracy against mixed targets means nothing
         logits = model(images)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
