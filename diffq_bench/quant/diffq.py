@@ -380,8 +380,11 @@ class DiffQuantizer(BaseQuantizer):
 
     def _param_bits(self, qp: QParam, rounded: bool = False) -> torch.Tensor:
         bits = self.eval_bits(qp).float() if rounded else self.get_bits(qp)
-        groups = bits.numel()
-        return (self._group_lengths(qp) * bits).sum() + 64 + 8 + self.bits_bits * groups
+        n, groups = qp.param.numel(), bits.numel()
+        g = self.group_size or n
+        last = n - g * (groups - 1)  # the remainder group counts only its own entries
+        weights = bits.sum() * g if last == g else bits.sum() * g + (last - g) * bits[-1]
+        return weights + (64 + 8 + self.bits_bits * groups)
 
     def true_model_size(self) -> float:
         """Analytic size (MiB) with the exported (rounded) bit widths."""
