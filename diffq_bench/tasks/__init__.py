@@ -2,10 +2,13 @@
 import typing as tp
 
 from .base import DataMissingError, Task
+from .lm import WikiText103Task, WikiTextMiniTask
 from .separation import MusdbDemucsTask, SfmixTask
 from .vision import VISION_TASKS
 
 TASKS: tp.Dict[str, tp.Type[Task]] = {
+    WikiText103Task.name: WikiText103Task,
+    WikiTextMiniTask.name: WikiTextMiniTask,
     MusdbDemucsTask.name: MusdbDemucsTask,
     SfmixTask.name: SfmixTask,
     **VISION_TASKS,

@@ -1,0 +1,261 @@
+"""WikiText-103 (and any corpus in its layout): find the files, build the dictionary, cache tokens.
+
+Two on-disk layouts are read from ``root`` (or from ``root/wikitext-103`` /
+``root/wikitext-103-v1``, the names of the official archive and of the Hugging Face folder):
+
+- official text files: ``wiki.train.tokens``, ``wiki.valid.tokens``, ``wiki.test.tokens``;
+- Hugging Face parquet shards: ``train-*.parquet``, ``validation-*.parquet``, ``test-*.parquet``,
+  one ``text`` column, one row per line of the original files.
+
+Tokenization is WikiText's own: the text is already tokenized, so a line is split on whitespace and
+one ``<eos>`` is appended per line (blank lines included), which reproduces the published token
+counts. The dictionary holds ``<pad>``, ``<eos>``, ``<unk>`` then every train word by decreasing
+count (ties: first occurrence), padded to a multiple of ``pad_to_multiple`` with never-seen
+``madeupwordNNNN`` entries, as fairseq does (267,744 entries for WikiText-103).
+
+Dictionary and token tensors are cached once under ``cache_dir/wikitext/<key>.pt`` (atomic write),
+keyed by the files' paths, sizes and mtimes, so a ~540 MB train file is tokenized once. Encoding
+streams chunks of lines and maps words with C-level ``map`` over a dict, never a Python loop per
+token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tasks.base import DataMissingError
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SPECIALS = (PAD, EOS, UNK)
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+SPLITS = ("train", "valid", "test")
+TOKEN_FILES = {split: f"wiki.{split}.tokens" for split in SPLITS}
+PARQUET_PREFIX = {"train": "train", "valid": "validation", "test": "test"}
+SUBDIRS = ("", "wikitext-103", "wikitext-103-v1")
+CACHE_VERSION = 1
+CHUNK_LINES = 50_000
+
+LAYOUT_HELP = (
+    "expected either the official files wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens or "
+    "the Hugging Face parquet shards train-*.parquet, validation-*.parquet, test-*.parquet (column "
+    "'text'), directly in {root} or in its subfolder wikitext-103/ or wikitext-103-v1/ "
+    "(see scripts/prepare_wikitext103.py and docs/data.md)")
+
+
+class Dictionary:
+    """Word <-> id mapping with fairseq-like specials and padding.
+
+    Args:
+        symbols: every entry in id order; the first three must be ``<pad>``, ``<eos>``, ``<unk>``.
+        counts: train count of each entry (same length as ``symbols``).
+    """
+
+    def __init__(self, symbols: tp.Sequence[str], counts: tp.Sequence[int]):
+        if tuple(symbols[:3]) != SPECIALS:
+            raise ValueError(f"dictionary must start with {SPECIALS}, got {tuple(symbols[:3])}")
+        if len(symbols) != len(counts):
+            raise ValueError(f"{len(symbols)} symbols but {len(counts)} counts")
+        self.symbols = list(symbols)
+        self.counts = [int(c) for c in counts]
+        self.indices = {word: i for i, word in enumerate(self.symbols)}
+        if len(self.indices) != len(self.symbols):
+            raise ValueError("dictionary has duplicate symbols")
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def index(self, word: str) -> int:
+        """Id of ``word`` (``<unk>``'s id when unknown)."""
+        return self.indices.get(word, UNK_ID)
+
+    def encode_line(self, line: str) -> torch.Tensor:
+        """Ids of one line's words followed by ``<eos>`` (int64)."""
+        ids = [self.index(w) for w in line.split()] + [EOS_ID]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: tp.Iterable[int]) -> str:
+        """Space-joined words of ``ids`` (for inspection and tests)."""
+        return " ".join(self.symbols[int(i)] for i in ids)
+
+
+class _Growing(dict):
+    """word -> id, assigning the next id to unseen words (train pass)."""
+
+    def __missing__(self, word: str) -> int:
+        idx = len(self)
+        self[word] = idx
+        return idx
+
+
+class _Fixed(dict):
+    """word -> id, ``<unk>`` for unseen words (valid/test pass)."""
+
+    def __missing__(self, word: str) -> int:
+        return UNK_ID
+
+
+@dataclasses.dataclass
+class LMCorpus:
+    """A tokenized corpus: its dictionary and, per split, the int32 ids (``<eos>`` after each line)."""
+    dictionary: Dictionary
+    splits: tp.Dict[str, torch.Tensor]
+    source: str = ""
+
+
+def find_layout(root: tp.Union[str, Path]) -> tp.Tuple[str, tp.Dict[str, tp.List[Path]]]:
+    """Locate the corpus files under ``root``.
+
+    Returns:
+        (``"tokens"`` or ``"parquet"``, {split: [files]}).
+    Raises:
+        DataMissingError: neither layout is complete; the message lists what was expected.
+    """
+    root = Path(root)
+    for sub in SUBDIRS:
+        folder = root / sub if sub else root
+        files = {s: folder / TOKEN_FILES[s] for s in SPLITS}
+        if all(p.is_file() for p in files.values()):
+            return "tokens", {s: [p] for s, p in files.items()}
+        shards = {s: sorted(folder.glob(f"{PARQUET_PREFIX[s]}-*.parquet")) for s in SPLITS}
+        if all(shards.values()):
+            return "parquet", shards
+    found = sorted(p.name for sub in SUBDIRS for p in ((root / sub) if sub else root).glob("*")
+                   if p.is_file())[:10] if root.is_dir() else []
+    raise DataMissingError(f"WikiText data not found under {root} (found: {found or 'nothing'}); "
+                           + LAYOUT_HELP.format(root=root))
+
+
+def iter_line_chunks(kind: str, files: tp.Sequence[Path], cache_dir: tp.Optional[Path] = None,
+                     chunk_lines: int = CHUNK_LINES) -> tp.Iterator[tp.List[str]]:
+    """Stream the lines of one split (without trailing newline) in chunks of ``chunk_lines``."""
+    if kind == "tokens":
+        for path in files:
+            with open(path, "r", encoding="utf-8") as fh:
+                chunk: tp.List[str] = []
+                for line in fh:
+                    chunk.append(line)
+                    if len(chunk) >= chunk_lines:
+                        yield chunk
+                        chunk = []
+                if chunk:
+                    yield chunk
+    elif kind == "parquet":
+        # Local files never need the Hub; offline mode must be set before datasets is imported.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        import datasets
+        kwargs = {"cache_dir": str(cache_dir / "hf")} if cache_dir is not None else {}
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train",
+                                   **kwargs)
+        if "text" not in ds.column_names:
+            raise DataMissingError(f"parquet files {[p.name for p in files]} have columns "
+                                   f"{ds.column_names}, expected a 'text' column")
+        for batch in ds.iter(batch_size=chunk_lines):
+            yield batch["text"]
+    else:
+        raise ValueError(f"unknown layout {kind!r}; valid: tokens, parquet")
+
+
+def _chunk_words(lines: tp.Sequence[str]) -> tp.List[str]:
+    # One join + split per chunk: the per-line <eos> is inserted as a word of the joined text.
+    return (f" {EOS} ".join(lines) + f" {EOS}").split()
+
+
+def _encode(chunks: tp.Iterable[tp.List[str]], vocab: dict) -> np.ndarray:
+    parts = []
+    for lines in chunks:
+        words = _chunk_words(lines)
+        parts.append(np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def build_corpus(kind: str, files: tp.Dict[str, tp.List[Path]], pad_to_multiple: int = 8,
+                 cache_dir: tp.Optional[Path] = None) -> LMCorpus:
+    """Tokenize the three splits and build the dictionary from the train split (no caching).
+
+    Args:
+        kind: layout returned by :func:`find_layout`.
+        files: {split: files} returned by :func:`find_layout`.
+        pad_to_multiple: pad the dictionary size to a multiple of this (1: no padding).
+        cache_dir: where ``datasets`` may keep its arrow cache (parquet layout only).
+    """
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    growing = _Growing({w: i for i, w in enumerate(SPECIALS)})
+    first = _encode(iter_line_chunks(kind, files["train"], cache_dir), growing)
+    words = list(growing)  # insertion order == provisional id
+    counts = np.bincount(first, minlength=len(words))
+    # Final ids: specials first, then words by decreasing count (stable: ties keep first occurrence).
+    order = 3 + np.argsort(-counts[3:], kind="stable")
+    remap = np.empty(len(words), dtype=np.int64)
+    remap[:3] = np.arange(3)
+    remap[order] = np.arange(3, len(words))
+    symbols = list(SPECIALS) + [words[i] for i in order]
+    sym_counts = counts[:3].tolist() + counts[order].tolist()
+    extra = (-len(symbols)) % pad_to_multiple
+    symbols += [f"madeupword{i:04d}" for i in range(extra)]
+    sym_counts += [0] * extra
+    dictionary = Dictionary(symbols, sym_counts)
+    splits = {"train": torch.from_numpy(remap[first].astype(np.int32))}
+    fixed = _Fixed(dictionary.indices)
+    for split in ("valid", "test"):
+        ids = _encode(iter_line_chunks(kind, files[split], cache_dir), fixed)
+        splits[split] = torch.from_numpy(ids.astype(np.int32))
+    return LMCorpus(dictionary, splits, source=kind)
+
+
+def cache_key(files: tp.Dict[str, tp.List[Path]], pad_to_multiple: int) -> str:
+    """Hash of the files' resolved paths, sizes and mtimes (and the dictionary options)."""
+    desc = {"version": CACHE_VERSION, "pad_to_multiple": pad_to_multiple, "files": {}}
+    for split in SPLITS:
+        desc["files"][split] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                                for p in files[split]]
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def atomic_torch_save(obj: tp.Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_corpus(root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
+                pad_to_multiple: int = 8) -> LMCorpus:
+    """The tokenized corpus under ``root``, from the cache when it is current.
+
+    Args:
+        root: data folder (see :func:`find_layout` for the accepted layouts).
+        cache_dir: folder for the cache file ``wikitext/<key>.pt``.
+        pad_to_multiple: dictionary size padding (fairseq uses 8).
+    Raises:
+        DataMissingError: the files are missing (the message gives the expected layout).
+    """
+    kind, files = find_layout(root)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / "wikitext" / f"{cache_key(files, pad_to_multiple)}.pt"
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("version") == CACHE_VERSION:
+                return LMCorpus(Dictionary(state["symbols"], state["counts"].tolist()),
+                                {s: state[s] for s in SPLITS}, source=state["source"])
+        except Exception:  # noqa: BLE001 - a corrupt cache is rebuilt, never trusted
+            pass
+    corpus = build_corpus(kind, files, pad_to_multiple, cache_dir)
+    atomic_torch_save({"version": CACHE_VERSION, "source": kind,
+                       "symbols": corpus.dictionary.symbols,
+                       "counts": torch.tensor(corpus.dictionary.counts, dtype=torch.long),
+                       **corpus.splits}, path)
+    return corpus

@@ -1,0 +1,209 @@
+"""Language modeling tasks: WikiText-103 (the paper's benchmark) and its embedded miniature.
+
+Training: the train split is one token stream (``<eos>`` after every line, one ``<eos>`` in front
+of the first token), cut into contiguous blocks of ``tokens_per_sample`` targets; each epoch visits
+the blocks in an order drawn from ``(seed, epoch)``, ``batch_size`` blocks per batch.
+
+Loss normalisation: :meth:`LanguageModelingTask.step` returns the *mean* NLL per token (nats). The
+runner adds the DiffQ penalty ``lambda * size_MiB`` to that mean. The paper's fairseq recipe adds the
+penalty to a *summed* loss (before fairseq divides gradients by the token count), so a given lambda
+weighs the size term differently here than in the paper: lambda values are not directly comparable.
+
+Evaluation follows fairseq's ``eval_lm --context-window``: the split is cut into blocks of
+``eval_tokens_per_sample`` tokens; each block is scored once, with up to ``context_window``
+preceding tokens fed as (unscored) context. Perplexity = exp(mean NLL per token), ``<eos>`` tokens
+included, as in the published WikiText numbers.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.embedded import ensure_embedded_wikitext
+from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, load_corpus
+from ..models.transformer_lm import TransformerLM, TransformerLMConfig
+from .base import Task
+
+
+def _positive_int(name: str, value: tp.Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"task.{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class LanguageModelingTask(Task):
+    """Causal LM on a WikiText-layout corpus with the adaptive-input transformer.
+
+    Args:
+        tokens_per_sample: length of a training block (targets per sequence).
+        batch_size: training blocks per batch.
+        context_window: evaluation context carried before each scored block (0: none).
+        eval_tokens_per_sample: tokens scored per evaluation forward (None: ``tokens_per_sample``).
+        eval_batch_size: evaluation windows per forward.
+        pad_to_multiple: dictionary size padded to a multiple of this (fairseq: 8).
+        model: :class:`~diffq_bench.models.transformer_lm.TransformerLMConfig` fields except
+            ``vocab_size`` (taken from the dictionary).
+    """
+    metric = "ppl"
+    lower_is_better = True
+
+    def __init__(self, tokens_per_sample: int = 3072, batch_size: int = 8, context_window: int = 2560,
+                 eval_tokens_per_sample: tp.Optional[int] = None, eval_batch_size: int = 1,
+                 pad_to_multiple: int = 8, model: tp.Optional[tp.Dict[str, tp.Any]] = None):
+        super().__init__()
+        self.tokens_per_sample = _positive_int("tokens_per_sample", tokens_per_sample)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.context_window = _positive_int("context_window", context_window, 0)
+        self.eval_tokens_per_sample = _positive_int(
+            "eval_tokens_per_sample",
+            tokens_per_sample if eval_tokens_per_sample is None else eval_tokens_per_sample)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.pad_to_multiple = _positive_int("pad_to_multiple", pad_to_multiple)
+        self.model_kwargs = dict(model or {})
+        if "vocab_size" in self.model_kwargs:
+            raise ValueError("task.model.vocab_size is set from the dictionary; remove it")
+        valid = set(TransformerLMConfig.__dataclass_fields__) - {"vocab_size"}
+        unknown = set(self.model_kwargs) - valid
+        if unknown:
+            raise ValueError(f"unknown task.model keys {sorted(unknown)}; valid: {sorted(valid)}")
+        self.corpus: tp.Optional[LMCorpus] = None
+
+    # ------------------------------------------------------------------------------ data
+    def corpus_root(self) -> Path:
+        """Folder holding the corpus files (subclasses locate or build it)."""
+        return self.data_root
+
+    def setup(self, data_root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
+              device: tp.Union[str, torch.device], num_workers: int = 0, seed: int = 0) -> None:
+        super().setup(data_root, cache_dir, device, num_workers, seed)
+        self.corpus = load_corpus(self.corpus_root(), self.cache_dir, self.pad_to_multiple)
+
+    def _require_corpus(self) -> LMCorpus:
+        if self.corpus is None:
+            raise RuntimeError(f"task {self.name!r}: call setup() before using the data")
+        return self.corpus
+
+    def model_config(self) -> TransformerLMConfig:
+        """The model's hyper-parameters, vocabulary size from the dictionary."""
+        vocab = len(self._require_corpus().dictionary)
+        return TransformerLMConfig(vocab_size=vocab, padding_idx=PAD_ID, **self.model_kwargs)
+
+    def build_model(self) -> nn.Module:
+        return TransformerLM(self.model_config())
+
+    def num_train_batches(self) -> int:
+        """Batches per full training epoch."""
+        blocks = len(self._require_corpus().splits["train"]) // self.tokens_per_sample
+        return math.ceil(blocks / self.batch_size)
+
+    def train_batches(self, epoch: int) -> tp.Iterator[tp.Tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) int64 pairs of shape (batch, tokens_per_sample), on the CPU."""
+        ids = self._require_corpus().splits["train"]
+        length = self.tokens_per_sample
+        n_blocks = len(ids) // length
+        if n_blocks == 0:
+            raise ValueError(f"train split has {len(ids)} tokens, fewer than "
+                             f"task.tokens_per_sample={length}")
+        stream = torch.cat([torch.tensor([EOS_ID], dtype=ids.dtype), ids[:n_blocks * length]]).long()
+        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(n_blocks, generator=gen)
+        offsets = torch.arange(length)
+        for start in range(0, n_blocks, self.batch_size):
+            index = (order[start:start + self.batch_size] * length)[:, None] + offsets
+            yield stream[index], stream[index + 1]
+
+    # ------------------------------------------------------------------------- training
+    def step(self, model: nn.Module, batch: tp.Tuple[torch.Tensor, torch.Tensor]
+             ) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
+        """Mean NLL per token (nats) as the loss; metrics ``nll`` and ``ppl`` of the batch."""
+        inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+        loss = model(inputs, targets).mean()
+        value = float(loss.detach())
+        return loss, {"nll": value, "ppl": math.exp(min(value, 50.0))}
+
+    # ------------------------------------------------------------------------ evaluation
+    def windows(self, split: str) -> tp.List[tp.Tuple[int, int, int]]:
+        """(context start, first scored, end) token indices of each evaluation window."""
+        n = len(self._require_corpus().splits[split])
+        block = self.eval_tokens_per_sample
+        return [(max(0, s - self.context_window), s, min(s + block, n)) for s in range(0, n, block)]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
+        """``ppl`` (exp of mean NLL per token), ``nll`` and scored ``tokens`` on ``split``."""
+        corpus = self._require_corpus()
+        if split not in corpus.splits:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(corpus.splits)}")
+        ids = corpus.splits[split].long()
+        stream = torch.cat([torch.tensor([EOS_ID]), ids])  # stream[i] is the token before ids[i]
+        windows = self.windows(split)
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for first in range(0, len(windows), self.eval_batch_size):
+                group = windows[first:first + self.eval_batch_size]
+                width = max(end - ctx for ctx, _, end in group)
+                inputs = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+                targets = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+                mask = torch.zeros((len(group), width), dtype=torch.bool)
+                for row, (ctx, start, end) in enumerate(group):
+                    inputs[row, :end - ctx] = stream[ctx:end]
+                    targets[row, :end - ctx] = ids[ctx:end]
+                    mask[row, start - ctx:end - ctx] = True
+                nll = model(inputs.to(self.device), targets.to(self.device))
+                total += float(nll.double()[mask.to(self.device)].sum())
+                count += int(mask.sum())
+        finally:
+            model.train(was_training)
+        mean = total / max(count, 1)
+        return {"nll": mean, "ppl": math.exp(mean), "tokens": float(count)}
+
+
+class WikiText103Task(LanguageModelingTask):
+    """WikiText-103 from ``data_root`` (official ``wiki.*.tokens`` or the HF parquet layout)."""
+    name = "wikitext103"
+
+
+#: The embedded default model: small enough for a whole DiffQ run in ~2 min on 2 CPU cores.
+MINI_MODEL: tp.Dict[str, tp.Any] = dict(
+    d_model=128, ffn_dim=512, n_heads=4, n_layers=2, dropout=0.1, attention_dropout=0.0,
+    activation_dropout=0.0, adaptive_softmax_dropout=0.0, layerdrop=0.0, cutoffs=[2000, 6000],
+    adaptive_factor=4.0)
+
+
+class WikiTextMiniTask(LanguageModelingTask):
+    """The embedded default: a real Wikipedia excerpt written in WikiText format (see
+    :mod:`diffq_bench.data.embedded`) under ``data_root/wikitext_mini``.
+
+    Args:
+        min_count: train count below which a word becomes ``<unk>``.
+        max_vocab: cap on the kept words (None: no cap).
+        source: ``auto`` (gensim's excerpt, else CPython's pydoc topics), ``gensim`` or ``pydoc``.
+        others: as :class:`LanguageModelingTask` (defaults sized for a 2-core CPU run); ``model``
+            keys override :data:`MINI_MODEL`.
+    """
+    name = "wikitext_mini"
+
+    def __init__(self, min_count: int = 3, max_vocab: tp.Optional[int] = None, source: str = "auto",
+                 tokens_per_sample: int = 128, batch_size: int = 16, context_window: int = 64,
+                 eval_tokens_per_sample: tp.Optional[int] = 64, eval_batch_size: int = 32,
+                 pad_to_multiple: int = 8, model: tp.Optional[tp.Dict[str, tp.Any]] = None):
+        super().__init__(tokens_per_sample=tokens_per_sample, batch_size=batch_size,
+                         context_window=context_window,
+                         eval_tokens_per_sample=eval_tokens_per_sample,
+                         eval_batch_size=eval_batch_size, pad_to_multiple=pad_to_multiple,
+                         model={**MINI_MODEL, **(model or {})})
+        self.min_count = _positive_int("min_count", min_count)
+        self.max_vocab = None if max_vocab is None else _positive_int("max_vocab", max_vocab)
+        if source not in ("auto", "gensim", "pydoc"):
+            raise ValueError(f"task.source must be auto, gensim or pydoc, got {source!r}")
+        self.source = source
+
+    def corpus_root(self) -> Path:
+        return ensure_embedded_wikitext(self.data_root / self.name, min_count=self.min_count,
+                                        max_vocab=self.max_vocab, source=self.source)

@@ -1,0 +1,97 @@
+"""WikiText loader: layouts, dictionary, <eos> per line, cache, clear errors."""
+import os
+
+import pytest
+import torch
+
+from diffq_bench.data import wikitext
+from diffq_bench.data.wikitext import EOS_ID, UNK_ID, Dictionary, find_layout, load_corpus
+from diffq_bench.tasks.base import DataMissingError
+
+TRAIN = [" \n", " = Title = \n", " \n", " the cat sat on the mat . \n", " the dog @-@ like cat . \n"]
+VALID = [" \n", " the zebra sat . \n"]
+TEST = [" the cat . \n"]
+
+
+def write_tokens(folder, train=TRAIN, valid=VALID, test=TEST):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"wiki.{split}.tokens").write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def test_missing_files_error_names_layout(tmp_path):
+    (tmp_path / "wiki.train.tokens").write_text(" a \n")
+    with pytest.raises(DataMissingError) as err:
+        find_layout(tmp_path)
+    msg = str(err.value)
+    assert "wiki.valid.tokens" in msg and "validation-*.parquet" in msg and str(tmp_path) in msg
+
+
+def test_tokens_layout_found_in_subfolder(tmp_path):
+    write_tokens(tmp_path / "wikitext-103")
+    kind, files = find_layout(tmp_path)
+    assert kind == "tokens" and files["test"][0].name == "wiki.test.tokens"
+
+
+def test_dictionary_order_padding_and_eos_per_line(tmp_path):
+    corpus = load_corpus(write_tokens(tmp_path / "d"), tmp_path / "cache", pad_to_multiple=8)
+    d = corpus.dictionary
+    assert d.symbols[:3] == ["<pad>", "<eos>", "<unk>"]
+    assert len(d) % 8 == 0 and d.symbols[-1].startswith("madeupword")
+    # One <eos> per line, blank lines included: train has 5 lines and 16 words.
+    train = corpus.splits["train"]
+    assert int((train == EOS_ID).sum()) == 5 and len(train) == 5 + 16
+    assert d.symbols[3] in ("the", "cat")  # the most frequent words come first (the: 3, cat: 2)
+    assert d.counts[d.index("the")] == 3 and d.index("the") < d.index("cat") < d.index("dog")
+    assert d.decode(corpus.splits["test"].tolist()) == "the cat . <eos>"
+    # Words never seen in train map to <unk>.
+    assert corpus.splits["valid"].tolist()[2] == UNK_ID
+    assert train.dtype == torch.int32
+
+
+def test_cache_reused_and_invalidated_on_change(tmp_path, monkeypatch):
+    root = write_tokens(tmp_path / "d")
+    load_corpus(root, tmp_path / "cache")
+    calls = []
+    original = wikitext.build_corpus
+    monkeypatch.setattr(wikitext, "build_corpus", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = load_corpus(root, tmp_path / "cache")
+    assert calls == [] and len(again.splits["train"]) == 21
+    path = root / "wiki.test.tokens"
+    path.write_text(" the cat sat . \n")
+    os.utime(path, ns=(1, 1))  # a different mtime: the key changes even within one clock tick
+    changed = load_corpus(root, tmp_path / "cache")
+    assert calls == [1] and len(changed.splits["test"]) == 5
+    assert not list((tmp_path / "cache" / "wikitext").glob(".*tmp"))
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    root = write_tokens(tmp_path / "d")
+    load_corpus(root, tmp_path / "cache")
+    for f in (tmp_path / "cache" / "wikitext").glob("*.pt"):
+        f.write_bytes(b"garbage")
+    assert len(load_corpus(root, tmp_path / "cache").splits["train"]) == 21
+
+
+def test_parquet_layout_matches_tokens(tmp_path):
+    pa = pytest.importorskip("pyarrow")  # installed with datasets, a hard dependency
+    import pyarrow.parquet as pq
+    folder = tmp_path / "p" / "wikitext-103-v1"
+    folder.mkdir(parents=True)
+    # Hugging Face rows: one per line, blank lines as "", trailing newline kept.
+    for name, lines in (("train-00000-of-00001", TRAIN), ("validation-00000-of-00001", VALID),
+                        ("test-00000-of-00001", TEST)):
+        rows = ["" if not line.strip() else line.lstrip(" ") for line in lines]
+        pq.write_table(pa.table({"text": rows}), folder / f"{name}.parquet")
+    parquet = load_corpus(tmp_path / "p", tmp_path / "cache")
+    tokens = load_corpus(write_tokens(tmp_path / "t"), tmp_path / "cache")
+    assert parquet.source == "parquet"
+    assert parquet.dictionary.symbols == tokens.dictionary.symbols
+    for split in ("train", "valid", "test"):
+        assert torch.equal(parquet.splits[split], tokens.splits[split])
+
+
+def test_dictionary_rejects_bad_specials():
+    with pytest.raises(ValueError, match="must start with"):
+        Dictionary(["a", "<eos>", "<unk>"], [1, 1, 1])
