@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from diffq_bench.quant import get_quantizer, restore
 from diffq_bench.quant.base import MB
+from diffq_bench.quant.pack import pack_uint, unpack_uint
 
 
 class TinyLM(nn.Module):
@@ -145,6 +146,26 @@ def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
             "bytes_over_pure_bits": true_bytes / (weight_bits / 8 + float_bytes)}
 
 
+def bench_raw_packing(count: int = 10_000_000) -> tp.Dict[str, tp.Any]:
+    """pack_uint / unpack_uint alone, per width, on ``count`` random values."""
+    out = {}
+    gen = torch.Generator().manual_seed(2)
+    for nbits in (2, 3, 4, 8, 15):
+        values = torch.randint(0, 2 ** nbits, (count,), generator=gen, dtype=torch.int32)
+        begin = time.perf_counter()
+        packed = pack_uint(values, nbits)
+        pack_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        back = unpack_uint(packed, nbits, count)
+        unpack_s = time.perf_counter() - begin
+        assert torch.equal(back, values.long()) and packed.numel() == (count * nbits + 7) // 8
+        out[str(nbits)] = {"pack_mvalues_per_s": count / pack_s / 1e6,
+                           "unpack_mvalues_per_s": count / unpack_s / 1e6,
+                           "pack_out_mb_per_s": packed.numel() / MB / pack_s,
+                           "unpack_in_mb_per_s": packed.numel() / MB / unpack_s}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -170,9 +191,13 @@ def main() -> None:
           f"{pack['ideal_bytes']:.0f} B = {pack['bytes_over_ideal']:.4f} (target <= 1.01); "
           f"over pure Σbits/8 + floats: {pack['bytes_over_pure_bits']:.4f}; "
           f"{pack['bits_per_weight']:.2f} bits/weight")
-    result = {"step_time": step, "packing": pack,
+    raw = bench_raw_packing()
+    print("    raw pack_uint/unpack_uint, Mvalues/s by width: " + ", ".join(
+        f"{k} bits {v['pack_mvalues_per_s']:.0f}/{v['unpack_mvalues_per_s']:.0f}" for k, v in raw.items()))
+    result = {"step_time": step, "packing": pack, "raw_packing": raw,
               "env": {"torch": torch.__version__, "threads": args.threads, "device": str(device),
                       "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                      "load_average_1min": os.getloadavg()[0],
                       "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

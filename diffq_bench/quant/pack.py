@@ -79,14 +79,14 @@ def pack_uint(values: torch.Tensor, nbits: int) -> torch.Tensor:
     cols = torch.zeros(8 * m, dtype=torch.int32, device=values.device)
     cols[:n] = flat
     cols = cols.view(m, 8).t().contiguous()  # cols[i] = value i of every block of 8
-    out = torch.empty(m, nbits, dtype=torch.uint8, device=values.device)
+    out = torch.empty(nbits, m, dtype=torch.uint8, device=values.device)
     for k, terms in enumerate(_byte_plan(nbits)):
         acc = None
         for i, shift in terms:
             term = cols[i] >> shift if shift >= 0 else cols[i] << -shift
             acc = term if acc is None else acc.bitwise_or_(term)
-        out[:, k] = acc.bitwise_and_(0xFF)  # narrowing copy straight into the interleaved layout
-    flat_out = out.view(-1)
+        out[k] = acc.bitwise_and_(0xFF)  # contiguous narrowing copy
+    flat_out = out.t().contiguous().view(-1)  # interleave: one pass over uint8 bytes
     return flat_out if flat_out.numel() == nbytes else flat_out[:nbytes].clone()
 
 
@@ -120,7 +120,7 @@ def unpack_uint(packed: torch.Tensor, nbits: int, count: int) -> torch.Tensor:
     m = (count + 7) // 8
     data = torch.zeros(m * nbits, dtype=torch.uint8, device=packed.device)
     data[:nbytes] = packed
-    data = data.view(m, nbits).t().to(torch.int32)  # data[k] = byte k of every block
+    data = data.view(m, nbits).t().contiguous().to(torch.int32)  # data[k]: byte k of each block
     plan = _byte_plan(nbits)
     mask = (1 << nbits) - 1
     vals = torch.zeros(8, m, dtype=torch.int32, device=packed.device)
