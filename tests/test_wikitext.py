@@ -74,6 +74,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert len(load_corpus(root, tmp_path / "cache").splits["train"]) == 21
 
 
+@pytest.mark.slow
 def test_parquet_layout_matches_tokens(tmp_path):
     pa = pytest.importorskip("pyarrow")  # installed with datasets, a hard dependency
     import pyarrow.parquet as pq
