@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         grids = [plain["grid"]["name"]] if isinstance(plain.get("grid"), dict) and "name" in plain["grid"] else []
         if xp.is_done() and not runtime.get("force"):
             result = xp.read_result()
-            assert result is not None
+            if result is None:  # is_done() checked the file exists: it vanished in between
+                raise RuntimeError(f"{xp.result_path} disappeared while reading it")
             print(f"run {xp.sig} already finished ({xp.folder}); not training again", flush=True)
             print(format_row(result), flush=True)
             return result

@@ -230,6 +230,16 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
 
+    def _next_batch(self, iterator: tp.Iterator[tp.Any], steps: int) -> tp.Any:
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise RuntimeError(
+                f"task {self.task.name!r} ran out of training batches in epoch {self.epoch + 1} "
+                f"after {self.step_in_epoch} optimizer steps; expected {steps} x grad_accum="
+                f"{self.train_cfg['grad_accum']} micro-batches (its batch count must not vary "
+                "between epochs)") from None
+
     def _train_epoch(self, steps: int, total_steps: int) -> tp.Dict[str, float]:
         from tqdm import tqdm
         accum = self.train_cfg["grad_accum"]
@@ -243,7 +253,7 @@ class Trainer:
         self.model.train()
         iterator = iter(self.task.train_batches(self.epoch))
         for _ in range(self.step_in_epoch * accum):
-            next(iterator)
+            self._next_batch(iterator, steps)
         if resumed:
             ckpt.set_rng_state(rng_now)
         every_steps = int(self.runtime["checkpoint_every_steps"])
@@ -251,13 +261,16 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}/{self.train_cfg['epochs']}",
                    disable=not self.runtime["progress"])
+        shown = -math.inf
         try:
             while self.step_in_epoch < steps:
                 for _ in range(accum):
-                    self._micro_step(next(iterator), accum)
+                    self._micro_step(self._next_batch(iterator, steps), accum)
                 self._optimizer_step(total_steps)
                 bar.update(1)
-                if not bar.disable:  # the size costs a pass over the bit logits: only when shown
+                if not bar.disable and time.monotonic() - shown >= 5.0:
+                    # the size costs a pass over every bit logit: refresh it every few seconds only
+                    shown = time.monotonic()
                     bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
                                     size=f"{self.quantizer.true_model_size():.3g}MB", refresh=False)
                 if PREEMPT.is_set():
