@@ -1,0 +1,129 @@
+"""Trade-off plots: test metric vs true model size (MB, log axis), Pareto front per method.
+
+One PNG per call (``diffq-bench-table --grid NAME --plot out.png``), one panel per section
+(benchmark) of :func:`diffq_bench.results.build_sections`. Each method's configurations are dots
+(error bars: std over seeds), its Pareto front a line; DiffQ dots are labelled with their λ;
+published numbers that state a size are hollow black markers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import typing as tp
+from pathlib import Path
+
+from .results import METHODS, Section
+
+Point = tp.Tuple[float, float]
+
+
+def pareto_front(points: tp.Sequence[Point], lower_is_better: bool) -> tp.List[Point]:
+    """Points (size, metric) not dominated by another (smaller-or-equal size and better-or-equal
+    metric, one strictly), sorted by size.
+
+    Args:
+        points: (size, metric) pairs; non-finite ones are ignored.
+        lower_is_better: True for PPL-like metrics, False for accuracy/SDR.
+    """
+    sign = 1.0 if lower_is_better else -1.0
+    finite = sorted({(s, m) for s, m in points if math.isfinite(s) and math.isfinite(m)},
+                    key=lambda p: (p[0], sign * p[1]))
+    front: tp.List[Point] = []
+    for size, metric in finite:
+        # sorted by size, so a point is on the front iff it beats every smaller one's metric
+        if not front or sign * metric < sign * front[-1][1]:
+            front.append((size, metric))
+    return front
+
+
+_COLORS = {"none": "tab:blue", "qat": "tab:orange", "lsq": "tab:green", "quant_noise": "tab:purple",
+           "quant_noise_ipq": "tab:brown", "dsq": "tab:cyan", "oneshot_mpq": "tab:olive",
+           "diffq": "tab:red"}
+
+
+def _color(quant: str) -> str:
+    return _COLORS.get(quant, "tab:gray")
+
+
+def plot_sections(sections: tp.Sequence[Section], path: tp.Union[str, Path],
+                  title: tp.Optional[str] = None) -> Path:
+    """Write one PNG with a metric-vs-size panel per section; returns its path.
+
+    Args:
+        sections: from :func:`diffq_bench.results.build_sections`.
+        path: output PNG (written atomically: temporary file then rename).
+        title: figure title (e.g. the grid name).
+    Raises:
+        ValueError: no section has a run with both a size and a metric to plot.
+    """
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display; must happen before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    panels = [s for s in sections if any(r.mean("true_size_mb") is not None and
+                                         r.mean(f"test_{s.metric}") is not None for r in s.rows)]
+    if not panels:
+        raise ValueError("nothing to plot: no run has both true_size_mb and the test metric")
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    for ax, section in zip(axes.flat, panels):
+        _panel(ax, section)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # no timestamp in the metadata: same inputs, same bytes
+    fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _panel(ax: tp.Any, section: Section) -> None:
+    key = f"test_{section.metric}"
+    by_quant: tp.Dict[str, tp.List[tp.Any]] = {}
+    for row in section.rows:
+        if row.runs:
+            by_quant.setdefault(row.quant, []).append(row)
+    for quant, rows in by_quant.items():
+        color = _color(quant)
+        pts = [(r.mean("true_size_mb"), r.mean(key), r.std(key), r) for r in rows]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts],
+                    fmt="o", color=color, ms=5, capsize=2, label=METHODS.get(quant, (quant,))[0])
+        front = pareto_front([(p[0], p[1]) for p in pts], section.lower_is_better)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=color, lw=1.2, alpha=0.8)
+        for size, metric, _, row in pts:
+            text = _point_label(quant, row.axes)
+            if text:
+                ax.annotate(text, (size, metric), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7, color=color)
+    refs = [r.reference for r in section.rows if r.reference is not None and
+            r.reference.value is not None and r.reference.size_mb is not None and
+            r.reference.metric == section.metric]
+    if refs:
+        ax.scatter([r.size_mb for r in refs], [r.value for r in refs], marker="*", s=90,
+                   facecolors="none", edgecolors="black", label="paper")
+    ax.set_xscale("log")
+    ax.set_xlabel("true model size (MB, log scale)")
+    better = "lower" if section.lower_is_better else "higher"
+    ax.set_ylabel(f"test {section.metric} ({better} is better)")
+    ax.set_title(section.title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _point_label(quant: str, axes: tp.Mapping[str, tp.Any]) -> str:
+    if quant == "diffq":
+        lam, group = axes.get("lambda"), axes.get("group_size")
+        return f"λ={lam:g},g={group}" if isinstance(lam, (int, float)) else ""
+    bits = axes.get("quant.bits")
+    return f"{bits}b" if isinstance(bits, int) else ""
