@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[dev]'
+# museval (BSS-Eval v4 SDR of the separation tasks, the `eval` extra) needs an ffmpeg binary at
+# import. Install both when this machine allows it, so tests/test_separation.py runs museval for
+# real; where it cannot (no apt, no root, offline), that one test is skipped with the reason.
+if ! command -v ffmpeg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q --no-install-recommends ffmpeg || { apt-get update -q && apt-get install -y -q --no-install-recommends ffmpeg; }; } >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install ffmpeg; the museval test will be skipped" >&2
+fi
+python3 -m pip install -q -e '.[eval]' || echo "scripts/test.sh: could not install the eval extra (museval); the museval test will be skipped" >&2
 # A fresh environment must resolve a torch/torchvision/torchaudio/timm set that imports together.
 python3 -c "import torch, torchvision, torchaudio, timm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| torchaudio', torchaudio.__version__, '| timm', timm.__version__)"
 set +e
