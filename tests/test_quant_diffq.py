@@ -186,7 +186,8 @@ def test_eval_weight_is_truly_quantized():
     qp = q.qparams[0]
     value = q._eval_value(qp)
     assert value.unique().numel() <= 8
-    assert float(value.min()) == float(qp.param.min()) and float(value.max()) == float(qp.param.max())
+    w = qp.param.detach()
+    assert float(value.min()) == float(w.min()) and float(value.max()) == float(w.max())
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -236,3 +237,20 @@ def test_state_dict_restores_logits():
     other = DiffQuantizer(linear(), min_size=0)
     other.load_state_dict(q.state_dict())
     assert torch.equal(other.logits["weight"], q.logits["weight"])
+
+
+def test_float16_and_exclude_roundtrip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    q = get_quantizer("diffq", model, min_size=0, float16=True, exclude=["2.*", "*.bias"])
+    assert [qp.name for qp in q.qparams] == ["0.weight"]
+    state = q.export()
+    assert all(t.dtype == torch.float16 for t in state["float"].values())
+    model.eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model(x)
+    q.detach()
+    fresh = restore(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

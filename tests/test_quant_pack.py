@@ -80,6 +80,6 @@ def test_save_load_state_atomic(tmp_path):
 def test_load_state_refuses_code(tmp_path):
     import pickle
     path = tmp_path / "evil.th"
-    path.write_bytes(pickle.dumps({"f": print}))  # a pickled global must not be loaded
+    path.write_bytes(pickle.dumps({"f": print}, protocol=2))  # a pickled global must not be loaded
     with pytest.raises(ValueError):
         load_state(path)
