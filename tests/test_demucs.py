@@ -32,9 +32,16 @@ def test_valid_length_gives_long_enough_output(resample, length):
         out = model(torch.randn(2, 1, valid))
     assert out.shape[:3] == (2, 4, 1)
     assert out.size(-1) >= length
-    # valid_length is the smallest length that makes every strided conv exact: one sample less
-    # must lose at least one output sample (or make the model fail).
     assert center_trim(out, length).size(-1) == length
+    # Exact strided convolutions: the output length is exactly what the geometry predicts.
+    expected = valid * (2 if resample else 1)
+    for _ in range(3):
+        expected = (expected - 8) // 4 + 1
+    for _ in range(3):
+        expected = (expected - 2 - 1) * 4 + 8  # context-3 conv, then transposed conv
+    if resample:
+        expected = (expected + 1) // 2
+    assert out.size(-1) == expected
 
 
 def test_rescale_init_brings_conv_std_to_reference():
