@@ -102,12 +102,19 @@ class ExplodingToyTask(ToyTask):
         raise FloatingPointError("deliberate failure in a training step")
 
 
-def task_fn(cfg):
-    from diffq_bench.cli import _hydra_task
+def register():
     from diffq_bench.tasks import TASKS
     TASKS["toy"] = ToyTask
     TASKS["toy_exploding"] = ExplodingToyTask
+
+
+def task_fn(cfg):
+    from diffq_bench.cli import _hydra_task
+    register()  # in the job
     _hydra_task(cfg)
+
+
+register()  # in the sweeping process, which validates every config before launching
 
 
 hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")(task_fn)()
@@ -145,12 +152,19 @@ class Bench:
         self.env = {**os.environ, "DIFFQ_BENCH_CONF": str(self.conf), "TOY_TASK_DELAY": "0.15",
                     "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
 
+    def command(self, root: str, *overrides: str) -> list:
+        return [sys.executable, str(self.base / "app.py"), "-m", f"paths.root={self.base / root}",
+                f"paths.data={self.base / 'data'}", f"paths.cache={self.base / 'cache'}",
+                "runtime.progress=false", *SLURM, *overrides]
+
     def launch(self, root: str, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(self.base / "app.py"), "-m", f"paths.root={self.base / root}",
-               f"paths.data={self.base / 'data'}", f"paths.cache={self.base / 'cache'}",
-               "runtime.progress=false", *SLURM, *overrides]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env,
-                              cwd=self.base)
+        return subprocess.run(self.command(root, *overrides), capture_output=True, text=True,
+                              timeout=timeout, env=self.env, cwd=self.base)
+
+    def start(self, root: str, *overrides: str) -> subprocess.Popen:
+        """Launch a sweep in the background (``communicate()`` for its output)."""
+        return subprocess.Popen(self.command(root, *overrides), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.base)
 
     def status(self, root: str, *args: str) -> str:
         return subprocess.run([sys.executable, "-c", "from diffq_bench.status import main; main()",
@@ -269,9 +283,21 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench):
     wait_for(lambda: _sacct([job]).get(job) == "COMPLETED", 30, f"sacct to show {job} COMPLETED")
 
 
+@pytest.fixture(scope="module")
+def failing_sweep(bench):
+    """A blocking sweep of one run that fails in training, started in the background (it uses the
+    CPU the USR2 test leaves free) and checked by test_failing_run_is_failed_in_sacct_and_status.
+    The config is valid; APP's ExplodingToyTask raises in its first training step."""
+    proc = bench.start("failing", *TOY, "quant=none", "task=toy_exploding")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench):
+def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench, failing_sweep):
     """USR2 (time limit near, or preemption) -> checkpoint + self-requeue + resume; the second
     USR2 exceeds max_requeues=1 -> FAILED in status.json and sacct, requeues recorded."""
     status_path = None
@@ -305,9 +331,9 @@ def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_failing_run_is_failed_in_sacct_and_status(bench):
-    # a valid config whose task raises in its first training step (APP's ExplodingToyTask)
-    proc = bench.launch("failing", *TOY, "quant=none", "task=toy_exploding")
+def test_failing_run_is_failed_in_sacct_and_status(bench, failing_sweep):
+    stdout, stderr = failing_sweep.communicate(timeout=240)
+    proc = subprocess.CompletedProcess(failing_sweep.args, failing_sweep.returncode, stdout, stderr)
     assert proc.returncode != 0
     assert "1 of 1 run(s) FAILED" in _output(proc), _output(proc)[-3000:]
     (folder,) = list((bench.base / "failing" / "xps").iterdir())

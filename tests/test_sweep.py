@@ -155,6 +155,8 @@ def toy_app(tmp_path):
         sleep: 0.0
         paths: {{root: {tmp_path / 'store'}}}
         hydra:
+          sweeper:
+            validate: false   # not a diffq-bench config
           sweep:
             dir: {tmp_path / 'multirun'}/${{now:%H-%M-%S-%f}}
         """))
@@ -220,3 +222,13 @@ def test_local_parallel_launcher_rejects_bad_limit():
     from hydra_plugins.diffq_bench_sweeper.local_launcher import LocalParallelLauncher
     with pytest.raises(ValueError, match="max_parallel must be an integer >= 1"):
         LocalParallelLauncher(max_parallel=0)
+
+
+@pytest.mark.slow
+def test_invalid_run_config_stops_the_sweep_before_launching(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "from diffq_bench.cli import main; main()", "-m",
+                          "lambda=-1,1", "quant=diffq", f"paths.root={tmp_path}"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "1 of 2 run(s) have an invalid config; nothing was launched" in out.stderr, out.stderr[-2000:]
+    assert "lambda" in out.stderr and not (tmp_path / "xps").exists()

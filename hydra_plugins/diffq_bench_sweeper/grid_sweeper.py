@@ -29,6 +29,8 @@ class GridSweeperConf:
     _target_: str = "hydra_plugins.diffq_bench_sweeper.grid_sweeper.GridSweeper"
     # runs per launcher call; null = all in one call (one job array). Hydra's basic sweeper name.
     max_batch_size: tp.Optional[int] = None
+    # check every run's config (diffq_bench.config.validate) before launching any
+    validate: bool = True
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grid", node=GridSweeperConf,
@@ -40,13 +42,16 @@ class GridSweeper(Sweeper):
 
     Args:
         max_batch_size: runs per launcher call (None: all at once).
+        validate: check each run's config with :func:`diffq_bench.config.validate` first, so a
+            typo fails the sweep in seconds instead of failing every job on the cluster.
     """
 
-    def __init__(self, max_batch_size: tp.Optional[int] = None) -> None:
+    def __init__(self, max_batch_size: tp.Optional[int] = None, validate: bool = True) -> None:
         super().__init__()
         if max_batch_size is not None and max_batch_size <= 0:
             raise ValueError(f"hydra.sweeper.max_batch_size must be null or > 0, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.validate = validate
         self.config: tp.Optional[DictConfig] = None
         self.hydra_context: tp.Optional[HydraContext] = None
         self.launcher: tp.Optional[Launcher] = None
@@ -92,6 +97,8 @@ class GridSweeper(Sweeper):
         if not todo:
             log.info("nothing to launch")
             return []
+        if self.validate:
+            self._validate(todo, dict((tuple(job), cfg) for job, cfg in composed))
         size = self.max_batch_size or len(todo)
         returns: tp.List[tp.Sequence[JobReturn]] = []
         failed: tp.List[tp.Tuple[tp.Any, JobReturn]] = []
@@ -101,7 +108,22 @@ class GridSweeper(Sweeper):
             returns.append(results)
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
         if failed:
-            lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n    {sw.failure_line(r._return_value)}" for p, r in failed]
+            lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n"
+                     f"    {sw.failure_line(r._return_value)}" for p, r in failed]
             raise HydraException(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each "
                                  "run's status.json):\n" + "\n".join(lines))
         return returns
+
+    @staticmethod
+    def _validate(todo: tp.Sequence[tp.Any], configs: tp.Dict[tp.Tuple[str, ...], DictConfig]) -> None:
+        from diffq_bench import sweep as sw
+        from diffq_bench.config import ConfigError, validate
+        errors = []
+        for item in todo:
+            try:
+                validate(sw.without_hydra(configs[tuple(item.overrides)]))
+            except ConfigError as exc:
+                errors.append(f"  {' '.join(item.overrides)}\n    {exc}")
+        if errors:
+            raise HydraException(f"{len(errors)} of {len(todo)} run(s) have an invalid config; nothing "
+                                 "was launched:\n" + "\n".join(errors))
