@@ -166,7 +166,13 @@ class SlurmLauncher(BaseSubmititLauncher):
         jid = slurm.current_job_id()
         if jid is None:  # a local job: nobody requeues it; the next sweep resumes the checkpoint
             raise error
-        slurm.requeue(jid)
+        try:
+            slurm.requeue(jid)
+        except slurm.SlurmError as exc:
+            # e.g. preemption: SLURM may already be requeuing the job. Exit without a result either
+            # way (an error result would be read by the launcher as this run's final outcome).
+            log.warning("scontrol requeue %s failed (%s); leaving the job to SLURM", jid, exc)
+            raise SystemExit(-1)
         log.warning("checkpointed and requeued job %s (restart %d of at most %d)", jid, restarts + 1,
                     self.max_requeues)
         raise SystemExit(-1)
