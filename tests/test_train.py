@@ -16,6 +16,7 @@ import torch
 
 from diffq_bench import cli, train
 from diffq_bench.checkpoint import CheckpointError
+from diffq_bench.config import find_conf_dir
 from diffq_bench.quant import QUANTIZERS, deserialize
 from diffq_bench.train import PREEMPT, Preempted, lr_factor
 from diffq_bench.xp import RunLockedError, Xp
@@ -184,14 +185,18 @@ def test_locked_run_is_refused(compose_toy):
         holder.unlock()
 
 
-@pytest.mark.parametrize("quant", QUANTIZED)
+CONF_QUANTS = sorted(p.stem for p in (find_conf_dir() / "quant").glob("*.yaml") if p.stem != "none")
+
+
+@pytest.mark.parametrize("quant", sorted(set(QUANTIZED) | set(CONF_QUANTS)))
 def test_quantized_runs(compose_toy, quant):
+    """Every configured quantizer goes through the loop: train, phases, finalize, export, restore."""
     if quant not in QUANTIZERS:
         pytest.skip(f"quantizer {quant!r} not registered in QUANTIZERS yet")
-    result = cli.run(compose_toy(f"quant={quant}", "train.epochs=1", "train.steps_per_epoch=4"))
+    result = cli.run(compose_toy(f"quant={quant}", "train.epochs=2", "train.steps_per_epoch=3"))
     m = result["metrics"]
     assert 0 < m["bits_per_weight"] < 32 and m["compression"] > 1.0
-    assert m["restore_exact"] == 1.0
+    assert m["restore_exact"] == 1.0, (m["test_acc"], m["test_acc_restored"])
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -236,3 +241,19 @@ def test_resume_after_kill_is_exact(compose_toy, toy_conf, tmp_path):
     b = json.loads((root / "xps" / sig / "result.json").read_text())
     assert _stable(a) == _stable(b)
     assert json.loads((root / "xps" / sig / "status.json").read_text())["attempt"] == 2
+
+
+@pytest.mark.parametrize("quant", ["none"] + CONF_QUANTS)
+def test_resume_is_exact_for_every_quantizer(compose_toy, toy_task, monkeypatch, tmp_path, quant):
+    """Quantizer state (bit logits, step sizes, phases, centroids) survives a checkpoint exactly."""
+    if quant not in QUANTIZERS:
+        pytest.skip(f"quantizer {quant!r} not registered in QUANTIZERS yet")
+    overrides = (f"quant={quant}", "train.epochs=3", "train.steps_per_epoch=3")
+    reference = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'ref'}"))
+    cfg = compose_toy(*overrides, f"paths.root={tmp_path / 'resumed'}")
+    original = _preempt_after(monkeypatch, toy_task, 5)  # mid second epoch, after a phase change
+    with pytest.raises(Preempted):
+        cli.run(cfg)
+    PREEMPT.clear()
+    monkeypatch.setattr(toy_task, "step", original)
+    assert _stable(cli.run(cfg)) == _stable(reference)
