@@ -26,7 +26,7 @@ import soundfile as sf
 from ..models.demucs import SOURCES  # not from .musdb: that module imports tasks (cycle)
 from .soundfont import SoundFont
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the rendered audio changes (cached sets are per version)
 MARKER = "sfmix.json"
 BASS_PROGRAMS = (32, 33, 34, 35, 36, 37, 38, 39)
 OTHER_PROGRAMS = (0, 1, 2, 4, 16, 19, 24, 25, 26, 48, 49, 50)

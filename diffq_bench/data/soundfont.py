@@ -205,9 +205,9 @@ class SoundFont:
         n_on = int(duration * samplerate)
         n_total = n_on + int(release * samplerate)
         pos = np.arange(n_total) * step
-        looping = g.get(GEN_SAMPLE_MODES, 0) in (1, 3) and loop_end - loop_start > 8
+        ls, le = loop_start - start, min(loop_end - start, len(pcm) - 1)
+        looping = g.get(GEN_SAMPLE_MODES, 0) in (1, 3) and ls >= 0 and le - ls > 8
         if looping:
-            ls, le = loop_start - start, loop_end - start
             over = pos >= ls
             pos[over] = ls + np.mod(pos[over] - ls, le - ls)
         else:
@@ -215,7 +215,7 @@ class SoundFont:
         base = pos.astype(np.int64)
         frac = (pos - base).astype(np.float32)
         wave = pcm[base] * (1 - frac) + pcm[np.minimum(base + 1, len(pcm) - 1)] * frac
-        env = _envelope(g, len(wave), n_on, samplerate, release)
+        env = _envelope(g, len(wave), n_on, samplerate)
         gain = 10 ** (-g.get(GEN_ATTENUATION, 0) / 200.0)  # centibels
         return (wave * env * gain).astype(np.float32)
 
@@ -229,22 +229,20 @@ def _timecents(value: int) -> float:
     return float(2 ** (value / 1200.0))
 
 
-def _envelope(g: tp.Dict[int, int], length: int, n_on: int, samplerate: int,
-              release: float) -> np.ndarray:
-    """Linear-amplitude DAHDSR volume envelope (sustain level in cB of attenuation)."""
-    attack = int(_timecents(g.get(GEN_ATTACK, -12000)) * samplerate)
-    hold = int(_timecents(g.get(GEN_HOLD, -12000)) * samplerate)
-    decay = int(min(_timecents(g.get(GEN_DECAY, -12000)), 10.0) * samplerate)
+def _envelope(g: tp.Dict[int, int], length: int, n_on: int, samplerate: int) -> np.ndarray:
+    """DAHDSR volume envelope as a linear gain: linear attack, hold, exponential decay to the
+    sustain level (cB of attenuation), linear release from note-off. Computed pointwise, so stages
+    longer than the note cost nothing and are simply cut at its end."""
+    attack = _timecents(g.get(GEN_ATTACK, -12000)) * samplerate
+    hold = _timecents(g.get(GEN_HOLD, -12000)) * samplerate
+    decay = min(_timecents(g.get(GEN_DECAY, -12000)), 10.0) * samplerate
     sustain = 10 ** (-max(0, min(1440, g.get(GEN_SUSTAIN, 0))) / 200.0)
-    env = np.full(length, sustain, dtype=np.float32)
-    pieces = [np.linspace(0, 1, attack, endpoint=False, dtype=np.float32),
-              np.ones(hold, dtype=np.float32),
-              np.geomspace(1, max(sustain, 1e-4), decay, dtype=np.float32) if decay else
-              np.zeros(0, dtype=np.float32)]
-    head = np.concatenate(pieces)[:length]
-    env[:len(head)] = head
+    floor = max(sustain, 1e-4)
+    t = np.arange(length, dtype=np.float64)
+    env = np.where(t < attack, t / max(attack, 1.0),
+                   np.where(t < attack + hold, 1.0,
+                            floor ** np.clip((t - attack - hold) / max(decay, 1.0), 0.0, 1.0)))
     if n_on < length:
         level = env[max(0, n_on - 1)]
-        tail = length - n_on
-        env[n_on:] = level * np.linspace(1, 0, tail, dtype=np.float32)
-    return env
+        env[n_on:] = level * np.linspace(1, 0, length - n_on)
+    return env.astype(np.float32)
