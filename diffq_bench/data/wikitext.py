@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tasks.base import DataMissingError
+
+def _data_missing(message: str) -> Exception:
+    # Imported here: diffq_bench.tasks imports this module (through the LM task), so a module-level
+    # import would be circular when this module is imported first.
+    from ..tasks.base import DataMissingError
+    return DataMissingError(message)
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIALS = (PAD, EOS, UNK)
@@ -128,7 +133,7 @@ def find_layout(root: tp.Union[str, Path]) -> tp.Tuple[str, tp.Dict[str, tp.List
             return "parquet", shards
     found = sorted(p.name for sub in SUBDIRS for p in ((root / sub) if sub else root).glob("*")
                    if p.is_file())[:10] if root.is_dir() else []
-    raise DataMissingError(f"WikiText data not found under {root} (found: {found or 'nothing'}); "
+    raise _data_missing(f"WikiText data not found under {root} (found: {found or 'nothing'}); "
                            + LAYOUT_HELP.format(root=root))
 
 
@@ -154,7 +159,7 @@ def iter_line_chunks(kind: str, files: tp.Sequence[Path], cache_dir: tp.Optional
         ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train",
                                    **kwargs)
         if "text" not in ds.column_names:
-            raise DataMissingError(f"parquet files {[p.name for p in files]} have columns "
+            raise _data_missing(f"parquet files {[p.name for p in files]} have columns "
                                    f"{ds.column_names}, expected a 'text' column")
         for batch in ds.iter(batch_size=chunk_lines):
             yield batch["text"]
