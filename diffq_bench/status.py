@@ -135,9 +135,10 @@ def grid_runs(grid: str, root: tp.Optional[str] = None,
     from omegaconf import OmegaConf
     from .config import compose, find_conf_dir
     from .xp import Xp
-    if not (find_conf_dir() / "grid" / f"{grid}.yaml").is_file():
-        raise ValueError(f"unknown grid {grid!r}: no conf/grid/{grid}.yaml "
-                         f"(available: {', '.join(sorted(p.stem for p in (find_conf_dir() / 'grid').glob('*.yaml')))})")
+    grids = find_conf_dir() / "grid"
+    if not (grids / f"{grid}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in grids.glob("*.yaml"))) or "none"
+        raise ValueError(f"unknown grid {grid!r}: no conf/grid/{grid}.yaml (available: {known})")
     extra = [*([f"paths.root={root}"] if root else []), *overrides]
     base = compose([f"+grid={grid}", *[o for o in extra if "," not in o]])
     runs = OmegaConf.to_container(base.grid.runs, resolve=False)
@@ -199,11 +200,11 @@ def render(rows: tp.Sequence[tp.Mapping[str, str]]) -> str:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """``diffq-bench-status [--grid NAME] [--root DIR] [--json] [OVERRIDES...]``."""
     parser = argparse.ArgumentParser(prog="diffq-bench-status", description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", help="only the runs of conf/grid/<NAME>.yaml (never-launched ones shown as NEW)")
+    parser.add_argument("--grid", help="only the runs of conf/grid/<NAME>.yaml (never launched: NEW)")
     parser.add_argument("--root", default="outputs", help="run store root (paths.root), default: outputs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("overrides", nargs="*",
-                        help="with --grid: the extra overrides the grid was launched with (task=... train.epochs=...)")
+                        help="with --grid: the overrides the grid was launched with (task=...)")
     args = parser.parse_args(argv)
     if args.overrides and not args.grid:
         parser.error("overrides are only meaningful with --grid")

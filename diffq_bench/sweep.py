@@ -79,7 +79,8 @@ def expand_overrides(overrides: tp.Sequence[str]) -> tp.List[tp.List[str]]:
         overrides: override strings in order of precedence (lowest first).
     """
     parsed = _parser().parse_overrides(list(overrides))
-    by_key: "collections.OrderedDict[tp.Tuple[str, tp.Optional[str]], tp.List[str]]" = collections.OrderedDict()
+    Slot = tp.Tuple[str, tp.Optional[str]]  # (key or group, package)
+    by_key: "collections.OrderedDict[Slot, tp.List[str]]" = collections.OrderedDict()
     for ovr in parsed:
         slot = (ovr.key_or_group, ovr.package)
         by_key.pop(slot, None)  # re-insert: the latest position and value win
@@ -191,7 +192,8 @@ def without_hydra(cfg: tp.Any) -> tp.Any:
 
 
 def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
-         states: tp.Optional[tp.Callable[[tp.Iterable[str]], tp.Dict[str, str]]] = None) -> tp.List[PlannedRun]:
+         states: tp.Optional[tp.Callable[[tp.Iterable[str]], tp.Dict[str, str]]] = None,
+         ) -> tp.List[PlannedRun]:
     """Decide, for each composed run, whether to launch it or skip it (see module docstring).
 
     Args:

@@ -88,3 +88,12 @@ def test_main_prints_table_and_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         status.main(["--root", str(tmp_path / "nowhere")])
     assert "no run store" in capsys.readouterr().err
+
+
+def test_unknown_grid_lists_the_available_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        status.main(["--root", str(tmp_path), "--grid", "no_such_grid"])
+    assert "unknown grid 'no_such_grid': no conf/grid/no_such_grid.yaml (available:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        status.main(["--root", str(tmp_path), "task=x"])
+    assert "only meaningful with --grid" in capsys.readouterr().err

@@ -75,9 +75,11 @@ class GridSweeper(Sweeper):
         runs = name = None
         if grid is not None:
             name = str(OmegaConf.select(self.config, "grid.name", default="?"))
-            runs = OmegaConf.to_container(grid.get("runs"), resolve=False) if grid.get("runs") is not None else None
+            raw = grid.get("runs")
+            runs = OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw) else raw
             if not runs:
-                raise HydraException(f"grid {name!r} has no runs (expected grid.runs: a list of override mappings)")
+                raise HydraException(f"grid {name!r} has no runs "
+                                     "(expected grid.runs: a list of override mappings)")
         jobs = sw.expand_grid(runs, arguments, name or "grid")
         log.info("sweep%s: %d run(s) to consider", f" of grid {name}" if name else "", len(jobs))
         composed = [(job, self._compose(job)) for job in jobs]
