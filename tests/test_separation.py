@@ -189,3 +189,31 @@ def test_museval_sdr_is_the_median_over_one_second_frames():
     sdr = metrics_audio.museval_sdr(ref, est, sr)
     assert sdr.shape == (1,) and sdr[0] == pytest.approx(20.0, abs=0.3)
     assert float(metrics_audio.nsdr(ref, est)[0]) == pytest.approx(14.4, abs=0.3)
+
+
+MUSDB_DEBUG = ["task=musdb_demucs", "train.epochs=1", "train.steps_per_epoch=2",
+               "runtime.progress=false", "task.channels=4", "task.depth=2", "task.lstm_layers=1",
+               "task.segment=0.05", "task.segment_stride=0.05", "task.shift=0.01",
+               "task.batch_size=2", "task.eval_segment=0.1", "task.eval_tracks=2",
+               "quant.min_size=0", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def musdb_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("musdb_data")
+    make_musdb(root / "musdb18hq", length=8820, test_length=6000)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", sorted(QUANTIZERS))
+def test_musdb_end_to_end_every_quantizer(quant, musdb_dir, tmp_path):
+    """The paper task's code path (44.1 kHz stereo MusDB18-HQ WAVs) with a debug-size Demucs."""
+    from diffq_bench import cli
+    cfg = compose([*MUSDB_DEBUG, f"quant={quant}", f"paths.root={tmp_path / 'outputs'}",
+                   f"paths.data={musdb_dir}", f"paths.cache={musdb_dir / 'cache'}"])
+    result = cli.run(cfg)
+    m = result["metrics"]
+    assert result["task"] == "musdb_demucs" and result["metric"] == "nsdr"
+    assert m["test_nsdr_restored"] == m["test_nsdr"] and -60 < m["test_nsdr"] < 60
+    assert {"test_nsdr_drums", "test_nsdr_bass", "test_nsdr_other", "test_nsdr_vocals"} <= set(m)
