@@ -338,6 +338,42 @@ def build_sections(results: tp.Sequence[tp.Dict[str, tp.Any]],
     return sections
 
 
+def trade_off_notes(section: Section) -> tp.List[str]:
+    """The paper's two claims, measured on this section: does DiffQ's size shrink monotonically
+    as λ grows (per group size), and does DiffQ beat each QAT row at equal or smaller size?"""
+    key, notes = f"test_{section.metric}", []
+    diffq = [r for r in section.rows if r.quant == "diffq" and r.runs and
+             r.mean("true_size_mb") is not None and r.mean(key) is not None]
+    for group in sorted({_order(r.axes.get("group_size")) for r in diffq}):
+        rows = sorted((r for r in diffq if _order(r.axes.get("group_size")) == group),
+                      key=lambda r: _order(r.axes.get("lambda")))
+        if len(rows) < 2:
+            continue
+        sizes = [r.mean("true_size_mb") for r in rows]
+        mono = all(a > b for a, b in zip(sizes, sizes[1:]))
+        path = ", ".join(f"λ={_fmt_axis(r.axes.get('lambda'))}: {_size(z)} MB"
+                         for r, z in zip(rows, sizes))
+        notes.append(f"DiffQ g={_fmt_axis(rows[0].axes.get('group_size'))}: size "
+                     f"{'decreases strictly' if mono else 'does NOT decrease monotonically'} "
+                     f"as λ grows ({path}).")
+    sign = 1.0 if section.lower_is_better else -1.0
+    for qat in (r for r in section.rows if r.quant == "qat" and r.runs):
+        size, value = qat.mean("true_size_mb"), qat.mean(key)
+        if size is None or value is None:
+            continue
+        within = [r for r in diffq if r.mean("true_size_mb") <= size]
+        if not within:
+            notes.append(f"{qat.label} ({_size(size)} MB): no DiffQ run at or below this size.")
+            continue
+        best = min(within, key=lambda r: sign * r.mean(key))
+        better = sign * best.mean(key) < sign * value
+        notes.append(f"{qat.label} ({_size(size)} MB, {section.metric} {_num(value)}): best DiffQ at "
+                     f"≤ this size is {best.label} ({_size(best.mean('true_size_mb'))} MB, "
+                     f"{section.metric} {_num(best.mean(key))}): DiffQ "
+                     f"{'better' if better else 'NOT better'}.")
+    return notes
+
+
 def _published(value: float) -> str:
     """A published number as printed in its source: 18.0 stays 18.0, 91.72 stays 91.72."""
     value = float(value)
@@ -429,6 +465,7 @@ def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional
                  "bytes of the packed quantized model / 2^20; Δ = ours − paper; "
                  f"{MISSING} = missing."] + [f"Source: {s}" for s in sources]
         notes += [f"Not matched to a row: {n}" for n in section.notes]
+        notes += [f"Measured: {n}" for n in trade_off_notes(section)]
         if fmt == "md":
             parts.append(f"## {section.title}\n\n" + _md(header, cells) + "\n" +
                          "".join(f"- {n}\n" for n in notes))

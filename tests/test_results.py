@@ -162,3 +162,20 @@ def test_committed_references_load_and_cite_sources():
     for ref in refs:
         assert ref.source.strip() and ref.provenance.strip()
         assert ref.value is not None or ref.note, f"{ref}: a claim without a value needs a note"
+
+
+def test_trade_off_notes_report_what_was_measured(store):
+    root, _ = store
+    (section,) = results.build_sections(results.load_results(root, grid="table_lm"))
+    notes = results.trade_off_notes(section)
+    # g=16: lambda 1 -> 14.2 MB, 10 -> 10.0 MB; g=8 has a single lambda (no claim)
+    assert notes[0] == ("DiffQ g=16: size decreases strictly as λ grows "
+                        "(λ=1: 14.2 MB, λ=10: 10.0 MB).")
+    assert "QAT 4 bits (12.5 MB, ppl 21.00): best DiffQ at ≤ this size is DiffQ (λ=10, g=16) " \
+           "(10.0 MB, ppl 19.00): DiffQ better." in notes
+    # a tie (18.2 for g=8 and g=16) goes to the first row in table order
+    assert "QAT 8 bits (25.0 MB, ppl 18.90): best DiffQ at ≤ this size is DiffQ (λ=1, g=8) " \
+           "(15.0 MB, ppl 18.20): DiffQ better." in notes
+    write_run(root, "d20", "diffq", 25.0, 11.0, **{"lambda": 20.0, "group_size": 16})
+    (section,) = results.build_sections(results.load_results(root, grid="table_lm"))
+    assert "does NOT decrease monotonically" in results.trade_off_notes(section)[0]
