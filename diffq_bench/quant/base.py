@@ -81,7 +81,7 @@ def check_finite(name: str, tensor: torch.Tensor, what: str = "parameter") -> No
     """Raise a clear error naming ``name`` when ``tensor`` holds NaN or inf."""
     # One vectorized reduction first: any NaN/inf makes the sum non-finite; only then (or on
     # an overflow of the sum) pay for the elementwise check that counts the bad entries.
-    if tensor.numel() and bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))):
+    if tensor.numel() and bool(torch.isfinite(tensor.detach().sum())):
         return
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())

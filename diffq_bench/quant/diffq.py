@@ -140,8 +140,8 @@ def _from_widths(read: tp.Callable[[int, int], torch.Tensor], bits: torch.Tensor
     order = torch.sort(widths_full, stable=True).indices
     counts = torch.bincount(widths_full, minlength=17).tolist() if n_full else [0] * 17
     tail_width = int(bits[-1]) if rem else -1
-    rows = torch.empty(n_full, g, dtype=torch.long)
-    tail = torch.empty(rem, dtype=torch.long)
+    rows = torch.empty(n_full, g, dtype=torch.int32)
+    tail = torch.empty(rem, dtype=torch.int32)
     start = 0
     for width in range(1, 17):
         count = counts[width] * g + (rem if width == tail_width else 0)
@@ -154,7 +154,7 @@ def _from_widths(read: tp.Callable[[int, int], torch.Tensor], bits: torch.Tensor
             tail = chunk[counts[width] * g:]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n_full)
-    levels = torch.empty(n, dtype=torch.long)
+    levels = torch.empty(n, dtype=torch.int32)
     # a gather (index_select) is much cheaper than scattering rows back with advanced indexing
     torch.index_select(rows, 0, inverse, out=levels[:n_full * g].view(n_full, g))
     levels[n_full * g:] = tail
@@ -368,7 +368,7 @@ class DiffQuantizer(BaseQuantizer):
                 raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths "
                                      f"need more: corrupt state")
             offset += size
-            return unpack_uint(data[offset - size:offset], width, count)
+            return unpack_uint(data[offset - size:offset], width, count, dtype=torch.int32)
 
         levels = _from_widths(read, bits, n, g)
         if offset != data.numel():
