@@ -190,3 +190,17 @@ def test_cuda_eval_equals_restore(name):
     fresh = restore(Zoo().cuda().eval(), state)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+@pytest.mark.parametrize("name", ["diffq", "lsq"])
+def test_failed_construction_leaves_no_hooks(name):
+    model = nn.Sequential(nn.Linear(7, 7), nn.Linear(7, 3))  # 49 and 21 weights
+    if name == "lsq":
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        kwargs = {}
+    else:
+        kwargs = {"group_size": 16}
+    with pytest.raises(QuantizerError, match="0.weight|divides none"):
+        get_quantizer(name, model, min_size=0, **kwargs)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -7,7 +7,6 @@ import torch
 
 from diffq_bench import cli
 from diffq_bench.config import compose, find_conf_dir
-from diffq_bench.quant import QuantizerError
 from diffq_bench.tasks import TASKS, DataMissingError, get_task
 from diffq_bench.tasks.vision import VISION_TASKS, create_image_model
 from test_images import make_cifar10_fixture, make_imagefolder, _py2_style_batch
@@ -56,18 +55,10 @@ def test_registry_has_vision_tasks():
     assert set(DEBUG) == set(VISION_TASKS)  # a new vision task must get an e2e entry here
 
 
-# Known limitation of the one-shot MPQ quantizer (diffq_bench/quant/oneshot.py): a BatchNorm after
-# a layer too small to quantize (the 3x3 RGB stem of every CIFAR-style CNN: 864-1,728 weights, below
-# min_size) raises "BatchNorm 'bn1' comes before any quantized layer". Reported; kept visible here.
-ONESHOT_CNN = pytest.mark.xfail(reason="oneshot_mpq rejects a BatchNorm after an unquantized stem",
-                                raises=QuantizerError, strict=False)
-
-
 def _cases():
     for task in sorted(DEBUG):
         for quant in QUANT_CONFS:
-            marks = [ONESHOT_CNN] if quant == "oneshot_mpq" and task != "imagenet" else []
-            yield pytest.param(task, quant, marks=marks, id=f"{task}-{quant}")
+            yield pytest.param(task, quant, id=f"{task}-{quant}")
 
 
 def _paths(data_root, tmp_path):

@@ -16,10 +16,10 @@ from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, seri
 from .diffq import DiffQuantizer
 from .lsq import LSQQuantizer
 from .uniform import UniformQuantizer
-from .ipq import QuantNoiseIPQQuantizer
-from .quant_noise import QuantNoiseQuantizer
 from .dsq import DSQQuantizer
 from .oneshot import OneShotMPQQuantizer
+from .ipq import QuantNoiseIPQQuantizer
+from .quant_noise import QuantNoiseQuantizer
 
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
     "none": NoQuantizer,

@@ -7,7 +7,8 @@ quantizer showed at eval:
 
 - DSQ (Gong et al. 2019): asymmetric levels on a learnable clipping range ``[lower, upper]``,
   forward = hard quantization, gradient = derivative of the tanh-based soft step.
-- LSQ (Esser et al. 2020): ``round(clamp(x / s, -Q_N, Q_P)) * s`` with a learned step ``s``.
+- LSQ (Esser et al. 2020): ``round(clamp(x / s, -Q_N, Q_P)) * s`` with a learned step ``s``, built
+  on the primitives of :mod:`diffq_bench.quant.lsq` (one implementation of LSQ's gradients).
 
 Activations are quantized by forward pre-hooks on the quantized layers (their first positional
 input), installed by :func:`install_input_hooks`; restored models get the same hooks from the
@@ -21,6 +22,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from . import lsq
 from .base import QuantizerError
 
 #: Layers whose first input is an activation we quantize. Modules reading several inputs
@@ -94,6 +96,9 @@ def dsq_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alph
 
 
 # ------------------------------------------------------------------------------------ LSQ
+# The LSQ primitives (gradient scale, straight-through round and positive step, levels and
+# dequantization) are those of :mod:`diffq_bench.quant.lsq`; this adds unsigned level sets
+# (activations after a ReLU) and the per-call step and bit width a supernet needs.
 def lsq_bounds(bits: int, signed: bool) -> tp.Tuple[int, int]:
     """``(Q_N, Q_P)``: signed ``(2^(b−1), 2^(b−1) − 1)``, unsigned ``(0, 2^b − 1)``."""
     if signed:
@@ -107,39 +112,38 @@ def lsq_init_step(x: torch.Tensor, bits: int, signed: bool) -> float:
     return max(2 * float(x.detach().abs().mean()) / math.sqrt(max(qp, 1)), 1e-6)
 
 
-def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    # Value of x, gradient multiplied by ``scale`` (LSQ's step-size gradient scaling).
-    return (x - x * scale).detach() + x * scale
-
-
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
                  numel: tp.Optional[int] = None) -> torch.Tensor:
     """LSQ training forward: ``round(clamp(x/s, −Q_N, Q_P))·s``, straight-through round.
 
     Args:
         x: the tensor to quantize.
-        step: the learned step (scalar tensor; clamped positive).
+        step: the learned step (scalar tensor; kept positive with a straight-through clamp).
         bits, signed: the level set (:func:`lsq_bounds`).
         numel: elements per step for the gradient scale ``1/sqrt(numel·Q_P)`` (x.numel() if None).
     """
     qn, qp = lsq_bounds(bits, signed)
     grad = 1.0 / math.sqrt((numel or x.numel()) * max(qp, 1))
-    s = _grad_scale(step.clamp_min(1e-8), grad)
-    v = torch.clamp(x / s, -qn, qp)
-    return (v + (torch.round(v) - v).detach()) * s
+    s = lsq.positive_step(lsq.grad_scale(step, grad))
+    return lsq.round_ste(torch.clamp(x / s, -qn, qp)) * s
 
 
 def lsq_levels(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Integer levels ``round(clamp(x/s, −Q_N, Q_P))`` (int64)."""
+    """Unsigned levels ``round(clamp(x/s, −Q_N, Q_P)) + Q_N`` in ``[0, 2^b)`` (int64, flat)."""
     qn, qp = lsq_bounds(bits, signed)
     with torch.no_grad():
-        return torch.round(torch.clamp(x.detach().float() / step.detach().float().clamp_min(1e-8),
-                                       -qn, qp)).long()
+        return lsq.lsq_levels(x, step.detach().float().clamp_min(lsq.STEP_EPS), qn, qp)
 
 
-def lsq_dequantize(levels: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``levels·s`` (float32); the eval forward and restore both use this."""
-    return levels.float() * step.detach().float().clamp_min(1e-8)
+def lsq_dequantize(levels: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``(levels − Q_N)·s`` (float32, flat); the eval forward and restore both use this."""
+    qn, _ = lsq_bounds(bits, signed)
+    return lsq.lsq_dequantize(levels, step.detach().float().clamp_min(lsq.STEP_EPS), qn)
+
+
+def lsq_eval(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The quantized value of ``x`` seen at eval (float32, shape of ``x``)."""
+    return lsq_dequantize(lsq_levels(x, step, bits, signed), step, bits, signed).view(x.shape)
 
 
 # ------------------------------------------------------------------------ activation hooks
@@ -181,8 +185,7 @@ def _restored_act(entry: tp.Dict[str, tp.Any], x: torch.Tensor) -> torch.Tensor:
         levels = dsq_levels(x, lower, upper, entry["bits"])
         return dsq_dequantize(levels, lower, upper, entry["bits"]).to(x.dtype)
     if kind == "lsq":
-        step = scalar("step")
-        return lsq_dequantize(lsq_levels(x, step, entry["bits"], entry["signed"]), step).to(x.dtype)
+        return lsq_eval(x, scalar("step"), entry["bits"], entry["signed"]).to(x.dtype)
     raise QuantizerError(f"unknown activation quantizer kind {kind!r}; valid: dsq, lsq")
 
 

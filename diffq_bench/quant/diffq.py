@@ -271,6 +271,7 @@ class DiffQuantizer(BaseQuantizer):
         if self.group_size and self.qparams and not any(
                 qp.param.numel() % self.group_size == 0 for qp in self.qparams):
             sizes = sorted({qp.param.numel() for qp in self.qparams})[:8]
+            self.detach()  # leave the model as it was: no hooks of a quantizer that never was
             raise QuantizerError(f"group_size={self.group_size} divides none of the quantized "
                                  f"tensor sizes {sizes}...; use 0 (one group per tensor) or a "
                                  "divisor of the tensor sizes (8, 16 in the paper)")

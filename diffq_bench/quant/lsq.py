@@ -17,7 +17,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam, check_finite, check_range
+from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
 from .pack import pack_uint, unpack_uint
 
 STEP_EPS = 1e-8
@@ -85,7 +85,11 @@ class LSQQuantizer(BaseQuantizer):
         self.steps: tp.Dict[str, nn.Parameter] = {}
         for qp in self.qparams:
             weight = qp.param.detach()
-            check_finite(qp.name, weight, "weight")
+            try:
+                check_finite(qp.name, weight, "weight")
+            except QuantizerError:
+                self.detach()  # leave the model as it was: no hooks of a quantizer that never was
+                raise
             init = 2 * weight.abs().mean().float() / math.sqrt(self.qp)
             init = init.clamp(min=STEP_EPS)
             self.steps[qp.name] = nn.Parameter(init.reshape(1).to(weight.device))

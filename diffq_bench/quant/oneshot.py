@@ -19,81 +19,23 @@ budget; BN statistics are recalibrated before every measurement. Export packs th
 """
 from __future__ import annotations
 
-import copy
-import math
+import logging
 import typing as tp
 
 import torch
 from torch import nn
 
+from . import bnpairs, oneshot_train
 from .actquant import (act_layers, install_input_hooks, install_restored_activations, lsq_dequantize,
-                       lsq_init_step, lsq_levels, lsq_quantize)
+                       lsq_eval, lsq_init_step, lsq_levels, lsq_quantize)
 from .base import MB, BaseQuantizer, Calibration, QParam, QuantizerError, check_range
+from .bnpairs import SwitchableBN, pair_key
+from .oneshot_search import Config, GreedySearch, layer_macs
+from .oneshot_train import output_mse
 from .pack import pack_uint, unpack_uint
 
-Config = tp.Dict[str, tp.Tuple[int, int]]  # layer -> (weight bits, act bits; 0 = float input)
-
-
-class SwitchableBN(nn.Module):
-    """One BatchNorm per bit-width pair; ``key`` (set by the quantizer) selects the active one."""
-
-    def __init__(self, bn: nn.Module, keys: tp.Sequence[str]):
-        super().__init__()
-        self.bns = nn.ModuleDict({key: copy.deepcopy(bn) for key in keys})
-        self.key = keys[-1]
-        self.capture: tp.Optional[tp.Callable[["SwitchableBN", torch.Tensor], None]] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bns[self.key](x)
-        if self.capture is not None:
-            self.capture(self, out)
-        return out
-
-
-def _pair_key(wbits: int, abits: int) -> str:
-    return f"w{wbits}a{abits}"
-
-
-def _macs(module: nn.Module, x: torch.Tensor, out: tp.Any, weights: tp.Sequence[torch.Tensor]) -> float:
-    """Multiply-accumulates per sample of one forward of ``module`` (first dim = batch)."""
-    batch = max(1, x.shape[0]) if x.dim() > 0 else 1
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and torch.is_tensor(out):
-        return out.numel() / batch * module.weight[0].numel()
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-        return x.numel() / batch * module.weight[0].numel()
-    if not x.is_floating_point():  # embeddings: lookups, no MACs
-        return 0.0
-    rows = x.numel() / max(1, x.shape[-1]) / batch  # tokens / time steps per sample
-    return rows * sum(w.numel() for w in weights if w.dim() > 1)
-
-
-def _tensors(obj: tp.Any) -> tp.List[torch.Tensor]:
-    if torch.is_tensor(obj):
-        return [obj] if obj.is_floating_point() else []
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    return []
-
-
-def output_mse(student: tp.Any, teacher: tp.Any) -> torch.Tensor:
-    """Generic distillation: mean squared error over the floating tensor leaves of the outputs."""
-    pairs = list(zip(_tensors(student), _tensors(teacher)))
-    if not pairs:
-        raise QuantizerError("cannot distil: the model output holds no floating tensor; give the task "
-                             "a distill_loss(student, teacher) method")
-    return sum(nn.functional.mse_loss(s.float(), t.detach().float()) for s, t in pairs) / len(pairs)
-
-
-def _detach(obj: tp.Any) -> tp.Any:
-    if torch.is_tensor(obj):
-        return obj.detach()
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detach(v) for v in obj) if not hasattr(obj, "_fields") else type(obj)(*map(_detach, obj))
-    return obj
+logger = logging.getLogger(__name__)
+__all__ = ["OneShotMPQQuantizer", "SwitchableBN", "COSTS", "output_mse"]
 
 
 #: budget kind -> cost(quantizer, config); the search keeps cost <= budget.
@@ -151,18 +93,34 @@ class OneShotMPQQuantizer(BaseQuantizer):
         self.sched_every, self.sched_frac = int(sched_every), float(sched_frac)
         self.turbulence_eps, self.budget_kind, self.budget = float(turbulence_eps), budget_kind, float(budget)
         self.calib_batches = self.calibration_batches = int(calib_batches)
-        abits = self.act_bits or [0]
-        self._bn_ids: tp.Set[int] = set()
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                container = SwitchableBN(module, [_pair_key(w, a) for w in self.bits for a in abits])
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, container)
-                self._bn_ids.update(id(p) for p in container.parameters())
         if isinstance(model, nn.modules.batchnorm._BatchNorm):
             raise QuantizerError("oneshot_mpq needs a model with quantizable layers, got a bare BatchNorm")
+        # Which BNs get one copy per bit pair depends on which layers are quantized: decided by the
+        # base class's own rule (_accepts, needing min_size/exclude) on the plain model, before the swap.
+        check_range("min_size", min_size, 0.0, float("inf"))
+        self.min_size, self.exclude = float(min_size), [exclude] if isinstance(exclude, str) else list(exclude)
+        self._bn_ids: tp.Set[int] = bnpairs.batchnorm_param_ids(model)
+        owned = [bn for bn, layer in bnpairs.producers(model, self._quantized_modules(model)).items()
+                 if layer is not None]
+        abits = self.act_bits or [0]
+        bnpairs.swap_batchnorms(model, owned, [pair_key(w, a) for w in self.bits for a in abits])
+        self._bn_ids = bnpairs.batchnorm_param_ids(model)
         super().__init__(model, min_size=min_size, float16=float16, exclude=exclude)
         self._setup_layers()
+
+    def _quantized_modules(self, model: nn.Module) -> tp.Set[str]:
+        accepted: tp.Dict[int, bool] = {}  # tied parameters follow their first occurrence, as in the base
+        out = set()
+        for mod_name, module in model.named_modules():
+            for attr, param in module._parameters.items():
+                if param is None:
+                    continue
+                if id(param) not in accepted:
+                    full = f"{mod_name}.{attr}" if mod_name else attr
+                    accepted[id(param)] = self._accepts(full, module, attr, param)
+                if accepted[id(param)]:
+                    out.add(mod_name)
+        return out
 
     @staticmethod
     def _check_candidates(name: str, values: tp.Any, allow_empty: bool) -> tp.List[int]:
@@ -199,14 +157,11 @@ class OneShotMPQQuantizer(BaseQuantizer):
         self._act_handles = install_input_hooks(self._act_modules, self._act_forward)
         # BN container -> the quantized layer registered just before it (its producer).
         self._bn_owner: tp.Dict[str, str] = {}
-        last = None
-        for name, module in modules.items():
-            if name in self._layer_of.values():
-                last = name
-            if isinstance(module, SwitchableBN):
-                if last is None:
-                    raise QuantizerError(f"BatchNorm {name!r} comes before any quantized layer")
-                self._bn_owner[name] = last
+        for name, layer in bnpairs.producers(self.model, set(self._layer_of.values())).items():
+            if isinstance(modules[name], SwitchableBN):
+                if layer is None:  # the pre-swap pass and the base class disagree: a bug, not bad input
+                    raise RuntimeError(f"BatchNorm pair container {name!r} has no quantized producer")
+                self._bn_owner[name] = layer
         self.macs: tp.Dict[str, float] = {}
         for name in self.layers:
             self._handles.append(modules[name].register_forward_hook(self._count_macs))
@@ -262,7 +217,7 @@ class OneShotMPQQuantizer(BaseQuantizer):
         abits = self.act_bits or [0]
         for bn_name, owner in self._bn_owner.items():
             w, a = self._config[owner]
-            modules[bn_name].key = _pair_key(w, a if a else abits[-1])
+            modules[bn_name].key = pair_key(w, a if a else abits[-1])
 
     def size_bits(self, cfg: Config) -> float:
         """Storage bits of the quantized weights under ``cfg`` (levels only)."""
@@ -286,7 +241,7 @@ class OneShotMPQQuantizer(BaseQuantizer):
         if name in self.macs or not inputs or not torch.is_tensor(inputs[0]):
             return
         weights = [qp.param for qp in self.qparams if qp.module is module]
-        self.macs[name] = float(_macs(module, inputs[0], out, weights))
+        self.macs[name] = float(layer_macs(module, inputs[0], out, weights))
 
     def _module_names(self) -> tp.Dict[int, str]:
         if not hasattr(self, "_names_cache"):
@@ -306,14 +261,20 @@ class OneShotMPQQuantizer(BaseQuantizer):
 
     def _eval_value(self, qp: QParam) -> torch.Tensor:
         bits = self._wbits(qp)
+        return lsq_eval(qp.param, self._step(qp, bits), bits, True).to(qp.param.dtype)
+
+    def _eval_key(self, qp: QParam) -> tp.Any:
+        # The eval weight only changes with the layer's bits or that step (the search switches
+        # configurations thousands of times: unchanged layers reuse their quantized weights).
+        bits = self._wbits(qp)
         step = self._step(qp, bits)
-        return lsq_dequantize(lsq_levels(qp.param, step, bits, True), step).to(qp.param.dtype)
+        return bits, step._version, step.data_ptr()
 
     def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
         bits = self._wbits(qp)
         step = self._step(qp, bits)
-        levels = lsq_levels(qp.param, step, bits, True) + 2 ** (bits - 1)  # offset to unsigned
-        return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.reshape(-1).cpu(), bits),
+        levels = lsq_levels(qp.param, step, bits, True)  # unsigned: signed level + 2**(bits-1)
+        return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.cpu(), bits),
                 "step": float(step.detach().float().clamp_min(1e-8))}  # exact float32 value
 
     @classmethod
@@ -321,8 +282,9 @@ class OneShotMPQQuantizer(BaseQuantizer):
         if entry["numel"] != like.numel():
             raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, "
                                  f"parameter has {like.numel()}")
-        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"]) - 2 ** (entry["bits"] - 1)
-        return lsq_dequantize(levels, torch.as_tensor(entry["step"], dtype=torch.float32)).reshape(like.shape)
+        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"])
+        step = torch.as_tensor(entry["step"], dtype=torch.float32)
+        return lsq_dequantize(levels, step, entry["bits"], True).reshape(like.shape)
 
     def _param_bits(self, qp: QParam) -> torch.Tensor:
         return torch.tensor(float(self._wbits(qp) * qp.param.numel() + 32))
@@ -339,7 +301,7 @@ class OneShotMPQQuantizer(BaseQuantizer):
         signed = self._act_signed[name]
         if module.training:
             return lsq_quantize(x, step, bits, signed, numel=x[0].numel()).to(x.dtype)
-        return lsq_dequantize(lsq_levels(x, step, bits, signed), step).to(x.dtype)
+        return lsq_eval(x, step, bits, signed).to(x.dtype)
 
     # ---------------------------------------------------------------------- training step
     def _capture_bn(self, bn: SwitchableBN, out: torch.Tensor) -> None:
@@ -370,7 +332,7 @@ class OneShotMPQQuantizer(BaseQuantizer):
         rest = dict(self._config)
         try:
             loss, metrics, teacher, bn_teacher = self._forward(task, model, batch, self.max_config())
-            teacher = _detach(teacher)
+            teacher = oneshot_train.detach_tree(teacher)
             total = loss
             extra = {"mpq_sub_loss": 0.0, "mpq_kd": 0.0, "mpq_bn_align": 0.0}
             distill = getattr(task, "distill_loss", None) or output_mse
@@ -395,50 +357,27 @@ class OneShotMPQQuantizer(BaseQuantizer):
 
     def turbulence(self, layer: str, bits: int) -> float:
         """Share of the layer's weights within ``turbulence_eps`` steps of a rounding boundary."""
-        near, total = 0, 0
-        with torch.no_grad():
-            for qp in self.qparams:
-                if self._layer_of[qp.name] != layer:
-                    continue
-                scaled = qp.param.detach().float() / self._step(qp, bits).detach().clamp_min(1e-8)
-                frac = scaled - torch.floor(scaled)
-                near += int(((frac - 0.5).abs() < self.turbulence_eps).sum())
-                total += qp.param.numel()
-        return near / max(1, total)
+        qps = [qp for qp in self.qparams if self._layer_of[qp.name] == layer]
+        return oneshot_train.turbulence([qp.param for qp in qps], [self._step(qp, bits) for qp in qps],
+                                        self.turbulence_eps)
 
     def schedule(self) -> None:
         """Bit-width scheduler: freeze the lowest candidate of the most turbulent layers."""
         self._frozen = {}
         if len(self.bits) < 2 or self.sched_frac <= 0:
             return
-        ranked = sorted(self.layers, key=lambda n: -self.turbulence(n, self.bits[0]))
-        for name in ranked[:int(math.ceil(self.sched_frac * len(ranked)))]:
+        scores = {n: self.turbulence(n, self.bits[0]) for n in self.layers}
+        for name in oneshot_train.most_turbulent(scores, self.sched_frac):
             self._frozen[name] = [self.bits[0]]
 
     # ------------------------------------------------------------------- search (stage 2)
     def recalibrate(self, task: tp.Any, batches: tp.Sequence[tp.Any]) -> None:
         """Re-estimate the active BN pairs' statistics on ``batches`` (quantized eval forwards)."""
-        active = [m.bns[m.key] for m in self.model.modules() if isinstance(m, SwitchableBN)]
-        if not active or not batches:
-            return
-        was_training = self.model.training
-        momenta = [bn.momentum for bn in active]
-        self.model.eval()
-        for bn in active:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the calibration batches
-            bn.train()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    task.step(self.model, batch)
-        finally:
-            for bn, momentum in zip(active, momenta):
-                bn.momentum = momentum
-            self.model.train(was_training)
+        bnpairs.recalibrate(self.model, lambda batch: task.step(self.model, batch), batches)
 
     def search(self, evaluate: tp.Callable[[nn.Module], float], budget: tp.Optional[float] = None,
-               recalibrate: tp.Optional[tp.Callable[[], None]] = None, max_moves: int = 10000) -> Config:
+               recalibrate: tp.Optional[tp.Callable[[], None]] = None, max_moves: int = 10000,
+               lazy: bool = True) -> Config:
         """Greedy retraining-free search of a configuration with ``cost <= budget``.
 
         Args:
@@ -446,8 +385,11 @@ class OneShotMPQQuantizer(BaseQuantizer):
             budget: in ``budget_kind`` units (the constructor's ``budget`` when None).
             recalibrate: called after each configuration change, before ``evaluate`` (BN stats).
             max_moves: safety cap on the number of accepted moves.
+            lazy: accelerated greedy (:mod:`~diffq_bench.quant.oneshot_search`); False measures
+                every move of every round.
         Returns:
-            the chosen configuration, left active (and the one :meth:`export` packs).
+            the chosen configuration, left active (and the one :meth:`export` packs); its error is
+            ``self.search_error`` and the search's counters ``self.search_stats``.
         """
         budget = self.budget if budget is None else float(budget)
         low = {n: (self.bits[0], (self.act_bits[0] if (self.act_bits and n in self._act_modules) else 0))
@@ -457,52 +399,25 @@ class OneShotMPQQuantizer(BaseQuantizer):
                                  f"cost {self.cost(low):g} (every layer at its lowest candidate)")
         was_training = self.model.training
 
-        def measure(cfg: Config) -> float:
+        def activate(cfg: Config) -> None:
             self.set_config(cfg)
             if recalibrate is not None:
                 recalibrate()
             self.model.eval()
+
+        def measure(cfg: Config) -> float:
+            activate(cfg)
             with torch.no_grad():
                 return float(evaluate(self.model))
 
-        def neighbours(cfg: Config, step: int) -> tp.Iterator[Config]:
-            for n in self.layers:
-                for axis, cands in ((0, self.bits), (1, self.act_bits if n in self._act_modules else [])):
-                    if cfg[n][axis] not in cands:
-                        continue
-                    j = cands.index(cfg[n][axis]) + step
-                    if 0 <= j < len(cands):
-                        new = dict(cfg)
-                        pair = list(cfg[n])
-                        pair[axis] = cands[j]
-                        new[n] = (pair[0], pair[1])
-                        yield new
-
-        cfg = self.mid_config()
-        err = measure(cfg)
-        moves = 0
-        while self.cost(cfg) > budget * (1 + 1e-9) and moves < max_moves:  # descend to the budget
-            scored = []
-            for new in neighbours(cfg, -1):
-                saved = self.cost(cfg) - self.cost(new)
-                if saved > 0:
-                    new_err = measure(new)
-                    scored.append(((new_err - err) / saved, new_err, new))
-            _, err, cfg = min(scored, key=lambda item: item[0])
-            moves += 1
-        while moves < max_moves:  # spend what is left of the budget where it helps most
-            scored = []
-            for new in neighbours(cfg, +1):
-                extra = self.cost(new) - self.cost(cfg)
-                if extra > 0 and self.cost(new) <= budget * (1 + 1e-9):
-                    new_err = measure(new)
-                    if new_err < err:
-                        scored.append(((err - new_err) / extra, new_err, new))
-            if not scored:
-                break
-            _, err, cfg = max(scored, key=lambda item: item[0])
-            moves += 1
-        self.search_error = measure(cfg)  # leaves cfg active with its BN recalibrated
+        candidates = {n: (self.bits, self.act_bits if n in self._act_modules else []) for n in self.layers}
+        greedy = GreedySearch(measure, self.cost, candidates, budget, lazy=lazy, max_moves=max_moves)
+        cfg, self.search_error = greedy.run(self.mid_config())
+        activate(cfg)  # leaves cfg active with its BN recalibrated (its error is already known)
+        self.search_stats = dict(greedy.stats)
+        logger.info("oneshot_mpq search: %s %.4g <= %g, error %.4g; %d measurements, %d moves, %.1f s",
+                    self.budget_kind, self.cost(cfg), budget, self.search_error,
+                    greedy.stats["measurements"], greedy.stats["moves"], greedy.stats["seconds"])
         self._searched = True
         self.model.train(was_training)
         return dict(cfg)
@@ -527,27 +442,17 @@ class OneShotMPQQuantizer(BaseQuantizer):
         return "searched" if self._searched else "supernet"
 
     # ----------------------------------------------------------------- export / state
-    def _bn_entries(self) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Dict[str, torch.Tensor]]:
-        """Active BN pair of each container, under the plain model's names: (params, buffers)."""
-        params, buffers = {}, {}
-        modules = dict(self.model.named_modules())
-        for name in self._bn_owner:
-            bn = modules[name].bns[modules[name].key]
-            for attr, p in bn.named_parameters():
-                params[f"{name}.{attr}"] = p.detach().cpu().clone()
-            for attr, b in bn.named_buffers():
-                buffers[f"{name}.{attr}"] = b.detach().cpu().clone()
-        return params, buffers
-
     def export(self) -> tp.Dict[str, tp.Any]:
         state = super().export()
         prefixes = tuple(f"{name}." for name in self._bn_owner)
         floats = {k: v for k, v in state["float"].items() if not k.startswith(prefixes)}
-        bn_params, bn_buffers = self._bn_entries()
+        bn_params, bn_buffers = bnpairs.active_entries(self.model)
         dtype = torch.float16 if self.float16 else torch.float32
         floats.update({k: v.to(dtype) for k, v in bn_params.items()})
         state["float"] = floats
-        state["buffers"] = bn_buffers
+        # Running statistics of every BN (chosen pairs and plain ones), so that restoring into a
+        # fresh plain model reproduces the eval outputs without copying buffers by hand.
+        state["buffers"] = {**bnpairs.plain_buffers(self.model), **bn_buffers}
         acts = {}
         for name in self._act_modules:
             if name not in self._act_signed:  # no forward reached it yet: its input is not quantized
@@ -575,9 +480,13 @@ class OneShotMPQQuantizer(BaseQuantizer):
         bits = sum(float(self._param_bits(qp)) for qp in self.qparams)
         prefixes = tuple(f"{name}." for name in self._bn_owner)
         floats = sum(p.numel() for n, p in self._float_params if not n.startswith(prefixes))
-        floats += sum(v.numel() for v in self._bn_entries()[0].values())
+        floats += sum(v.numel() for v in bnpairs.active_entries(self.model)[0].values())
         bits += floats * (16 if self.float16 else 32)
         return torch.tensor(bits / 8 / MB)
+
+    def float_numel(self) -> int:
+        """Parameters of the plain model: one BatchNorm per layer, not one per bit pair."""
+        return bnpairs.plain_numel(self.model)
 
     def detach(self) -> None:
         super().detach()
