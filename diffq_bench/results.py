@@ -388,6 +388,11 @@ def _num(value: tp.Optional[float], digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _bits(value: tp.Optional[float]) -> str:
+    # 0 means no weight was quantized (the float baseline): there is no quantized bit width to show
+    return MISSING if not value else _num(value)
+
+
 def _size(value: tp.Optional[float]) -> str:
     if value is None:
         return MISSING
@@ -435,7 +440,7 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
             paper += f" ({ref.metric})"
         cells.append([row.label] + extras + [metric] + ([str(len(row.runs))] if seeds else []) + [
             _size(row.mean("true_size_mb")), MISSING if compr is None else f"{compr:.1f}×",
-            _num(row.mean("bits_per_weight")), paper,
+            _bits(row.mean("bits_per_weight")), paper,
             MISSING if delta is None else f"{delta:+.2f}",
             MISSING if ref is None or ref.size_mb is None else _published(ref.size_mb)])
     return header, cells
@@ -462,8 +467,9 @@ def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional
         sources = sorted({r.reference.source + (f" ({r.reference.note})" if r.reference.note else "")
                           for r in section.rows if r.reference is not None})
         notes = [f"test {section.metric} ({direction} is better), mean ± std over seeds; size MB = "
-                 "bytes of the packed quantized model / 2^20; Δ = ours − paper; "
-                 f"{MISSING} = missing."] + [f"Source: {s}" for s in sources]
+                 "bytes of the packed quantized model / 2^20; bits/w = mean stored bits per "
+                 "quantized weight; Δ = ours − paper; "
+                 f"{MISSING} = missing (bits/w: nothing quantized)."] + [f"Source: {s}" for s in sources]
         notes += [f"Not matched to a row: {n}" for n in section.notes]
         notes += [f"Measured: {n}" for n in trade_off_notes(section)]
         if fmt == "md":

@@ -79,6 +79,6 @@ def test_mini_grid_covers_the_issue_methods():
         mine = [j for j in jobs if j["task"] == task]
         methods = {(j["quant"], j.get("quant.bits")) for j in mine}
         assert {("none", None), ("qat", "4"), ("qat", "8"), ("lsq", None), ("quant_noise", "4"),
-                ("dsq", None), ("oneshot_mpq", None)} <= methods, task
+                ("quant_noise_ipq", None), ("dsq", None), ("oneshot_mpq", None)} <= methods, task
         diffq = {(j["lambda"], j["group_size"]) for j in mine if j["quant"] == "diffq"}
         assert len({lam for lam, _ in diffq}) == 3 and {g for _, g in diffq} == {"8", "16"}, task

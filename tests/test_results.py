@@ -15,7 +15,8 @@ def write_run(root, sig, quant, metric_value, size, task="wikitext103", seed=0, 
     ax = {"task.name": task, "quant.name": quant, "seed": seed, "optim.lr": 1.0, **axes}
     res = {"sig": sig, "task": task, "quant": quant, "metric": metric, "lower_is_better": lower,
            "axes": ax, "metrics": {f"test_{metric}": metric_value, "true_size_mb": size,
-                                   "compression": 100.0 / size, "bits_per_weight": 32 * size / 100,
+                                   "compression": 100.0 / size,
+                                   "bits_per_weight": 0.0 if quant == "none" else 32 * size / 100,
                                    "wall_time_s": 1.0},
            "grids": list(grids), "finished": "2026-01-01T00:00:00+00:00"}
     (folder / "result.json").write_text(json.dumps(res))
@@ -74,6 +75,9 @@ def test_rows_grouped_ordered_and_referenced(store):
     qat = dict(zip(header, cells[labels.index("QAT 4 bits")]))
     assert qat["paper ppl"] == results.MISSING and qat["Δ"] == results.MISSING
     assert qat["size MB"] == "12.5" and qat["compr."] == "8.0×" and qat["seeds"] == "1"
+    assert qat["bits/w"] == "4.00"
+    float_row = dict(zip(header, cells[labels.index("Float")]))
+    assert float_row["bits/w"] == results.MISSING  # nothing quantized: no bit width, not "0.00"
     assert section.notes and "bits not stated" in section.notes[0]
 
 

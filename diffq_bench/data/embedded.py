@@ -21,6 +21,7 @@ import bz2
 import collections
 import hashlib
 import json
+import logging
 import os
 import re
 import typing as tp
@@ -55,11 +56,16 @@ def tokenize(text: str) -> tp.List[str]:
 
 def gensim_articles() -> tp.Optional[tp.List[Article]]:
     """The articles of gensim's Wikipedia excerpt, or None when gensim or the file is absent."""
+    gensim_log = logging.getLogger("gensim")
+    level = gensim_log.level
+    gensim_log.setLevel(logging.WARNING)  # gensim.test.utils logs a toy dictionary it builds at import
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
         from gensim.test.utils import datapath
     except ImportError:
         return None
+    finally:
+        gensim_log.setLevel(level)
     path = Path(datapath(GENSIM_FILE))
     if not path.is_file():
         return None
