@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import io
-import math
 import typing as tp
 
 import torch
 from torch import nn
 
-FORMAT_NAME = "diffq-bench/quantized-state"
-FORMAT_VERSION = 1
+# Also re-exported from here: the quantizers and callers import these names from ``.base``.
+from .checks import QuantizerError, check_finite, check_range  # noqa: F401
+from .state import (FORMAT_NAME, FORMAT_VERSION, deserialize, load_tensors,  # noqa: F401
+                    load_weights, make_state, serialize)
+
 MB = 2 ** 20  # sizes are in MiB throughout, as in the DiffQ code and paper
 
 
@@ -61,32 +62,6 @@ class Calibration:
     """
     task: tp.Any
     batches: tp.Sequence[tp.Any]
-
-
-class QuantizerError(ValueError):
-    """Bad quantizer argument or state: the message says what was wrong and the valid range."""
-
-
-def check_range(name: str, value: float, low: float, high: float, integer: bool = False) -> None:
-    """Raise :class:`QuantizerError` unless ``low <= value <= high`` (and integral if asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise QuantizerError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    if integer and int(value) != value:
-        raise QuantizerError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise QuantizerError(f"{name} must be in [{low}, {high}], got {value!r}")
-
-
-def check_finite(name: str, tensor: torch.Tensor, what: str = "parameter") -> None:
-    """Raise a clear error naming ``name`` when ``tensor`` holds NaN or inf."""
-    # One vectorized reduction first: any NaN/inf makes the sum non-finite; only then (or on
-    # an overflow of the sum) pay for the elementwise check that counts the bad entries.
-    if tensor.numel() and bool(torch.isfinite(tensor.detach().sum())):
-        return
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise QuantizerError(f"{what} {name!r} holds {bad} non-finite value(s) (NaN/inf); "
-                             "the run diverged or the checkpoint is corrupt")
 
 
 class BaseQuantizer:
@@ -354,9 +329,7 @@ class BaseQuantizer:
             quantized[qp.name] = self._export_param(qp)
         dtype = torch.float16 if self.float16 else torch.float32
         floats = {name: p.detach().to("cpu", dtype).clone() for name, p in self._float_params}
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "method": self.name,
-                "config": self.config(), "quantized": quantized, "float": floats,
-                "tied": dict(self._tied)}
+        return make_state(self.name, self.config(), quantized, floats, dict(self._tied))
 
     @classmethod
     def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
@@ -365,29 +338,7 @@ class BaseQuantizer:
         Methods that quantize more than weights (activations) override this to install their
         eval-time behaviour too.
         """
-        params = dict(model.named_parameters(remove_duplicate=False))
-        covered = (set(state.get("quantized", {})) | set(state.get("float", {}))
-                   | set(state.get("tied", {})))
-        missing = sorted(set(params) - covered)
-        if missing:
-            raise QuantizerError(f"model has {len(missing)} parameter(s) the quantized state lacks "
-                                 f"(e.g. {missing[:3]}): wrong model architecture for this state")
-        for section in ("quantized", "float"):
-            for name, entry in state.get(section, {}).items():
-                if name not in params:
-                    raise QuantizerError(f"quantized state has parameter {name!r} that the model lacks")
-                target = params[name]
-                shape = entry.get("shape") if section == "quantized" else list(entry.shape)
-                if shape is not None and tuple(shape) != tuple(target.shape):
-                    raise QuantizerError(f"shape mismatch for {name!r}: state has {tuple(shape)}, "
-                                         f"model has {tuple(target.shape)}")
-                value = cls._restore_param(entry, target) if section == "quantized" else entry
-                if tuple(value.shape) != tuple(target.shape):
-                    raise QuantizerError(f"shape mismatch for {name!r}: state has {tuple(value.shape)}, "
-                                         f"model has {tuple(target.shape)}")
-                with torch.no_grad():
-                    target.copy_(value.to(target.dtype))
-        return model
+        return load_weights(model, state, cls._restore_param)
 
     # -------------------------------------------------- multi-phase hooks (docs/INTERFACES.md)
     @property
@@ -433,42 +384,11 @@ class BaseQuantizer:
 
     def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
         """Inverse of :meth:`state_dict`, called on resume before the optimizer is built."""
-        params = self.quantizer_parameters()
-        saved = state.get("params", [])
-        if len(saved) != len(params):
-            raise QuantizerError(f"quantizer state holds {len(saved)} parameter(s), "
-                                 f"{self.name!r} expects {len(params)}")
-        with torch.no_grad():
-            for param, value in zip(params, saved):
-                if tuple(param.shape) != tuple(value.shape):
-                    raise QuantizerError(f"quantizer state shape {tuple(value.shape)} does not "
-                                         f"match {tuple(param.shape)}")
-                param.copy_(value.to(param.device, param.dtype))
+        load_tensors(self.quantizer_parameters(), state.get("params", []), self.name)
 
     def true_size_bytes(self) -> int:
         """Length in bytes of the serialized packed state (what would be written to disk)."""
         return len(serialize(self.export()))
-
-
-def serialize(state: tp.Dict[str, tp.Any]) -> bytes:
-    """Serialize an exported state with ``torch.save`` (data only: no code is pickled)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def deserialize(data: bytes) -> tp.Dict[str, tp.Any]:
-    """Inverse of :func:`serialize`, with ``weights_only=True`` (never unpickles code)."""
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - turn any corruption into one clear error
-        raise QuantizerError(f"not a readable quantized state ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
-        raise QuantizerError("not a diffq-bench quantized state (missing format marker)")
-    if state.get("version", 0) > FORMAT_VERSION:
-        raise QuantizerError(f"quantized state has format version {state.get('version')}, "
-                             f"this diffq-bench reads up to {FORMAT_VERSION}: upgrade it")
-    return state
 
 
 class NoQuantizer(BaseQuantizer):
