@@ -10,38 +10,24 @@ pure function of the inputs: same run store and references, same bytes.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
-import math
-import statistics
 import sys
 import typing as tp
 from pathlib import Path
 
-FORMATS = ("md", "csv", "latex")
-MISSING = "—"
+# The table vocabulary and the renderers live in their own modules; this module stays the public
+# entry point, so every name below is importable from diffq_bench.results as before.
+from .results_model import METHODS, Reference, Row, Section, _order, _published, method_label
+from .results_render import (FORMATS, MISSING, latex_escape, render,  # noqa: F401
+                             render_sections, section_table, trade_off_notes)
+
 #: metrics shown first in the per-run table, in this order (others follow alphabetically)
 METRIC_ORDER = ("true_size_mb", "compression", "bits_per_weight", "wall_time_s")
 #: axes averaged over (a row is a group of runs that differ only by these)
 SEED_AXES = ("seed", "quant.seed")
-#: method display order, names, and the axes that identify a configuration of the method
-METHODS: tp.Dict[str, tp.Tuple[str, tp.Tuple[str, ...]]] = {
-    "none": ("Float", ()),
-    "qat": ("QAT", ("quant.bits",)),
-    "lsq": ("LSQ", ("quant.bits",)),
-    "quant_noise": ("Quant-Noise", ("quant.bits", "quant.p")),
-    "quant_noise_ipq": ("Quant-Noise iPQ", ("quant.n_centroids", "quant.block_size", "quant.p")),
-    "dsq": ("DSQ", ("quant.bits", "quant.act_bits")),
-    "oneshot_mpq": ("One-shot MPQ", ("quant.budget_kind", "quant.budget")),
-    "diffq": ("DiffQ", ("lambda", "group_size")),
-}
 #: aliases of method axes (the same value under two names), never shown as extra columns
 _DUPLICATES = ("quant.penalty", "quant.group_size", "quant.name", "task.name", "task.model")
-_SHORT = {"quant.bits": "{} bits", "quant.p": "p={}", "quant.n_centroids": "K={}",
-          "quant.block_size": "block {}", "quant.act_bits": "A{}", "quant.budget_kind": "{}",
-          "quant.budget": "≤{}", "lambda": "λ={}", "group_size": "g={}"}
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
 
 
@@ -103,141 +89,13 @@ def build_table(results: tp.Sequence[tp.Dict[str, tp.Any]]
     return header, rows
 
 
-def render(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[tp.Any]], fmt: str) -> str:
-    """Render a table of raw values as ``md``, ``csv`` or ``latex``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "csv":
-        return _csv(header, [["" if v is None else _raw(v) for v in row] for row in rows])
-    cells = [[MISSING if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row]
-             for row in rows]
-    return _md(header, cells) if fmt == "md" else _latex(header, cells)
-
-
-def _raw(value: tp.Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _csv(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _md(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-_LATEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
-          "{": "\\{", "}": "\\}", "λ": "$\\lambda$", "±": "$\\pm$", "×": "$\\times$",
-          "≤": "$\\leq$", "—": "--", "Δ": "$\\Delta$", "↓": "$\\downarrow$", "↑": "$\\uparrow$"}
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX specials and spell the few unicode symbols the tables use."""
-    return "".join(_LATEX.get(ch, ch) for ch in text)
-
-
-def _latex(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[str]]) -> str:
-    lines = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
-             " & ".join(latex_escape(h) for h in header) + " \\\\", "\\midrule"]
-    lines += [" & ".join(latex_escape(c) for c in row) + " \\\\" for row in rows]
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _order(value: tp.Any) -> tp.Tuple[int, float, str]:
-    """Sort key mixing None, numbers and strings deterministically (numbers numerically)."""
-    if value is None:
-        return (0, 0.0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, float(value), "") if not math.isnan(value) else (1, math.inf, "nan")
-    return (2, 0.0, str(value))
-
+# ---------------------------------------------------------------------------------------------
+# Paper tables: sections of grouped rows with references
 
 def _same(a: tp.Any, b: tp.Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     return a == b
-
-
-def _fmt_axis(value: tp.Any) -> str:
-    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Paper tables: sections of grouped rows with references
-
-@dataclasses.dataclass
-class Reference:
-    """A published number (``results/reference/*.yaml`` entry); ``value`` None means a claim only."""
-    task: str
-    quant: str
-    metric: str
-    source: str
-    provenance: str
-    model: tp.Optional[str] = None
-    match: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)
-    value: tp.Optional[float] = None
-    size_mb: tp.Optional[float] = None
-    label: tp.Optional[str] = None
-    note: tp.Optional[str] = None
-    matchable: bool = True
-
-
-@dataclasses.dataclass
-class Row:
-    """Runs of one configuration (differing only by seed), or a published number we lack."""
-    quant: str
-    label: str
-    axes: tp.Dict[str, tp.Any]
-    runs: tp.List[tp.Dict[str, tp.Any]]
-    reference: tp.Optional[Reference] = None
-
-    def values(self, key: str) -> tp.List[float]:
-        return [float(r["metrics"][key]) for r in self.runs
-                if isinstance(r.get("metrics", {}).get(key), (int, float))]
-
-    def mean(self, key: str) -> tp.Optional[float]:
-        vals = self.values(key)
-        return sum(vals) / len(vals) if vals else None
-
-    def std(self, key: str) -> tp.Optional[float]:
-        vals = self.values(key)
-        return statistics.stdev(vals) if len(vals) > 1 else None
-
-
-@dataclasses.dataclass
-class Section:
-    """One benchmark (task, model): its rows, metric and the extra axes that vary."""
-    task: str
-    model: tp.Optional[str]
-    metric: str
-    lower_is_better: bool
-    rows: tp.List[Row]
-    extra_axes: tp.List[str]
-    notes: tp.List[str]
-
-    @property
-    def title(self) -> str:
-        return f"{self.task} ({self.model})" if self.model else self.task
-
-
-def method_label(quant: str, axes: tp.Mapping[str, tp.Any]) -> str:
-    """Human name of a configuration: ``QAT 4 bits``, ``DiffQ (λ=1, g=16)``."""
-    name, keys = METHODS.get(quant, (quant, ()))
-    parts = [_SHORT[k].format(_fmt_axis(axes[k])) for k in keys if axes.get(k) is not None]
-    if not parts:
-        return name
-    if quant in ("qat", "lsq") or (quant == "quant_noise" and len(parts) == 2):
-        return f"{name} {parts[0]}" + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
-    return f"{name} ({', '.join(parts)})"
 
 
 def load_references(folder: tp.Optional[tp.Union[str, Path]]) -> tp.List[Reference]:
@@ -336,149 +194,6 @@ def build_sections(results: tp.Sequence[tp.Dict[str, tp.Any]],
         sections.append(Section(task, model or None, metric, bool(runs[0].get("lower_is_better")),
                                 rows, extra, notes))
     return sections
-
-
-def trade_off_notes(section: Section) -> tp.List[str]:
-    """The paper's two claims, measured on this section: does DiffQ's size shrink monotonically
-    as λ grows (per group size), and does DiffQ beat each QAT row at equal or smaller size?"""
-    key, notes = f"test_{section.metric}", []
-    diffq = [r for r in section.rows if r.quant == "diffq" and r.runs and
-             r.mean("true_size_mb") is not None and r.mean(key) is not None]
-    for group in sorted({_order(r.axes.get("group_size")) for r in diffq}):
-        rows = sorted((r for r in diffq if _order(r.axes.get("group_size")) == group),
-                      key=lambda r: _order(r.axes.get("lambda")))
-        if len(rows) < 2:
-            continue
-        sizes = [r.mean("true_size_mb") for r in rows]
-        mono = all(a > b for a, b in zip(sizes, sizes[1:]))
-        path = ", ".join(f"λ={_fmt_axis(r.axes.get('lambda'))}: {_size(z)} MB"
-                         for r, z in zip(rows, sizes))
-        notes.append(f"DiffQ g={_fmt_axis(rows[0].axes.get('group_size'))}: size "
-                     f"{'decreases strictly' if mono else 'does NOT decrease monotonically'} "
-                     f"as λ grows ({path}).")
-    sign = 1.0 if section.lower_is_better else -1.0
-    for qat in (r for r in section.rows if r.quant == "qat" and r.runs):
-        size, value = qat.mean("true_size_mb"), qat.mean(key)
-        if size is None or value is None:
-            continue
-        within = [r for r in diffq if r.mean("true_size_mb") <= size]
-        if not within:
-            notes.append(f"{qat.label} ({_size(size)} MB): no DiffQ run at or below this size.")
-            continue
-        best = min(within, key=lambda r: sign * r.mean(key))
-        better = sign * best.mean(key) < sign * value
-        notes.append(f"{qat.label} ({_size(size)} MB, {section.metric} {_num(value)}): best DiffQ at "
-                     f"≤ this size is {best.label} ({_size(best.mean('true_size_mb'))} MB, "
-                     f"{section.metric} {_num(best.mean(key))}): DiffQ "
-                     f"{'better' if better else 'NOT better'}.")
-    return notes
-
-
-def _published(value: float) -> str:
-    """A published number as printed in its source: 18.0 stays 18.0, 91.72 stays 91.72."""
-    value = float(value)
-    return f"{value:.1f}" if value == int(value) else f"{value:g}"
-
-
-def _num(value: tp.Optional[float], digits: int = 2) -> str:
-    if value is None:
-        return MISSING
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _bits(value: tp.Optional[float]) -> str:
-    # 0 means no weight was quantized (the float baseline): there is no quantized bit width to show
-    return MISSING if not value else _num(value)
-
-
-def _size(value: tp.Optional[float]) -> str:
-    if value is None:
-        return MISSING
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[tp.List[str]]]:
-    """Header and cells of one section; ``csv`` keeps raw numbers and separate mean/std columns."""
-    key = f"test_{section.metric}"
-    arrow = "↓" if section.lower_is_better else "↑"
-    seeds = any(len(r.runs) > 1 for r in section.rows)
-    if fmt == "csv":
-        header = ["runs", "task", "quant", "model", "method"] + section.extra_axes + [
-            f"{section.metric}_mean", f"{section.metric}_std", "n_seeds", "true_size_mb",
-            "compression", "bits_per_weight", f"paper_{section.metric}", f"delta_{section.metric}",
-            "paper_size_mb", "paper_source"]
-    else:
-        header = ["Method"] + section.extra_axes + [f"{section.metric} {arrow}"] + (
-            ["seeds"] if seeds else []) + ["size MB", "compr.", "bits/w",
-                                           f"paper {section.metric}", "Δ", "paper MB"]
-    cells = []
-    for row in section.rows:
-        ref = row.reference
-        mean = row.mean(key)
-        ref_value = mean_ref = None
-        if ref is not None and ref.value is not None:
-            ref_value = float(ref.value)
-            # a published number in another metric (SDR next to our nSDR) is compared with ours of it
-            mean_ref = mean if ref.metric == section.metric else row.mean(f"test_{ref.metric}")
-        delta = mean_ref - ref_value if ref_value is not None and mean_ref is not None else None
-        extras = [_fmt_axis(row.axes[k]) if k in row.axes else "" for k in section.extra_axes]
-        if fmt == "csv":
-            vals = [mean, row.std(key), len(row.runs), row.mean("true_size_mb"),
-                    row.mean("compression"), row.mean("bits_per_weight"), ref_value, delta,
-                    None if ref is None else ref.size_mb]
-            cells.append([" ".join(str(r.get("sig")) for r in row.runs), section.task, row.quant,
-                          section.model or "", row.label] + extras +
-                         ["" if v is None else _raw(v) for v in vals] + [ref.source if ref else ""])
-            continue
-        std = row.std(key)
-        metric = _num(mean) + (f" ± {_num(std)}" if std is not None else "")
-        compr = row.mean("compression")
-        paper = MISSING if ref_value is None else _published(ref_value)
-        if ref is not None and ref_value is not None and ref.metric != section.metric:
-            paper += f" ({ref.metric})"
-        cells.append([row.label] + extras + [metric] + ([str(len(row.runs))] if seeds else []) + [
-            _size(row.mean("true_size_mb")), MISSING if compr is None else f"{compr:.1f}×",
-            _bits(row.mean("bits_per_weight")), paper,
-            MISSING if delta is None else f"{delta:+.2f}",
-            MISSING if ref is None or ref.size_mb is None else _published(ref.size_mb)])
-    return header, cells
-
-
-def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional[str] = None) -> str:
-    """All sections in one document: md/latex with a heading, notes and sources per section;
-    csv as one table (sections concatenated, union of the columns)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "csv":
-        tables = [section_table(s, "csv") for s in sections]
-        header: tp.List[str] = []
-        for h, _ in tables:
-            header += [c for c in h if c not in header]
-        rows = [[dict(zip(h, row)).get(c, "") for c in header] for h, body in tables for row in body]
-        return _csv(header, rows)
-    parts = []
-    if title:
-        parts.append(f"# {title}\n" if fmt == "md" else f"% {title}\n")
-    for section in sections:
-        header, cells = section_table(section, fmt)
-        direction = "lower" if section.lower_is_better else "higher"
-        sources = sorted({r.reference.source + (f" ({r.reference.note})" if r.reference.note else "")
-                          for r in section.rows if r.reference is not None})
-        notes = [f"test {section.metric} ({direction} is better), mean ± std over seeds; size MB = "
-                 "bytes of the packed quantized model / 2^20; bits/w = mean stored bits per "
-                 "quantized weight; Δ = ours − paper; "
-                 f"{MISSING} = missing (bits/w: nothing quantized)."] + [f"Source: {s}" for s in sources]
-        notes += [f"Not matched to a row: {n}" for n in section.notes]
-        notes += [f"Measured: {n}" for n in trade_off_notes(section)]
-        if fmt == "md":
-            parts.append(f"## {section.title}\n\n" + _md(header, cells) + "\n" +
-                         "".join(f"- {n}\n" for n in notes))
-        else:
-            parts.append(f"% {section.title}\n" + _latex(header, cells) +
-                         "".join(f"% {n}\n" for n in notes))
-    return "\n".join(parts)
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
