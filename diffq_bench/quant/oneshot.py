@@ -15,7 +15,8 @@ that candidate, until the next measurement, for the ``sched_frac`` most turbulen
 Stage 2 (:meth:`finalize` -> :meth:`search`, no retraining): greedy search from the mid
 configuration, one layer's bit width one notch at a time, descending by least error increase per
 cost saved until the budget is met, then ascending by best error decrease per cost while within
-budget; BN statistics are recalibrated before every measurement. Export packs the chosen bits.
+budget; BN statistics are recalibrated before every measurement. Export packs the chosen bits
+(:mod:`~diffq_bench.quant.oneshot_export`, with the per-layer quantized values and checkpoint state).
 """
 from __future__ import annotations
 
@@ -26,13 +27,12 @@ import torch
 from torch import nn
 
 from . import bnpairs, oneshot_train
-from .actquant import (act_layers, install_input_hooks, install_restored_activations, lsq_dequantize,
-                       lsq_eval, lsq_init_step, lsq_levels, lsq_quantize)
-from .base import MB, BaseQuantizer, Calibration, QParam, QuantizerError, check_range
+from .actquant import act_layers, install_input_hooks, lsq_init_step
+from .base import MB, BaseQuantizer, Calibration, QuantizerError, check_range
 from .bnpairs import SwitchableBN, pair_key
+from .oneshot_export import PackedConfigMixin
 from .oneshot_search import Config, GreedySearch, layer_macs
 from .oneshot_train import output_mse
-from .pack import pack_uint, unpack_uint
 
 logger = logging.getLogger(__name__)
 __all__ = ["OneShotMPQQuantizer", "SwitchableBN", "COSTS", "output_mse"]
@@ -47,7 +47,7 @@ COSTS: tp.Dict[str, tp.Callable[["OneShotMPQQuantizer", Config], float]] = {
 }
 
 
-class OneShotMPQQuantizer(BaseQuantizer):
+class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
     """Weight-coupled supernet with per-bit LSQ steps and per-pair BN, then budgeted greedy search.
 
     Args:
@@ -248,61 +248,6 @@ class OneShotMPQQuantizer(BaseQuantizer):
             self._names_cache = {id(m): n for n, m in self.model.named_modules()}
         return self._names_cache
 
-    # ----------------------------------------------------------------------- quantization
-    def _wbits(self, qp: QParam) -> int:
-        return self._config[self._layer_of[qp.name]][0]
-
-    def _step(self, qp: QParam, bits: int) -> nn.Parameter:
-        return self._wsteps[f"{self._index[qp.name]}_{bits}"]
-
-    def _train_value(self, qp: QParam) -> torch.Tensor:
-        bits = self._wbits(qp)
-        return lsq_quantize(qp.param, self._step(qp, bits), bits, signed=True).to(qp.param.dtype)
-
-    def _eval_value(self, qp: QParam) -> torch.Tensor:
-        bits = self._wbits(qp)
-        return lsq_eval(qp.param, self._step(qp, bits), bits, True).to(qp.param.dtype)
-
-    def _eval_key(self, qp: QParam) -> tp.Any:
-        # The eval weight only changes with the layer's bits or that step (the search switches
-        # configurations thousands of times: unchanged layers reuse their quantized weights).
-        bits = self._wbits(qp)
-        step = self._step(qp, bits)
-        return bits, step._version, step.data_ptr()
-
-    def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
-        bits = self._wbits(qp)
-        step = self._step(qp, bits)
-        levels = lsq_levels(qp.param, step, bits, True)  # unsigned: signed level + 2**(bits-1)
-        return {"bits": bits, "numel": qp.param.numel(), "packed": pack_uint(levels.cpu(), bits),
-                "step": float(step.detach().float().clamp_min(1e-8))}  # exact float32 value
-
-    @classmethod
-    def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
-        if entry["numel"] != like.numel():
-            raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, "
-                                 f"parameter has {like.numel()}")
-        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"])
-        step = torch.as_tensor(entry["step"], dtype=torch.float32)
-        return lsq_dequantize(levels, step, entry["bits"], True).reshape(like.shape)
-
-    def _param_bits(self, qp: QParam) -> torch.Tensor:
-        return torch.tensor(float(self._wbits(qp) * qp.param.numel() + 32))
-
-    def _act_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if name not in self._act_signed:  # step sizes initialised from the first batch
-            signed = bool((x.detach() < 0).any())
-            with torch.no_grad():
-                for b in self.act_bits:
-                    self._asteps[f"{self._akey(name)}_{b}"].fill_(lsq_init_step(x, b, signed))
-            self._act_signed[name] = signed
-        bits = self._config[name][1]
-        step = self._asteps[f"{self._akey(name)}_{bits}"]
-        signed = self._act_signed[name]
-        if module.training:
-            return lsq_quantize(x, step, bits, signed, numel=x[0].numel()).to(x.dtype)
-        return lsq_eval(x, step, bits, signed).to(x.dtype)
-
     # ---------------------------------------------------------------------- training step
     def _capture_bn(self, bn: SwitchableBN, out: torch.Tensor) -> None:
         if self._capture is not None:
@@ -441,53 +386,6 @@ class OneShotMPQQuantizer(BaseQuantizer):
     def phase(self) -> str:
         return "searched" if self._searched else "supernet"
 
-    # ----------------------------------------------------------------- export / state
-    def export(self) -> tp.Dict[str, tp.Any]:
-        state = super().export()
-        prefixes = tuple(f"{name}." for name in self._bn_owner)
-        floats = {k: v for k, v in state["float"].items() if not k.startswith(prefixes)}
-        bn_params, bn_buffers = bnpairs.active_entries(self.model)
-        dtype = torch.float16 if self.float16 else torch.float32
-        floats.update({k: v.to(dtype) for k, v in bn_params.items()})
-        state["float"] = floats
-        # Running statistics of every BN (chosen pairs and plain ones), so that restoring into a
-        # fresh plain model reproduces the eval outputs without copying buffers by hand.
-        state["buffers"] = {**bnpairs.plain_buffers(self.model), **bn_buffers}
-        acts = {}
-        for name in self._act_modules:
-            if name not in self._act_signed:  # no forward reached it yet: its input is not quantized
-                continue
-            bits = self._config[name][1]
-            step = float(self._asteps[f"{self._akey(name)}_{bits}"].detach().float().clamp_min(1e-8))
-            acts[name] = {"kind": "lsq", "bits": bits, "signed": self._act_signed[name], "step": step}
-        state["activations"] = acts
-        state["mpq_config"] = {n: list(pair) for n, pair in self._config.items()}
-        return state
-
-    @classmethod
-    def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
-        super().restore_model(model, state)
-        buffers = dict(model.named_buffers())
-        for name, value in state.get("buffers", {}).items():
-            if name not in buffers:
-                raise QuantizerError(f"quantized state has buffer {name!r} that the model lacks")
-            with torch.no_grad():
-                buffers[name].copy_(value.to(buffers[name].dtype))
-        install_restored_activations(model, state.get("activations", {}))
-        return model
-
-    def model_size(self) -> torch.Tensor:
-        bits = sum(float(self._param_bits(qp)) for qp in self.qparams)
-        prefixes = tuple(f"{name}." for name in self._bn_owner)
-        floats = sum(p.numel() for n, p in self._float_params if not n.startswith(prefixes))
-        floats += sum(v.numel() for v in bnpairs.active_entries(self.model)[0].values())
-        bits += floats * (16 if self.float16 else 32)
-        return torch.tensor(bits / 8 / MB)
-
-    def float_numel(self) -> int:
-        """Parameters of the plain model: one BatchNorm per layer, not one per bit pair."""
-        return bnpairs.plain_numel(self.model)
-
     def detach(self) -> None:
         super().detach()
         for handle in self._act_handles:
@@ -496,22 +394,3 @@ class OneShotMPQQuantizer(BaseQuantizer):
 
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
         return list(self._wsteps.values()) + list(self._asteps.values())
-
-    def state_dict(self) -> tp.Dict[str, tp.Any]:
-        state = super().state_dict()
-        state.update({"act_signed": dict(self._act_signed), "frozen": {k: list(v) for k, v in self._frozen.items()},
-                      "steps_done": self._steps_done, "searched": self._searched, "macs": dict(self.macs),
-                      "config": {n: list(p) for n, p in self._config.items()}})
-        return state
-
-    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
-        super().load_state_dict(state)
-        unknown = set(state.get("act_signed", {})) - set(self._act_modules)
-        if unknown:
-            raise QuantizerError(f"quantizer state has activation quantizers {sorted(unknown)} the model lacks")
-        self._act_signed = {k: bool(v) for k, v in state.get("act_signed", {}).items()}
-        self._frozen = {k: [int(b) for b in v] for k, v in state.get("frozen", {}).items()}
-        self._steps_done = int(state.get("steps_done", 0))
-        self._searched = bool(state.get("searched", False))
-        self.macs = {k: float(v) for k, v in state.get("macs", {}).items()}
-        self.set_config({n: tuple(p) for n, p in state.get("config", self.max_config()).items()})
