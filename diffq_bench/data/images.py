@@ -3,12 +3,9 @@
 - ImageFolder: ``<root>/train/<class>/*.{jpg,png,...}`` and ``<root>/val/<class>/...`` (and
   optionally ``test/``), read by timm's folder dataset with timm's train/eval transforms. The class
   indices always come from ``train/`` so a split missing a class cannot shift the labels.
-- CIFAR-10/100: the official python pickle batches (``cifar-10-batches-py/data_batch_1..5``,
-  ``test_batch``, ``batches.meta``; ``cifar-100-python/train``, ``test``, ``meta``). Files are
-  checked against the official MD5 sums (or a ``checksums.json`` manifest written next to them,
-  for the embedded digits); turning the check off is an explicit option and is logged. The
-  pickles are read with an unpickler that only accepts the globals numpy arrays need, so a
-  tampered file cannot run code.
+- CIFAR-10/100: the official python pickle batches, read (checksums verified, safe unpickler) and
+  written by :mod:`diffq_bench.data.cifar`, whose public names are re-exported here; this module
+  holds the CIFAR augmentation and the array-backed dataset.
 
 Loaders are plain ``torch.utils.data.DataLoader`` (no CUDA prefetcher), with per-sample seeded
 augmentation: the batches of epoch ``e`` depend only on ``(seed, e)``, with or without workers.
@@ -16,14 +13,7 @@ augmentation: the batches of epoch ``e`` depend only on ``(seed, e)``, with or w
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
-import logging
-import os
-import pickle
 import random
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -31,21 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-logger = logging.getLogger(__name__)
+# The CIFAR format, the data errors and file helpers live in .cifar; re-exported so that
+# ``from diffq_bench.data.images import read_cifar, DataCorruptError, ...`` keeps working.
+from .cifar import (CHECKSUMS_FILE, CIFAR_SPECS, CifarSpec, DataCorruptError,  # noqa: F401
+                    _missing, atomic_write_bytes, find_cifar_folder, md5sum, read_cifar,
+                    read_pickle_batch, verify_cifar_checksums, write_cifar10_batches)
 
-CHECKSUMS_FILE = "checksums.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _missing(message: str) -> Exception:
-    # Imported lazily: diffq_bench.tasks imports this module, so a top-level import would be circular.
-    from ..tasks.base import DataMissingError
-    return DataMissingError(message)
-
-
-class DataCorruptError(ValueError):
-    """A dataset file exists but is not what it should be (checksum, format, shape)."""
 
 
 # ------------------------------------------------------------------------------ ImageFolder
@@ -123,217 +106,6 @@ def timm_image_transform(img_size: int, train: bool, options: tp.Optional[tp.Dic
 
 
 # ------------------------------------------------------------------------------------ CIFAR
-@dataclasses.dataclass(frozen=True)
-class CifarSpec:
-    """Official layout of one CIFAR variant."""
-    folder: str
-    train: tp.Tuple[tp.Tuple[str, str], ...]  # (file, md5)
-    test: tp.Tuple[tp.Tuple[str, str], ...]
-    meta: tp.Tuple[str, str]
-    label_key: str
-    names_key: str
-    num_classes: int
-    mean: tp.Tuple[float, float, float]
-    std: tp.Tuple[float, float, float]
-
-
-CIFAR_SPECS: tp.Dict[str, CifarSpec] = {
-    "cifar10": CifarSpec(
-        folder="cifar-10-batches-py",
-        train=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
-               ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
-               ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
-               ("data_batch_4", "634d18415352ddfa80567beed471001a"),
-               ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
-        test=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
-        meta=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
-        label_key="labels", names_key="label_names", num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": CifarSpec(
-        folder="cifar-100-python",
-        train=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
-        test=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
-        meta=("meta", "7973b15100ade9c7d40fb424638fde48"),
-        label_key="fine_labels", names_key="fine_label_names", num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-}
-
-# The only globals a CIFAR pickle (python 2 originals, or protocol-2 files written by python 3)
-# needs: numpy array reconstruction and latin-1 byte strings.
-_SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> tp.Any:
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name} in a CIFAR batch file")
-        return super().find_class(module, name)
-
-
-def read_pickle_batch(path: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
-    """Read one CIFAR pickle file (dict); byte-string keys are decoded to str.
-
-    Raises:
-        DataCorruptError: not a readable CIFAR pickle, or it asks for a forbidden global.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = _SafeUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataCorruptError(f"{path} is not a readable CIFAR pickle batch: {exc}") from exc
-    if not isinstance(data, dict):
-        raise DataCorruptError(f"{path} holds a {type(data).__name__}, expected a dict")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
-
-
-def md5sum(path: tp.Union[str, Path], chunk: int = 1 << 20) -> str:
-    """MD5 hex digest of a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def find_cifar_folder(root: tp.Union[str, Path], variant: str) -> Path:
-    """The folder with the batch files: ``<root>/<official folder>`` or ``root`` itself.
-
-    Raises:
-        ValueError: unknown variant; DataMissingError: no batch files in either place.
-    """
-    spec = _spec(variant)
-    root = Path(root)
-    first = spec.train[0][0]
-    for cand in (root / spec.folder, root):
-        if (cand / first).is_file():
-            return cand
-    names = ", ".join(name for name, _ in spec.train + spec.test + (spec.meta,))
-    raise _missing(f"{variant} not found: expected the official python batches ({names}) in "
-                   f"{root / spec.folder}; download and extract the official '{spec.folder}' "
-                   f"archive into {root}")
-
-
-def verify_cifar_checksums(folder: Path, variant: str) -> None:
-    """Check every file against ``checksums.json`` in ``folder`` if present, else the official MD5s.
-
-    Raises:
-        DataMissingError: a file is missing; DataCorruptError: a checksum differs.
-    """
-    spec = _spec(variant)
-    expected = {name: md5 for name, md5 in spec.train + spec.test + (spec.meta,)}
-    manifest = folder / CHECKSUMS_FILE
-    source = "official"
-    if manifest.is_file():
-        # Data sets written by diffq-bench itself (embedded digits) carry their own manifest.
-        loaded = json.loads(manifest.read_text())
-        if set(loaded) != set(expected):
-            raise DataCorruptError(f"{manifest} lists {sorted(loaded)}, expected {sorted(expected)}")
-        expected, source = loaded, str(manifest)
-    for name, md5 in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise _missing(f"{variant} file missing: {path}")
-        actual = md5sum(path)
-        if actual != md5:
-            raise DataCorruptError(
-                f"{path}: MD5 {actual} differs from the {source} checksum {md5}; the file is corrupt "
-                f"or not the {variant} release (re-extract it, or for a test fixture set "
-                f"task.verify_checksums=false explicitly)")
-
-
-def read_cifar(root: tp.Union[str, Path], variant: str, train: bool, verify_checksums: bool = True
-               ) -> tp.Tuple[np.ndarray, np.ndarray, tp.List[str]]:
-    """Images (N, 32, 32, 3) uint8, labels (N,) int64 and class names of one CIFAR split.
-
-    Args:
-        root: folder holding the official folder (``cifar-10-batches-py``...), or that folder itself.
-        variant: ``cifar10`` or ``cifar100``.
-        train: the training batches when True, the test batch otherwise.
-        verify_checksums: check MD5 sums first (turning it off is logged).
-    """
-    spec = _spec(variant)
-    folder = find_cifar_folder(root, variant)
-    if verify_checksums:
-        verify_cifar_checksums(folder, variant)
-    else:
-        logger.warning("%s: checksum verification disabled by task.verify_checksums=false", folder)
-    images, labels = [], []
-    for name, _ in (spec.train if train else spec.test):
-        path = folder / name
-        if not path.is_file():
-            raise _missing(f"{variant} file missing: {path}")
-        batch = read_pickle_batch(path)
-        if "data" not in batch or spec.label_key not in batch:
-            raise DataCorruptError(f"{path} lacks the 'data' or '{spec.label_key}' entry "
-                                   f"(has {sorted(batch)})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataCorruptError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
-        # Rows are channel-major (1024 R, 1024 G, 1024 B), each plane row-major 32x32.
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[spec.label_key], dtype=np.int64))
-        if len(labels[-1]) != len(images[-1]):
-            raise DataCorruptError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
-    meta = read_pickle_batch(folder / spec.meta[0])
-    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in meta.get(spec.names_key, [])]
-    if len(names) != spec.num_classes:
-        raise DataCorruptError(f"{folder / spec.meta[0]}: {len(names)} class names under "
-                               f"'{spec.names_key}', expected {spec.num_classes}")
-    all_labels = np.concatenate(labels)
-    if all_labels.size and (all_labels.min() < 0 or all_labels.max() >= spec.num_classes):
-        raise DataCorruptError(f"{folder}: labels outside [0, {spec.num_classes - 1}]")
-    return np.ascontiguousarray(np.concatenate(images)), all_labels, names
-
-
-def write_cifar10_batches(folder: tp.Union[str, Path], train_images: np.ndarray,
-                          train_labels: np.ndarray, test_images: np.ndarray,
-                          test_labels: np.ndarray, names: tp.Sequence[str]) -> tp.Dict[str, str]:
-    """Write a data set in the CIFAR-10 python format (5 train batches, test batch, meta).
-
-    Each file is written atomically (temporary file + ``os.replace``) with pickle protocol 2 and
-    str keys (readable by torchvision too); a ``checksums.json`` manifest is written last.
-
-    Args:
-        folder: destination (created).
-        train_images, test_images: (N, 32, 32, 3) uint8.
-        train_labels, test_labels: (N,) integer labels.
-        names: class names (``label_names`` of ``batches.meta``).
-    Returns:
-        file name -> MD5 (the manifest's content).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for images in (train_images, test_images):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise ValueError(f"CIFAR images must be (N, 32, 32, 3) uint8, got {images.shape} {images.dtype}")
-
-    def rows(images: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), 3072))
-
-    files: tp.Dict[str, tp.Dict[str, tp.Any]] = {}
-    chunks = np.array_split(np.arange(len(train_images)), 5)
-    for index, chunk in enumerate(chunks, 1):
-        files[f"data_batch_{index}"] = {
-            "batch_label": f"training batch {index} of 5", "data": rows(train_images[chunk]),
-            "labels": [int(x) for x in train_labels[chunk]],
-            "filenames": [f"train_{i:05d}.png" for i in chunk]}
-    files["test_batch"] = {"batch_label": "testing batch 1 of 1", "data": rows(test_images),
-                           "labels": [int(x) for x in test_labels],
-                           "filenames": [f"test_{i:05d}.png" for i in range(len(test_images))]}
-    files["batches.meta"] = {"label_names": list(names), "num_cases_per_batch": len(chunks[0]),
-                             "num_vis": 3072}
-    sums = {}
-    for name, content in files.items():
-        atomic_write_bytes(folder / name, pickle.dumps(content, protocol=2))
-        sums[name] = md5sum(folder / name)
-    atomic_write_bytes(folder / CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
-    return sums
-
-
 def cifar_transform(train: bool, mean: tp.Sequence[float], std: tp.Sequence[float],
                     padding: int = 4, hflip: float = 0.5) -> tp.Callable:
     """Standard CIFAR augmentation (random 32x32 crop of the 4-padded image, horizontal flip)."""
@@ -365,12 +137,6 @@ class ArrayImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
-
-
-def _spec(variant: str) -> CifarSpec:
-    if variant not in CIFAR_SPECS:
-        raise ValueError(f"unknown CIFAR variant {variant!r}; valid: {', '.join(CIFAR_SPECS)}")
-    return CIFAR_SPECS[variant]
 
 
 # ---------------------------------------------------------------------------------- loaders
@@ -439,16 +205,3 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
     return DataLoader(seeded, batch_size=batch_size, sampler=RandomSampler(seeded, generator=generator),
                       num_workers=num_workers, drop_last=len(seeded) > batch_size,
                       generator=generator)
-
-
-def atomic_write_bytes(path: tp.Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
