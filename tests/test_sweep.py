@@ -1,5 +1,6 @@
 """Grid expansion, the launch plan (skip DONE / live runs) and the grid sweeper plugin end to end."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,7 @@ def test_submissions_roundtrip(tmp_path):
 
 
 APP = '''
+import os
 import time
 import hydra
 from diffq_bench.xp import Xp
@@ -128,6 +130,8 @@ def main(cfg):
     finally:
         with open(cfg.paths.root + "/spans.txt", "a") as f:
             f.write(f"{start} {time.time()}\\n")
+        with open(cfg.paths.root + "/threads.txt", "a") as f:
+            f.write(os.environ.get("OMP_NUM_THREADS", "unset") + "\\n")
     xp = Xp(cfg.paths.root, cfg)
     xp.create()
     with open(cfg.paths.root + "/calls.txt", "a") as f:
@@ -216,12 +220,18 @@ def test_local_parallel_launcher_caps_concurrency_and_reports_failures(toy_app):
     spans = [tuple(map(float, line.split())) for line in (root / "store" / "spans.txt").read_text().splitlines()]
     assert len(spans) == 3
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
+    # each run gets its share of the cores, not one thread per core (oversubscription)
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (root / "store" / "threads.txt").read_text().split() == [share] * 3
 
 
 def test_local_parallel_launcher_rejects_bad_limit():
     from hydra_plugins.diffq_bench_sweeper.local_launcher import LocalParallelLauncher
     with pytest.raises(ValueError, match="max_parallel must be an integer >= 1"):
         LocalParallelLauncher(max_parallel=0)
+    with pytest.raises(ValueError, match="threads_per_job must be an integer >= 1"):
+        LocalParallelLauncher(max_parallel=1, threads_per_job=0)
+    assert LocalParallelLauncher(max_parallel=1, threads_per_job=3).threads_per_job == 3
 
 
 @pytest.mark.slow

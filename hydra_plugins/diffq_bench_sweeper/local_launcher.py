@@ -4,8 +4,15 @@ Each run is a separate process (submitit's local executor), so runs do not share
 pool or a CUDA context, and a crashing run does not take the sweep down. Failures are truthful as
 with the SLURM launcher (the sweep lists them and exits non-zero); SIGTERM/USR2 make a run
 checkpoint and stop, and the next sweep resumes it.
+
+CPU threads: each run gets ``threads_per_job`` intra-op threads (default: the machine's cores
+divided by ``max_parallel``, at least 1) through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which
+torch reads at start-up. Without this every run starts one thread per core, and two runs on two
+cores spend much of their time spinning against each other.
 """
+import contextlib
 import logging
+import os
 import time
 import typing as tp
 from pathlib import Path
@@ -26,17 +33,23 @@ class LocalParallelLauncher(SlurmLauncher):
         submitit_folder: where submitit keeps each job's pickles and logs.
         timeout_min: a run still going after this many minutes is killed (FAILED).
         poll_s: seconds between checks for finished runs.
+        threads_per_job: CPU threads of each run (None: cores // max_parallel, at least 1).
     """
     _EXECUTOR = "local"
 
     def __init__(self, max_parallel: int = 1, submitit_folder: str = ".submitit/%j",
-                 timeout_min: int = 4320, poll_s: float = 1.0) -> None:
-        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
-            raise ValueError(f"hydra.launcher.max_parallel must be an integer >= 1, got {max_parallel!r}")
+                 timeout_min: int = 4320, poll_s: float = 1.0,
+                 threads_per_job: tp.Optional[int] = None) -> None:
+        for key, value in (("max_parallel", max_parallel), ("threads_per_job", threads_per_job)):
+            if value is None and key == "threads_per_job":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"hydra.launcher.{key} must be an integer >= 1, got {value!r}")
         super().__init__(max_requeues=0, wait=True, submitit_folder=submitit_folder,
                          timeout_min=timeout_min)
         self.max_parallel = max_parallel
         self.poll_s = float(poll_s)
+        self.threads_per_job = threads_per_job or max(1, (os.cpu_count() or 1) // max_parallel)
 
     def _executor(self) -> tp.Any:
         import submitit
@@ -51,14 +64,16 @@ class LocalParallelLauncher(SlurmLauncher):
         todo = list(enumerate(job_overrides))
         running: tp.Dict[int, tp.Any] = {}
         results: tp.List[tp.Optional[JobReturn]] = [None] * len(job_overrides)
-        log.info("running %d job(s) locally, at most %d at a time", len(todo), self.max_parallel)
+        log.info("running %d job(s) locally, at most %d at a time, %d CPU thread(s) each",
+                 len(todo), self.max_parallel, self.threads_per_job)
         while todo or running:
             while todo and len(running) < self.max_parallel:
                 pos, overrides = todo.pop(0)
                 idx = initial_job_idx + pos
                 log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-                running[pos] = executor.submit(self, list(overrides), "hydra.sweep.dir", idx,
-                                               f"job_id_for_{idx}", Singleton.get_state())
+                with _thread_env(self.threads_per_job):  # submitit copies os.environ at submit
+                    running[pos] = executor.submit(self, list(overrides), "hydra.sweep.dir", idx,
+                                                   f"job_id_for_{idx}", Singleton.get_state())
             for pos, job in list(running.items()):
                 if job.done():
                     results[pos] = self._outcome(job, list(job_overrides[pos]))
@@ -66,3 +81,19 @@ class LocalParallelLauncher(SlurmLauncher):
             if running:
                 time.sleep(self.poll_s)
         return tp.cast(tp.List[JobReturn], results)
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> tp.Iterator[None]:
+    """Set the thread-count variables torch/OpenMP/MKL read at start-up, restoring them after."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: str(threads) for key in keys})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
