@@ -173,7 +173,8 @@ def toy_app(tmp_path):
             - {a: "2,3", b: 5}
         """))
     (conf / "hydra" / "launcher").mkdir(parents=True)
-    shutil.copy(REPO / "conf" / "hydra" / "launcher" / "local_parallel.yaml", conf / "hydra" / "launcher")
+    for name in ("local.yaml", "local_parallel.yaml"):
+        shutil.copy(REPO / "conf" / "hydra" / "launcher" / name, conf / "hydra" / "launcher")
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "store").mkdir()
 
