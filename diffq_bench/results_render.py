@@ -142,7 +142,10 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
             # a published number in another metric (SDR next to our nSDR) is compared with ours of it
             mean_ref = mean if ref.metric == section.metric else row.mean(f"test_{ref.metric}")
         delta = mean_ref - ref_value if ref_value is not None and mean_ref is not None else None
-        extras = [_fmt_axis(row.axes[k]) if k in row.axes else "" for k in section.extra_axes]
+        # an axis this method leaves unset (null) is blank in CSV and "—" in the printed tables
+        unset = "" if fmt == "csv" else MISSING
+        extras = [unset if row.axes.get(k) is None else _fmt_axis(row.axes[k])
+                  for k in section.extra_axes]
         if fmt == "csv":
             vals = [mean, row.std(key), len(row.runs), row.mean("true_size_mb"),
                     row.mean("compression"), row.mean("bits_per_weight"), ref_value, delta,

@@ -367,6 +367,9 @@ class Trainer:
         # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
         # and are carried over from the trained model.
         fresh = self.task.build_model().to(self.device)
+        # The float reference is the task's architecture as built, not the trained model: some
+        # quantizers add parameters to it (one-shot MPQ's BatchNorm per bit-width pair).
+        float_params = unique_params(fresh)
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():
             for name, buf in fresh.named_buffers():
@@ -377,7 +380,7 @@ class Trainer:
         with torch.no_grad():
             restored = self.task.evaluate(fresh, "test")
         true_bytes = self.quantizer.true_size_bytes()
-        float_mb = unique_params(self.model) * 4 / MB
+        float_mb = float_params * 4 / MB
         metrics: tp.Dict[str, tp.Any] = {f"test_{k}": float(v) for k, v in test.items()}
         metrics.update({
             f"valid_{metric}": float(self.best["value"]),
@@ -387,7 +390,7 @@ class Trainer:
             "compression": float_mb / (true_bytes / MB),
             "bits_per_weight": self.quantizer.bits_per_weight(),
             "analytic_size_mb": self.quantizer.true_model_size(),
-            "params": unique_params(self.model), "best_epoch": int(self.best["epoch"]),
+            "params": float_params, "best_epoch": int(self.best["epoch"]),
             "steps": self.global_step, "wall_time_s": self._wall(),
         })
         if restored[metric] != test[metric]:

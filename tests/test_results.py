@@ -132,6 +132,19 @@ def test_sections_per_task_and_model_with_varying_axes(tmp_path):
     assert [c[1] for c in cells] == ["100", "200"]  # numeric order of the varying axis
 
 
+def test_axis_a_method_leaves_unset_is_a_dash_not_none(tmp_path):
+    write_run(tmp_path, "a", "none", 95.0, 4.0, task="digits", metric="top1", lower=False,
+              **{"optim.quant_lr": None})
+    write_run(tmp_path, "b", "diffq", 94.0, 0.5, task="digits", metric="top1", lower=False,
+              **{"optim.quant_lr": 0.05, "lambda": 1, "group_size": 8})
+    (section,) = results.build_sections(results.load_results(tmp_path))
+    assert section.extra_axes == ["optim.quant_lr"]
+    _, cells = results.section_table(section, "md")
+    assert [c[1] for c in cells] == [results.MISSING, "0.05"]
+    header, rows = results.section_table(section, "csv")
+    assert [r[header.index("optim.quant_lr")] for r in rows] == ["", "0.05"]
+
+
 def test_missing_reference_is_missing_not_invented(store):
     root, _ = store
     out = results.render_sections(results.build_sections(results.load_results(root, grid="table_lm")), "md")

@@ -80,6 +80,13 @@ def test_e2e_every_task_every_quantizer(task, quant, data_root, tmp_path, capsys
     assert m["true_size_mb"] > 0
     if quant != "none":
         assert m["compression"] > 1.2, m
+    # Compression is against the task's float architecture, whatever the quantizer added to it.
+    from omegaconf import OmegaConf
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    plain = get_task(task_cfg.pop("name"), **task_cfg)
+    plain.setup(data_root, tmp_path / "cache", "cpu")
+    n_params = sum(p.numel() for p in plain.build_model().parameters())
+    assert m["params"] == n_params and m["float_size_mb"] == n_params * 4 / 2 ** 20
     (folder,) = list((tmp_path / "outputs" / "xps").iterdir())
     assert json.loads((folder / "status.json").read_text())["state"] == "DONE"
 
