@@ -8,8 +8,10 @@ Measures, on CPU by default:
    bit widths.
 3. Packed bytes (true_size_bytes) over the information-theoretic size (Σ bits/8 plus the small
    per-tensor header of the analytic accounting), on the same ~10M-parameter model.
+(1) is also measured on the embedded default task itself: wikitext_mini's 0.85M-parameter model,
+its batch and loss (``task.step``), 17 quantized tensors.
 
-Usage: python scripts/bench_quant.py [--steps 8] [--threads 2] [--device cpu] [--out PATH]
+Usage: python scripts/bench_quant.py [--steps 8] [--threads 2] [--device cpu] [--data DIR] [--out PATH]
 """
 from __future__ import annotations
 
@@ -115,6 +117,57 @@ def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[st
             "eval_forward_first_s": first, "eval_forward_cached_s": cached}
 
 
+def bench_embedded_lm_ratio(device: torch.device, steps: int, data: str) -> tp.Dict[str, tp.Any]:
+    """The same ratio on the embedded default task itself (wikitext_mini: its model, batch and
+    loss through ``task.step``, DiffQ with the default λ=1, g=16)."""
+    from omegaconf import OmegaConf
+
+    from diffq_bench.config import compose
+    from diffq_bench.tasks import get_task
+
+    task_cfg = OmegaConf.to_container(compose([]).task, resolve=True)
+    task = get_task(task_cfg.pop("name"), **task_cfg)
+    task.setup(data, str(Path(data).parent / ".cache"), device)
+    torch.manual_seed(0)
+    base = task.build_model().to(device)
+    models = {"float": base, "diffq": copy.deepcopy(base)}
+    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=1.0)
+    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    quantizer.setup_optimizer(optims["diffq"])
+    batch = next(iter(task.train_batches(0)))
+
+    def step(kind: str) -> float:
+        model, opt = models[kind], optims[kind]
+        model.train()
+        _sync(device)
+        begin = time.perf_counter()
+        loss, _ = task.step(model, batch)
+        if kind == "diffq":
+            loss = loss + quantizer.penalty_term()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - begin
+
+    for _ in range(3):
+        step("float"), step("diffq")
+    times: tp.Dict[str, tp.List[float]] = {"float": [], "diffq": []}
+    ratios = []
+    for i in range(steps):
+        order = ("float", "diffq") if i % 2 == 0 else ("diffq", "float")
+        got = {kind: step(kind) for kind in order}
+        for kind in got:
+            times[kind].append(got[kind])
+        ratios.append(got["diffq"] / got["float"])
+    return {"model": "wikitext_mini task model (conf/task/wikitext_mini.yaml)",
+            "params": sum(p.numel() for p in base.parameters()),
+            "quantized_tensors": len(quantizer.qparams),
+            "float_step_s": statistics.median(times["float"]),
+            "diffq_step_s": statistics.median(times["diffq"]),
+            "ratio_median": statistics.median(ratios), "ratios": ratios}
+
+
 def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
     torch.manual_seed(1)
     model = TinyLM(vocab).to(device)
@@ -178,6 +231,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocab", type=int, default=15000, help="vocab of the step-time LM")
     parser.add_argument("--pack-vocab", type=int, default=27000, help="vocab of the ~10M LM")
+    parser.add_argument("--data", default=os.environ.get("DIFFQ_BENCH_DATA", "data"),
+                        help="where the embedded LM corpus is (written there on first use)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
                                                 / "results" / "bench" / "quant.json"))
     args = parser.parse_args()
@@ -188,6 +243,10 @@ def main() -> None:
           f"{step['diffq_step_s'] * 1e3:.1f} ms, median ratio {step['ratio_median']:.3f} wall, "
           f"{step['cpu_ratio_median']:.3f} CPU time (target <= 1.10); eval forward {step['eval_forward_first_s'] * 1e3:.1f} ms first, "
           f"{step['eval_forward_cached_s'] * 1e3:.1f} ms cached")
+    emb = bench_embedded_lm_ratio(device, 4 * args.steps, args.data)
+    print(f"    embedded default LM ({emb['params'] / 1e6:.2f}M params, {emb['quantized_tensors']} "
+          f"quantized tensors): float {emb['float_step_s'] * 1e3:.1f} ms, DiffQ "
+          f"{emb['diffq_step_s'] * 1e3:.1f} ms, median ratio {emb['ratio_median']:.3f}")
     pack = bench_packing(device, args.pack_vocab)
     print(f"(2) pack {pack['pack_mparam_per_s']:.1f} Mparam/s ({pack['pack_float_mb_per_s']:.0f} "
           f"MB/s of float32 weights), unpack+restore {pack['unpack_mparam_per_s']:.1f} Mparam/s "
@@ -200,7 +259,7 @@ def main() -> None:
     raw = bench_raw_packing()
     print("    raw pack_uint/unpack_uint, Mvalues/s by width: " + ", ".join(
         f"{k} bits {v['pack_mvalues_per_s']:.0f}/{v['unpack_mvalues_per_s']:.0f}" for k, v in raw.items()))
-    result = {"step_time": step, "packing": pack, "raw_packing": raw,
+    result = {"step_time": step, "step_time_embedded_lm": emb, "packing": pack, "raw_packing": raw,
               "env": {"torch": torch.__version__, "threads": args.threads, "device": str(device),
                       "machine": platform.machine(), "cpu_count": os.cpu_count(),
                       "load_average_1min": os.getloadavg()[0],

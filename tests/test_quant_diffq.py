@@ -254,3 +254,30 @@ def test_float16_and_exclude_roundtrip():
     fresh = restore(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), state)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+def test_parallel_noise_fill_is_seeded_and_thread_count_independent():
+    from diffq_bench.quant import noise
+    n = 2 * noise.CHUNK + 123  # three chunks, the last one short
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(7)
+            draws.append(noise.fill_noise(torch.empty(n), "gaussian").clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    torch.manual_seed(8)
+    other = noise.fill_noise(torch.empty(n), "gaussian")
+    assert not torch.equal(other, draws[0])  # the global seed decides the noise
+    z = draws[0]
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    # chunks are independent streams, not copies of one another
+    c = noise.CHUNK
+    assert abs(float(torch.corrcoef(torch.stack([z[:c], z[c:2 * c]]))[0, 1])) < 0.01
+    u = noise.fill_noise(torch.empty(n), "uniform")
+    assert float(u.min()) >= -0.5 and float(u.max()) <= 0.5 and abs(float(u.std()) - 12 ** -0.5) < 0.01
+    with pytest.raises(ValueError, match="gaussian, uniform"):
+        noise.fill_noise(torch.empty(n), "laplace")

@@ -16,7 +16,8 @@ Remainder rule: when ``group_size`` does not divide ``N``, the last group is sho
 (``N mod group_size`` entries); it has its own logit and counts ``len_g · bits_g`` in the size.
 
 Speed: the noisy weight is one custom autograd function per tensor: one fused
-``addcmul`` forward over a reused noise buffer, a hand-written backward (one in-place product
+``addcmul`` forward over a reused noise buffer (drawn in parallel chunks on CPU:
+:mod:`diffq_bench.quant.noise`), a hand-written backward (one in-place product
 and one group reduction), and the range gradient routed to the arg-min/arg-max entries only.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
+from .noise import fill_noise
 from .pack import pack_uint, unpack_uint
 from .uniform import check_bits_order, tensor_range
 
@@ -192,11 +194,7 @@ class _PseudoQuantNoise(torch.autograd.Function):
         if fixed is not None:
             u = fixed.reshape(-1).to(flat)
         else:
-            u = pool.take(flat)
-            if noise == "gaussian":
-                u.normal_()
-            else:
-                u.uniform_(-0.5, 0.5)
+            u = fill_noise(pool.take(flat), noise)
         out = torch.empty_like(flat)
         out_parts = _grouped(out, group_size)
         for (w_v, sl), (u_v, _), (o_v, _) in zip(_grouped(flat, group_size),
