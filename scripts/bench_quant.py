@@ -11,7 +11,7 @@ Measures, on CPU by default:
 (1) is also measured on the embedded default task itself: wikitext_mini's 0.85M-parameter model,
 its batch and loss (``task.step``), 17 quantized tensors.
 
-Usage: python scripts/bench_quant.py [--steps 8] [--threads 2] [--device cpu] [--data DIR] [--out PATH]
+Usage: python scripts/bench_quant.py [--steps 20] [--threads 2] [--device cpu] [--data DIR] [--out PATH]
 """
 from __future__ import annotations
 
@@ -60,22 +60,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[str, tp.Any]:
-    torch.manual_seed(0)
-    base = TinyLM(vocab).to(device)
-    tokens = torch.randint(0, vocab, (8, 129), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def _paired_steps(base: nn.Module, loss_fn: tp.Callable[[nn.Module], torch.Tensor],
+                  penalty: float, device: torch.device, steps: int) -> tp.Dict[str, tp.Any]:
+    """Train steps (Adam) of ``base`` and of a DiffQ copy of it (g=16, λ=``penalty``), interleaved
+    in alternating order so that load from other processes hits both; wall and CPU medians."""
     models = {"float": base, "diffq": copy.deepcopy(base)}
-    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=1e-3)
+    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=penalty)
     optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
     quantizer.setup_optimizer(optims["diffq"])
 
     def step(kind: str) -> tp.Tuple[float, float]:
         model, opt = models[kind], optims[kind]
+        model.train()
         _sync(device)
         begin, cpu_begin = time.perf_counter(), time.process_time()
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        loss = loss_fn(model)
         if kind == "diffq":
             loss = loss + quantizer.penalty_term()
         opt.zero_grad(set_to_none=True)
@@ -84,7 +83,7 @@ def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[st
         _sync(device)
         return time.perf_counter() - begin, time.process_time() - cpu_begin
 
-    for _ in range(2):  # warm-up: allocator, kernels, Adam state
+    for _ in range(3):  # warm-up: allocator, kernels, Adam state
         step("float"), step("diffq")
     times: tp.Dict[str, tp.List[float]] = {"float": [], "diffq": []}
     ratios, cpu_ratios = [], []
@@ -96,24 +95,39 @@ def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[st
         ratios.append(got["diffq"][0] / got["float"][0])
         # CPU seconds of this process: robust to other processes taking the cores (wall is not)
         cpu_ratios.append(got["diffq"][1] / got["float"][1])
-    models["diffq"].eval()
-    with torch.no_grad():
-        _sync(device)
-        begin = time.perf_counter()
-        models["diffq"](inputs)  # first eval forward quantizes
-        _sync(device)
-        first = time.perf_counter() - begin
-        begin = time.perf_counter()
-        models["diffq"](inputs)  # cached eval weights
-        _sync(device)
-        cached = time.perf_counter() - begin
-    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "batch": "8x128",
-            "params": sum(p.numel() for p in base.parameters()),
-            "quantizer": "diffq(group_size=16, penalty=1e-3)",
+    return {"params": sum(p.numel() for p in base.parameters()),
+            "quantized_tensors": len(quantizer.qparams),
+            "quantizer": f"diffq(group_size=16, penalty={penalty:g})",
             "float_step_s": statistics.median(times["float"]),
             "diffq_step_s": statistics.median(times["diffq"]),
             "ratio_median": statistics.median(ratios), "ratios": ratios,
             "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
+            "_diffq_model": models["diffq"]}
+
+
+def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[str, tp.Any]:
+    torch.manual_seed(0)
+    base = TinyLM(vocab).to(device)
+    tokens = torch.randint(0, vocab, (8, 129), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(model(inputs).reshape(-1, vocab), targets.reshape(-1))
+
+    out = _paired_steps(base, loss_fn, 1e-3, device, steps)
+    model = out.pop("_diffq_model")
+    model.eval()
+    with torch.no_grad():
+        _sync(device)
+        begin = time.perf_counter()
+        model(inputs)  # first eval forward quantizes
+        _sync(device)
+        first = time.perf_counter() - begin
+        begin = time.perf_counter()
+        model(inputs)  # cached eval weights
+        _sync(device)
+        cached = time.perf_counter() - begin
+    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "batch": "8x128", **out,
             "eval_forward_first_s": first, "eval_forward_cached_s": cached}
 
 
@@ -129,43 +143,11 @@ def bench_embedded_lm_ratio(device: torch.device, steps: int, data: str) -> tp.D
     task = get_task(task_cfg.pop("name"), **task_cfg)
     task.setup(data, str(Path(data).parent / ".cache"), device)
     torch.manual_seed(0)
-    base = task.build_model().to(device)
-    models = {"float": base, "diffq": copy.deepcopy(base)}
-    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=1.0)
-    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
-    quantizer.setup_optimizer(optims["diffq"])
     batch = next(iter(task.train_batches(0)))
-
-    def step(kind: str) -> float:
-        model, opt = models[kind], optims[kind]
-        model.train()
-        _sync(device)
-        begin = time.perf_counter()
-        loss, _ = task.step(model, batch)
-        if kind == "diffq":
-            loss = loss + quantizer.penalty_term()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        return time.perf_counter() - begin
-
-    for _ in range(3):
-        step("float"), step("diffq")
-    times: tp.Dict[str, tp.List[float]] = {"float": [], "diffq": []}
-    ratios = []
-    for i in range(steps):
-        order = ("float", "diffq") if i % 2 == 0 else ("diffq", "float")
-        got = {kind: step(kind) for kind in order}
-        for kind in got:
-            times[kind].append(got[kind])
-        ratios.append(got["diffq"] / got["float"])
-    return {"model": "wikitext_mini task model (conf/task/wikitext_mini.yaml)",
-            "params": sum(p.numel() for p in base.parameters()),
-            "quantized_tensors": len(quantizer.qparams),
-            "float_step_s": statistics.median(times["float"]),
-            "diffq_step_s": statistics.median(times["diffq"]),
-            "ratio_median": statistics.median(ratios), "ratios": ratios}
+    out = _paired_steps(task.build_model().to(device), lambda m: task.step(m, batch)[0], 1.0,
+                        device, steps)
+    out.pop("_diffq_model")
+    return {"model": "wikitext_mini task model (conf/task/wikitext_mini.yaml)", **out}
 
 
 def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
@@ -226,7 +208,7 @@ def bench_raw_packing(count: int = 10_000_000) -> tp.Dict[str, tp.Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocab", type=int, default=15000, help="vocab of the step-time LM")
