@@ -22,7 +22,8 @@ from torch import nn
 from .actquant import (act_layers, dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho,
                        install_input_hooks, install_restored_activations)
 from .base import BaseQuantizer, QParam, QuantizerError, check_range
-from .pack import pack_uint, unpack_uint
+from .pack import pack_uint
+from .state import unpack_entry
 
 
 def _check_bits(name: str, value: tp.Any, allow_none: bool = False) -> tp.Optional[int]:
@@ -126,10 +127,7 @@ class DSQQuantizer(BaseQuantizer):
 
     @classmethod
     def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
-        if entry["numel"] != like.numel():
-            raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, parameter has "
-                                 f"{like.numel()}")
-        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"])
+        levels = unpack_entry(entry, like)
         lower, upper = (torch.as_tensor(entry[k], dtype=torch.float32) for k in ("lower", "upper"))
         return dsq_dequantize(levels, lower, upper, entry["bits"]).reshape(like.shape)
 

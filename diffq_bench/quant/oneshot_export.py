@@ -17,7 +17,8 @@ from . import bnpairs
 from .actquant import (install_restored_activations, lsq_dequantize, lsq_eval, lsq_init_step,
                        lsq_levels, lsq_quantize)
 from .base import MB, QParam, QuantizerError
-from .pack import pack_uint, unpack_uint
+from .pack import pack_uint
+from .state import unpack_entry
 
 
 class PackedConfigMixin:
@@ -60,10 +61,7 @@ class PackedConfigMixin:
 
     @classmethod
     def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
-        if entry["numel"] != like.numel():
-            raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, "
-                                 f"parameter has {like.numel()}")
-        levels = unpack_uint(entry["packed"], entry["bits"], entry["numel"])
+        levels = unpack_entry(entry, like)
         step = torch.as_tensor(entry["step"], dtype=torch.float32)
         return lsq_dequantize(levels, step, entry["bits"], True).reshape(like.shape)
 

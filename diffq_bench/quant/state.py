@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .checks import QuantizerError
+from .pack import unpack_uint
 
 FORMAT_NAME = "diffq-bench/quantized-state"
 FORMAT_VERSION = 1
@@ -127,3 +128,12 @@ def load_tensors(params: tp.Sequence[torch.Tensor], saved: tp.Sequence[torch.Ten
                 raise QuantizerError(f"quantizer state shape {tuple(value.shape)} does not "
                                      f"match {tuple(param.shape)}")
             param.copy_(value.to(param.device, param.dtype))
+
+
+def unpack_entry(entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
+    """The integer levels of an export entry ``{"bits", "numel", "packed", ...}`` (one bit width
+    for the whole tensor), after checking it holds as many values as ``like``."""
+    if entry["numel"] != like.numel():
+        raise QuantizerError(f"shape mismatch: quantized entry holds {entry['numel']} values, "
+                             f"parameter has {like.numel()}")
+    return unpack_uint(entry["packed"], entry["bits"], entry["numel"])
