@@ -40,11 +40,9 @@ class LocalParallelLauncher(SlurmLauncher):
     def __init__(self, max_parallel: int = 1, submitit_folder: str = ".submitit/%j",
                  timeout_min: int = 4320, poll_s: float = 1.0,
                  threads_per_job: tp.Optional[int] = None) -> None:
-        for key, value in (("max_parallel", max_parallel), ("threads_per_job", threads_per_job)):
-            if value is None and key == "threads_per_job":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"hydra.launcher.{key} must be an integer >= 1, got {value!r}")
+        _check_count("max_parallel", max_parallel)
+        if threads_per_job is not None:
+            _check_count("threads_per_job", threads_per_job)
         super().__init__(max_requeues=0, wait=True, submitit_folder=submitit_folder,
                          timeout_min=timeout_min)
         self.max_parallel = max_parallel
@@ -81,6 +79,11 @@ class LocalParallelLauncher(SlurmLauncher):
             if running:
                 time.sleep(self.poll_s)
         return tp.cast(tp.List[JobReturn], results)
+
+
+def _check_count(key: str, value: tp.Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"hydra.launcher.{key} must be an integer >= 1, got {value!r}")
 
 
 @contextlib.contextmanager
