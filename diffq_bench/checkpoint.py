@@ -7,7 +7,6 @@ with ``torch.load(weights_only=True)`` (no code is ever unpickled).
 """
 from __future__ import annotations
 
-import os
 import random
 import typing as tp
 from pathlib import Path
@@ -15,50 +14,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import io
+
 FORMAT = "diffq-bench/checkpoint"
 VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is unreadable or does not match the run; the message names the file."""
+    """A readable checkpoint does not fit the run (another run's, other optimizers...)."""
 
 
 def save(state: tp.Dict[str, tp.Any], path: tp.Union[str, Path]) -> None:
-    """Write ``state`` atomically: a reader sees the old file or the new one, never half of one.
+    """Write ``state`` atomically (:func:`diffq_bench.io.save_torch`) with the format marker.
 
     Args:
         state: tensors / numbers / strings / lists / dicts only.
         path: destination file.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fout:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, fout)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, path)
+    io.save_torch(path, {"format": FORMAT, "version": VERSION, **state})
 
 
-def load(path: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
+def load(path: tp.Union[str, Path], recover: str = "delete it to restart this run from scratch"
+         ) -> tp.Dict[str, tp.Any]:
     """Read a checkpoint written by :func:`save` (``weights_only=True``, on CPU).
 
+    Args:
+        path: the checkpoint file.
+        recover: what the user can do when the file is corrupt (part of the error message).
     Raises:
-        CheckpointError: unreadable, truncated or foreign file (the message says how to recover).
+        diffq_bench.io.LoadError: unreadable, truncated, unsafe or foreign file.
     """
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is one clear error
-        # torch's own message suggests weights_only=False, which we never do: keep its first line.
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {reason}); "
-                              f"delete it to restart this run from scratch") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a diffq-bench checkpoint (missing format marker)")
-    if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, "
-                              f"this diffq-bench reads up to {VERSION}")
-    return state
+    return io.load_torch(path, what="checkpoint", marker=FORMAT, version=VERSION, recover=recover)
 
 
 def rng_state() -> tp.Dict[str, tp.Any]:

@@ -12,6 +12,7 @@ import typing as tp
 
 from omegaconf import DictConfig
 
+from .data.errors import DataMissingError
 from .config import ConfigError, find_conf_dir, to_container, validate
 from .xp import Xp, axes, now_iso
 
@@ -101,7 +102,6 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    from .tasks import DataMissingError
     try:
         run(cfg)
     except ConfigError as exc:

@@ -8,11 +8,12 @@ published numbers that state a size are hollow black markers.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import typing as tp
 from pathlib import Path
 
+from .io import write_bytes
 from .results import METHODS, Section
 
 Point = tp.Tuple[float, float]
@@ -85,12 +86,11 @@ def plot_sections(sections: tp.Sequence[Section], path: tp.Union[str, Path],
     legend_rows = math.ceil(len(legend) / max(ncol, 1))
     fig.tight_layout(rect=(0.0, min(0.4, 0.045 * legend_rows / nrows * 2), 1.0, 1.0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
     # no timestamp in the metadata: same inputs, same bytes
-    fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -223,8 +223,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
         sections = build_sections(results, refs)
         text = render_sections(sections, args.format, title=f"grid {args.grid}" if args.grid else None)
     if args.output:
-        from .xp import atomic_write_text
-        atomic_write_text(args.output, text)
+        from . import io
+        io.write_text(args.output, text)
     else:
         sys.stdout.write(text)
     if args.plot:

@@ -151,12 +151,13 @@ def record_submission(folder: tp.Union[str, Path], job_id: str, **fields: tp.Any
         job_id: the scheduler's id (``"123_4"`` for array tasks).
         fields: extra JSON-able fields (``sweep_dir``, ``grid``, ``cluster``).
     """
-    from .xp import atomic_write_text, now_iso
+    from . import io
+    from .xp import now_iso
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = read_submissions(folder)
     records.append({"job_id": str(job_id), "submitted": now_iso(), **fields})
-    atomic_write_text(folder / SUBMISSIONS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    io.write_lines(folder / SUBMISSIONS, records)
 
 
 def known_job_ids(folder: Path, status: tp.Optional[tp.Mapping[str, tp.Any]]) -> tp.List[str]:

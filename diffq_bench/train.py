@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import io
 from .quant.base import Calibration
 from .quant import BaseQuantizer, deserialize, get_quantizer, restore, serialize
 from .tasks import Task
@@ -359,10 +360,7 @@ class Trainer:
         with torch.no_grad():
             test = self.task.evaluate(self.model, "test")
         state = self.quantizer.export()
-        data = serialize(state)
-        tmp = self.xp.quantized_path.with_name(f".{self.xp.quantized_path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self.xp.quantized_path)
+        io.write_bytes(self.xp.quantized_path, serialize(state))
         # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
         # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
         # and are carried over from the trained model.

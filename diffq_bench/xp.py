@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import io
 from .config import to_container
 
 #: top-level keys that never enter the signature.
@@ -71,21 +72,6 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: tp.Union[str, Path], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fout:
-        fout.write(text)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: tp.Union[str, Path], data: tp.Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _job_id() -> tp.Optional[str]:
     """The scheduler job id, spelt as submissions.jsonl and sacct do (``<array>_<task>``)."""
     try:
@@ -127,7 +113,7 @@ class Xp:
         """Create the folder and write the semantic config that was hashed (idempotent)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         text = OmegaConf.to_yaml(OmegaConf.create(semantic_config(self.cfg)))
-        atomic_write_text(self.config_path, f"# run {self.sig}: the semantic config that was hashed\n{text}")
+        io.write_text(self.config_path, f"# run {self.sig}: the semantic config that was hashed\n{text}")
 
     # locking: two launches never share a folder by accident ---------------------------------
     def lock(self) -> None:
@@ -171,7 +157,7 @@ class Xp:
                                          "grids": []}
         status.update(fields)
         status.update(state=state, host=socket.gethostname(), pid=os.getpid(), updated=now_iso())
-        atomic_write_json(self.status_path, status)
+        io.write_json(self.status_path, status)
         return status
 
     def start_attempt(self, grids: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
@@ -191,7 +177,7 @@ class Xp:
 
     def write_history(self, history: tp.Sequence[tp.Dict[str, tp.Any]]) -> None:
         """Rewrite history.jsonl whole (atomic), so a resumed run never duplicates epochs."""
-        atomic_write_text(self.history_path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+        io.write_lines(self.history_path, history)
 
     def log(self, message: str) -> None:
         with open(self.log_path, "a") as fout:
@@ -204,7 +190,7 @@ class Xp:
             return None
 
     def write_result(self, result: tp.Dict[str, tp.Any]) -> None:
-        atomic_write_json(self.result_path, result)
+        io.write_json(self.result_path, result)
 
     def is_done(self) -> bool:
         status = self.read_status() or {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from diffq_bench.io import write_json
 from diffq_bench.quant import get_quantizer, restore
 from diffq_bench.quant.base import MB
 from diffq_bench.quant.pack import pack_uint, unpack_uint
@@ -247,10 +247,7 @@ def main() -> None:
                       "load_average_1min": os.getloadavg()[0],
                       "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -14,23 +14,16 @@ published ones (one <eos> per line).
 """
 import argparse
 import os
-import shutil
 import sys
 import zipfile
 from pathlib import Path
 
+from diffq_bench.io import copy_file
 from diffq_bench.data.wikitext import SPLITS, TOKEN_FILES, find_layout, load_corpus
 
 # Published WikiText-103 statistics (Merity et al., 2016), counting one end-of-line token per line.
 PUBLISHED_TOKENS = {"train": 103_227_021, "valid": 217_646, "test": 245_569}
 PUBLISHED_DICT = 267_744  # 267,735 words + specials, padded to a multiple of 8 (fairseq)
-
-
-def copy_atomic(src, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    with (src if hasattr(src, "read") else open(src, "rb")) as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 22)
-    os.replace(tmp, dst)
 
 
 def install(source: Path, data: Path) -> Path:
@@ -43,7 +36,7 @@ def install(source: Path, data: Path) -> Path:
             if missing:
                 sys.exit(f"{source} lacks {missing}: not the WikiText-103 (tokens) archive")
             for split in SPLITS:
-                copy_atomic(archive.open(names[TOKEN_FILES[split]]), dest / TOKEN_FILES[split])
+                copy_file(archive.open(names[TOKEN_FILES[split]]), dest / TOKEN_FILES[split])
         return dest
     kind, files = find_layout(source)  # clear error naming the expected layout
     dest = data / ("wikitext-103" if kind == "tokens" else "wikitext-103-v1")
@@ -51,7 +44,7 @@ def install(source: Path, data: Path) -> Path:
     for split in SPLITS:
         for path in files[split]:
             if path.resolve() != (dest / path.name).resolve():
-                copy_atomic(path, dest / path.name)
+                copy_file(path, dest / path.name)
     return dest
 
 

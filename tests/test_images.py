@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffq_bench.data import digits, images
-from diffq_bench.data.images import DataCorruptError
-from diffq_bench.tasks import DataMissingError
+from diffq_bench.data import cifar, digits, images
+from diffq_bench.data.errors import DataCorruptError
+from diffq_bench.data.errors import DataMissingError
 
 torch.set_num_threads(1)
 
@@ -43,12 +43,12 @@ def make_cifar10_fixture(root, per_batch=4):
 
 def test_cifar10_reader_layout(tmp_path):
     make_cifar10_fixture(tmp_path)
-    x, y, names = images.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+    x, y, names = cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
     assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
     assert names == ["c%d" % i for i in range(10)]
     assert (x[3, 5, 5] == [3, 103, 197]).all() and list(y[:12]) == [i % 10 for i in range(12)]
     assert x[0, 0, 1, 0] == 255 and x[0, 1, 0, 0] == 0
-    tx, ty, _ = images.read_cifar(tmp_path / "cifar-10-batches-py", "cifar10", train=False,
+    tx, ty, _ = cifar.read_cifar(tmp_path / "cifar-10-batches-py", "cifar10", train=False,
                                   verify_checksums=False)
     assert tx.shape == (4, 32, 32, 3) and list(ty) == [0, 1, 2, 3]
 
@@ -56,7 +56,7 @@ def test_cifar10_reader_layout(tmp_path):
 def test_cifar_checksums_are_checked_unless_disabled(tmp_path):
     make_cifar10_fixture(tmp_path)
     with pytest.raises(DataCorruptError, match="official checksum.*verify_checksums=false"):
-        images.read_cifar(tmp_path, "cifar10", train=True)
+        cifar.read_cifar(tmp_path, "cifar10", train=True)
 
 
 def test_cifar100_reader(tmp_path):
@@ -69,15 +69,15 @@ def test_cifar100_reader(tmp_path):
                          extra={b"coarse_labels": [0] * n})
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x%d" % i for i in range(100)],
                                                 b"coarse_label_names": [b"y"] * 20}, protocol=2))
-    x, y, names = images.read_cifar(tmp_path, "cifar100", train=True, verify_checksums=False)
+    x, y, names = cifar.read_cifar(tmp_path, "cifar100", train=True, verify_checksums=False)
     assert x.shape == (6, 32, 32, 3) and list(y) == [0, 17, 34, 51, 68, 85] and len(names) == 100
 
 
 def test_cifar_missing_names_path(tmp_path):
     with pytest.raises(DataMissingError, match="cifar-10-batches-py"):
-        images.read_cifar(tmp_path, "cifar10", train=True)
+        cifar.read_cifar(tmp_path, "cifar10", train=True)
     with pytest.raises(ValueError, match="cifar100"):
-        images.read_cifar(tmp_path, "cifar11", train=True)
+        cifar.read_cifar(tmp_path, "cifar11", train=True)
 
 
 def test_unpickler_refuses_code(tmp_path):
@@ -88,16 +88,16 @@ def test_unpickler_refuses_code(tmp_path):
             return (os.system, ("echo pwned",))
     (folder / "data_batch_2").write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
     with pytest.raises(DataCorruptError, match="refusing global"):
-        images.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+        cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
 
 
 def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
     rng = np.random.default_rng(1)
     tr = rng.integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
     te = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    sums = images.write_cifar10_batches(tmp_path, tr, np.arange(13) % 10, te, np.arange(4), list("abcdefghij"))
+    sums = cifar.write_cifar10_batches(tmp_path, tr, np.arange(13) % 10, te, np.arange(4), list("abcdefghij"))
     assert json.loads((tmp_path / "checksums.json").read_text()) == sums
-    x, y, names = images.read_cifar(tmp_path, "cifar10", train=True)  # verified by the manifest
+    x, y, names = cifar.read_cifar(tmp_path, "cifar10", train=True)  # verified by the manifest
     assert (x == tr).all() and list(y) == list(np.arange(13) % 10) and names == list("abcdefghij")
     # Format-faithful: torchvision's own reader (checksums off: these are not the official files).
     from torchvision.datasets import CIFAR10
@@ -115,7 +115,7 @@ def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
         f.seek(200)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(DataCorruptError, match="test_batch.*checksums.json"):
-        images.read_cifar(tmp_path, "cifar10", train=False)
+        cifar.read_cifar(tmp_path, "cifar10", train=False)
 
 
 def make_imagefolder(root, splits=("train", "val"), classes=("cat", "dog", "eel"), per_class=3, size=20):
@@ -195,8 +195,8 @@ def test_digits_split_and_formats(tmp_path):
     mtime = (folder / digits.MANIFEST).stat().st_mtime_ns
     assert digits.ensure_imagefolder(tmp_path) == folder  # written once
     assert (folder / digits.MANIFEST).stat().st_mtime_ns == mtime
-    cifar = digits.ensure_cifar(tmp_path)
-    x, y, names = images.read_cifar(cifar, "cifar10", train=True)
+    cifar_dir = digits.ensure_cifar(tmp_path)
+    x, y, names = cifar.read_cifar(cifar_dir, "cifar10", train=True)
     assert x.shape == (1437, 32, 32, 3) and names == [str(d) for d in range(10)]
     assert (y[-180:] == split["val"][1]).all() and (x[..., 0] == x[..., 2]).all()
     # Upsampling keeps the content: 4x4 block means follow the 8x8 source.

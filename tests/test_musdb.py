@@ -5,7 +5,7 @@ import soundfile as sf
 import torch
 
 from diffq_bench.data import musdb as mdb
-from diffq_bench.tasks.base import DataMissingError
+from diffq_bench.data.errors import DataMissingError
 
 SR = 44100
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from diffq_bench.quant import (QUANTIZERS, QuantizerError, deserialize, get_quantizer, restore,
                                serialize)
-from diffq_bench.quant.pack import load_state, save_state
+from diffq_bench.io import LoadError
+from diffq_bench.quant.state import load, save
 
 NAMES = sorted(QUANTIZERS)
 
@@ -98,9 +99,9 @@ def test_true_size_matches_file_and_roundtrip(name, tmp_path):
     with torch.no_grad():
         expected = model(tokens())
     path = tmp_path / "q.th"
-    save_state(quantizer.export(), path)
+    save(path, quantizer.export())
     assert path.stat().st_size == quantizer.true_size_bytes()
-    state = load_state(path)
+    state = load(path)
     assert state["version"] >= 1 and state["method"] == name
     quantizer.detach()
     fresh = restore(Zoo().eval(), state)
@@ -171,7 +172,7 @@ def test_quantizer_state_dict_roundtrip(name):
 def test_restore_rejects_foreign_states():
     with pytest.raises(QuantizerError, match="format"):
         restore(nn.Linear(2, 2), {"method": "none"})
-    with pytest.raises(QuantizerError, match="not a readable"):
+    with pytest.raises(LoadError, match="corrupt or unreadable"):
         restore(nn.Linear(2, 2), b"garbage")
 
 

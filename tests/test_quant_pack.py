@@ -1,10 +1,10 @@
-"""Bit packing: exact sizes and round trips at every width, mixed radix, atomic state files."""
+"""Bit packing: exact sizes and round trips at every width, mixed radix."""
 import math
 
 import pytest
 import torch
 
-from diffq_bench.quant.pack import (load_state, pack_mixed_radix, pack_uint, radix_plan, save_state,
+from diffq_bench.quant.pack import (pack_mixed_radix, pack_uint, radix_plan,
                                     unpack_mixed_radix, unpack_uint)
 
 
@@ -63,23 +63,3 @@ def test_mixed_radix_rejects_out_of_range():
         radix_plan(1)
 
 
-def test_save_load_state_atomic(tmp_path):
-    path = tmp_path / "sub" / "state.th"
-    state = {"a": torch.arange(5, dtype=torch.uint8), "b": {"c": 1.5, "d": "x"}}
-    save_state(state, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.th"]  # no tmp left behind
-    loaded = load_state(path)
-    assert torch.equal(loaded["a"], state["a"]) and loaded["b"] == state["b"]
-    path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(ValueError, match="not a readable state"):
-        load_state(path)
-    with pytest.raises(FileNotFoundError):
-        load_state(tmp_path / "missing.th")
-
-
-def test_load_state_refuses_code(tmp_path):
-    import pickle
-    path = tmp_path / "evil.th"
-    path.write_bytes(pickle.dumps({"f": print}, protocol=2))  # a pickled global must not be loaded
-    with pytest.raises(ValueError):
-        load_state(path)

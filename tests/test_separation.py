@@ -12,7 +12,8 @@ from torch import nn
 from diffq_bench import metrics_audio
 from diffq_bench.config import compose, find_conf_dir
 from diffq_bench.quant import QUANTIZERS
-from diffq_bench.tasks import TASKS, DataMissingError, get_task
+from diffq_bench.data.errors import DataMissingError
+from diffq_bench.tasks import TASKS, get_task
 from diffq_bench.tasks.separation import MusdbDemucsTask, SfmixTask
 
 from test_musdb import make_musdb

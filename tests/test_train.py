@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffq_bench import cli, train
-from diffq_bench.checkpoint import CheckpointError
+from diffq_bench.io import LoadError
 from diffq_bench.config import find_conf_dir
 from diffq_bench.quant import QUANTIZERS, deserialize
 from diffq_bench.train import PREEMPT, Preempted, lr_factor
@@ -145,7 +145,7 @@ def test_failure_is_recorded_and_exits_nonzero(compose_toy, toy_task, toy_conf, 
 
 
 def test_missing_data_is_a_clear_error(toy_task, toy_conf, tmp_path, monkeypatch, capsys):
-    from diffq_bench.tasks import DataMissingError
+    from diffq_bench.data.errors import DataMissingError
 
     def setup(self, data_root, *args, **kwargs):
         raise DataMissingError(f"no toy data in {data_root}/toy; run scripts/prepare_toy.sh")
@@ -168,7 +168,7 @@ def test_corrupt_checkpoint_is_a_clear_error(compose_toy):
     xp = Xp(cfg.paths.root, cfg)
     xp.create()
     xp.checkpoint_path.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or unreadable.*delete it"):
+    with pytest.raises(LoadError, match="corrupt or unreadable.*delete it"):
         cli.run(cfg)
     assert xp.read_status()["state"] == "FAILED"
 

@@ -7,7 +7,8 @@ import torch
 
 from diffq_bench import cli
 from diffq_bench.config import compose, find_conf_dir
-from diffq_bench.tasks import TASKS, DataMissingError, get_task
+from diffq_bench.data.errors import DataMissingError
+from diffq_bench.tasks import TASKS, get_task
 from diffq_bench.tasks.vision import VISION_TASKS, create_image_model
 from test_images import make_cifar10_fixture, make_imagefolder, _py2_style_batch
 

@@ -6,7 +6,7 @@ import torch
 
 from diffq_bench.data import wikitext
 from diffq_bench.data.wikitext import EOS_ID, UNK_ID, Dictionary, find_layout, load_corpus
-from diffq_bench.tasks.base import DataMissingError
+from diffq_bench.data.errors import DataMissingError
 
 TRAIN = [" \n", " = Title = \n", " \n", " the cat sat on the mat . \n", " the dog @-@ like cat . \n"]
 VALID = [" \n", " the zebra sat . \n"]

@@ -6,10 +6,6 @@ and ``cifar-100-python/train``, ``test``, ``meta``. Files are checked against th
 off is an explicit option and is logged. The pickles are read with an unpickler that only accepts
 the globals numpy arrays need, so a tampered file cannot run code. :func:`write_cifar10_batches`
 writes a data set in the CIFAR-10 format (the embedded digits).
-
-Also home of the data errors and file helpers the image loaders share (:class:`DataCorruptError`,
-:func:`md5sum`, :func:`atomic_write_bytes`); :mod:`diffq_bench.data.images` re-exports every public
-name, so imports from there keep working.
 """
 from __future__ import annotations
 
@@ -17,41 +13,18 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 
+from .. import io
+from .errors import DataCorruptError, DataMissingError
+
 logger = logging.getLogger(__name__)
 
 CHECKSUMS_FILE = "checksums.json"
-
-
-def _missing(message: str) -> Exception:
-    # Imported lazily: diffq_bench.tasks imports this module (through images), so a top-level
-    # import would be circular.
-    from ..tasks.base import DataMissingError
-    return DataMissingError(message)
-
-
-class DataCorruptError(ValueError):
-    """A dataset file exists but is not what it should be (checksum, format, shape)."""
-
-
-def atomic_write_bytes(path: tp.Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def md5sum(path: tp.Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -144,7 +117,7 @@ def find_cifar_folder(root: tp.Union[str, Path], variant: str) -> Path:
         if (cand / first).is_file():
             return cand
     names = ", ".join(name for name, _ in spec.train + spec.test + (spec.meta,))
-    raise _missing(f"{variant} not found: expected the official python batches ({names}) in "
+    raise DataMissingError(f"{variant} not found: expected the official python batches ({names}) in "
                    f"{root / spec.folder}; download and extract the official '{spec.folder}' "
                    f"archive into {root}")
 
@@ -168,7 +141,7 @@ def verify_cifar_checksums(folder: Path, variant: str) -> None:
     for name, md5 in expected.items():
         path = folder / name
         if not path.is_file():
-            raise _missing(f"{variant} file missing: {path}")
+            raise DataMissingError(f"{variant} file missing: {path}")
         actual = md5sum(path)
         if actual != md5:
             raise DataCorruptError(
@@ -197,7 +170,7 @@ def read_cifar(root: tp.Union[str, Path], variant: str, train: bool, verify_chec
     for name, _ in (spec.train if train else spec.test):
         path = folder / name
         if not path.is_file():
-            raise _missing(f"{variant} file missing: {path}")
+            raise DataMissingError(f"{variant} file missing: {path}")
         batch = read_pickle_batch(path)
         if "data" not in batch or spec.label_key not in batch:
             raise DataCorruptError(f"{path} lacks the 'data' or '{spec.label_key}' entry "
@@ -260,9 +233,9 @@ def write_cifar10_batches(folder: tp.Union[str, Path], train_images: np.ndarray,
                              "num_vis": 3072}
     sums = {}
     for name, content in files.items():
-        atomic_write_bytes(folder / name, pickle.dumps(content, protocol=2))
+        io.write_bytes(folder / name, pickle.dumps(content, protocol=2))
         sums[name] = md5sum(folder / name)
-    atomic_write_bytes(folder / CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
+    io.write_bytes(folder / CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
     return sums
 
 

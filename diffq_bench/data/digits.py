@@ -16,15 +16,13 @@ The split is fixed (seed 0, stratified by digit): 1,257 train, 180 val, 360 test
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 
-from .images import write_cifar10_batches
+from .. import io
+from .cifar import write_cifar10_batches
 
 SPLIT_SIZES = {"val": 180, "test": 360}  # the rest (1,257) is train
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -62,16 +60,6 @@ def upsample32(images: np.ndarray) -> np.ndarray:
     return np.repeat(np.stack(big)[..., None], 3, axis=3)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a fully written temporary folder into place; a concurrent writer may have won."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process published it first: same content
-
-
 def ensure_imagefolder(root: tp.Union[str, Path]) -> Path:
     """Write the digits as an ImageFolder under ``<root>/imagefolder`` unless already there.
 
@@ -82,9 +70,7 @@ def ensure_imagefolder(root: tp.Union[str, Path]) -> Path:
     final = Path(root) / IMAGEFOLDER
     if (final / MANIFEST).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{IMAGEFOLDER}."))
-    try:
+    with io.atomic_dir(final, MANIFEST) as tmp:
         counts = {}
         for split, (images, labels) in load_split().items():
             for name in CLASS_NAMES:
@@ -94,10 +80,6 @@ def ensure_imagefolder(root: tp.Union[str, Path]) -> Path:
             counts[split] = int(len(labels))
         (tmp / MANIFEST).write_text(json.dumps({"source": "sklearn.datasets.load_digits",
                                                 "counts": counts}, indent=1))
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -110,9 +92,7 @@ def ensure_cifar(root: tp.Union[str, Path]) -> Path:
     final = Path(root) / CIFAR_FOLDER
     if (final / MANIFEST).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{CIFAR_FOLDER}."))
-    try:
+    with io.atomic_dir(final, MANIFEST) as tmp:
         split = load_split()
         train_images = np.concatenate([split["train"][0], split["val"][0]])
         train_labels = np.concatenate([split["train"][1], split["val"][1]])
@@ -122,8 +102,4 @@ def ensure_cifar(root: tp.Union[str, Path]) -> Path:
             "source": "sklearn.datasets.load_digits", "upsampled": "bilinear 8x8 -> 32x32, grey on RGB",
             "counts": {"train": len(split["train"][1]), "val (last of train)": len(split["val"][1]),
                        "test": len(split["test"][1])}}, indent=1))
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

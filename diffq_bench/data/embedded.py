@@ -22,11 +22,11 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import re
 import typing as tp
 from pathlib import Path
 
+from .. import io
 from .wikitext import SPLITS, TOKEN_FILES, UNK
 
 GENSIM_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -158,16 +158,6 @@ def build_splits(articles: tp.Sequence[Article], min_count: int, max_vocab: tp.O
                 if line.strip() else " " for line in lines[s]] for s in SPLITS}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def ensure_embedded_wikitext(root: tp.Union[str, Path], min_count: int = 3,
                              max_vocab: tp.Optional[int] = None, valid_frac: float = 0.05,
                              test_frac: float = 0.05, source: str = "auto") -> Path:
@@ -206,9 +196,9 @@ def ensure_embedded_wikitext(root: tp.Union[str, Path], min_count: int = 3,
     splits = build_splits(articles, min_count, max_vocab, valid_frac, test_frac)
     root.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        _write_atomic(root / TOKEN_FILES[split], "".join(line + "\n" for line in splits[split]))
+        io.write_text(root / TOKEN_FILES[split], "".join(line + "\n" for line in splits[split]))
     info = {"options": options, "source": used,
             "license": "CC BY-SA (Wikipedia text)" if used.startswith("gensim") else "PSF",
             "lines": {s: len(splits[s]) for s in SPLITS}}
-    _write_atomic(manifest, json.dumps(info, indent=2) + "\n")
+    io.write_json(manifest, info)
     return root

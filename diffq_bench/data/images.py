@@ -3,9 +3,9 @@
 - ImageFolder: ``<root>/train/<class>/*.{jpg,png,...}`` and ``<root>/val/<class>/...`` (and
   optionally ``test/``), read by timm's folder dataset with timm's train/eval transforms. The class
   indices always come from ``train/`` so a split missing a class cannot shift the labels.
-- CIFAR-10/100: the official python pickle batches, read (checksums verified, safe unpickler) and
-  written by :mod:`diffq_bench.data.cifar`, whose public names are re-exported here; this module
-  holds the CIFAR augmentation and the array-backed dataset.
+- CIFAR-10/100: the official python pickle batches are read (checksums verified, safe unpickler)
+  and written by :mod:`diffq_bench.data.cifar`; this module holds the CIFAR augmentation and the
+  array-backed dataset.
 
 Loaders are plain ``torch.utils.data.DataLoader`` (no CUDA prefetcher), with per-sample seeded
 augmentation: the batches of epoch ``e`` depend only on ``(seed, e)``, with or without workers.
@@ -21,11 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-# The CIFAR format, the data errors and file helpers live in .cifar; re-exported so that
-# ``from diffq_bench.data.images import read_cifar, DataCorruptError, ...`` keeps working.
-from .cifar import (CHECKSUMS_FILE, CIFAR_SPECS, CifarSpec, DataCorruptError,  # noqa: F401
-                    _missing, atomic_write_bytes, find_cifar_folder, md5sum, read_cifar,
-                    read_pickle_batch, verify_cifar_checksums, write_cifar10_batches)
+from .errors import DataCorruptError, DataMissingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +41,10 @@ def imagefolder_classes(root: tp.Union[str, Path]) -> tp.Dict[str, int]:
     root = Path(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise _missing(f"image dataset not found: {root / split} does not exist; {IMAGEFOLDER_HELP}")
+            raise DataMissingError(f"image dataset not found: {root / split} does not exist; {IMAGEFOLDER_HELP}")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
-        raise _missing(f"{root / 'train'} has no class folder; {IMAGEFOLDER_HELP}")
+        raise DataMissingError(f"{root / 'train'} has no class folder; {IMAGEFOLDER_HELP}")
     return {name: index for index, name in enumerate(classes)}
 
 
@@ -67,7 +63,7 @@ def imagefolder_split(root: tp.Union[str, Path], folder: str, class_to_idx: tp.D
     from timm.data import create_dataset
     path = Path(root) / folder
     if not path.is_dir():
-        raise _missing(f"image dataset split not found: {path}; {IMAGEFOLDER_HELP}")
+        raise DataMissingError(f"image dataset split not found: {path}; {IMAGEFOLDER_HELP}")
     unknown = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in class_to_idx)
     if unknown:
         raise DataCorruptError(f"{path} has class folders absent from train/: {unknown[:5]}")

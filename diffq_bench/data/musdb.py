@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from ..models.demucs import SOURCES
-from ..tasks.base import DataMissingError
+from .errors import DataMissingError
 
 STEMS = ("mixture",) + SOURCES
 SPLITS = ("train", "valid", "test")

@@ -15,15 +15,14 @@ See docs/sfmix.md.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from ..models.demucs import SOURCES  # not from .musdb: that module imports tasks (cycle)
+from .. import io
+from ..models.demucs import SOURCES
 from .soundfont import SoundFont
 
 FORMAT_VERSION = 2  # bump whenever the rendered audio changes (cached sets are per version)
@@ -197,9 +196,7 @@ def build_sfmix(root: tp.Union[str, Path], samplerate: int = 16000, train_tracks
     if (target / MARKER).is_file():
         return target
     font = SoundFont(soundfont_path())
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with io.atomic_dir(target, MARKER) as tmp:
         for split_id, (split, count) in enumerate((("train", train_tracks), ("test", test_tracks))):
             for index, name in enumerate(track_names(split, count)):
                 rng = np.random.default_rng([seed, split_id, index])
@@ -208,11 +205,4 @@ def build_sfmix(root: tp.Union[str, Path], samplerate: int = 16000, train_tracks
                 for stem, audio in render_track(font, rng, duration, samplerate).items():
                     sf.write(str(folder / f"{stem}.wav"), audio, samplerate, subtype="PCM_16")
         (tmp / MARKER).write_text(json.dumps(params, indent=1))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

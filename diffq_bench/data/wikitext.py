@@ -30,12 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import io
+from .errors import DataMissingError
 
-def _data_missing(message: str) -> Exception:
-    # Imported here: diffq_bench.tasks imports this module (through the LM task), so a module-level
-    # import would be circular when this module is imported first.
-    from ..tasks.base import DataMissingError
-    return DataMissingError(message)
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIALS = (PAD, EOS, UNK)
@@ -133,7 +130,7 @@ def find_layout(root: tp.Union[str, Path]) -> tp.Tuple[str, tp.Dict[str, tp.List
             return "parquet", shards
     found = sorted(p.name for sub in SUBDIRS for p in ((root / sub) if sub else root).glob("*")
                    if p.is_file())[:10] if root.is_dir() else []
-    raise _data_missing(f"WikiText data not found under {root} (found: {found or 'nothing'}); "
+    raise DataMissingError(f"WikiText data not found under {root} (found: {found or 'nothing'}); "
                            + LAYOUT_HELP.format(root=root))
 
 
@@ -159,7 +156,7 @@ def iter_line_chunks(kind: str, files: tp.Sequence[Path], cache_dir: tp.Optional
         ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train",
                                    **kwargs)
         if "text" not in ds.column_names:
-            raise _data_missing(f"parquet files {[p.name for p in files]} have columns "
+            raise DataMissingError(f"parquet files {[p.name for p in files]} have columns "
                                    f"{ds.column_names}, expected a 'text' column")
         for batch in ds.iter(batch_size=chunk_lines):
             yield batch["text"]
@@ -224,18 +221,6 @@ def cache_key(files: tp.Dict[str, tp.List[Path]], pad_to_multiple: int) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def atomic_torch_save(obj: tp.Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def load_corpus(root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
                 pad_to_multiple: int = 8) -> LMCorpus:
     """The tokenized corpus under ``root``, from the cache when it is current.
@@ -252,15 +237,15 @@ def load_corpus(root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
     path = cache_dir / "wikitext" / f"{cache_key(files, pad_to_multiple)}.pt"
     if path.is_file():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = io.load_torch(path, what="token cache")
             if state.get("version") == CACHE_VERSION:
                 return LMCorpus(Dictionary(state["symbols"], state["counts"].tolist()),
                                 {s: state[s] for s in SPLITS}, source=state["source"])
         except Exception:  # noqa: BLE001 - a corrupt cache is rebuilt, never trusted
             pass
     corpus = build_corpus(kind, files, pad_to_multiple, cache_dir)
-    atomic_torch_save({"version": CACHE_VERSION, "source": kind,
-                       "symbols": corpus.dictionary.symbols,
-                       "counts": torch.tensor(corpus.dictionary.counts, dtype=torch.long),
-                       **corpus.splits}, path)
+    io.save_torch(path, {"version": CACHE_VERSION, "source": kind,
+                         "symbols": corpus.dictionary.symbols,
+                         "counts": torch.tensor(corpus.dictionary.counts, dtype=torch.long),
+                         **corpus.splits})
     return corpus

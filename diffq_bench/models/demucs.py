@@ -16,7 +16,6 @@ import typing as tp
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 SOURCES = ("drums", "bass", "other", "vocals")
 

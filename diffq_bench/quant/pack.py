@@ -1,4 +1,4 @@
-"""Exact bit packing of unsigned integers, and atomic save/load of exported states.
+"""Exact bit packing of unsigned integers.
 
 Layout of :func:`pack_uint`: value ``i`` occupies bits ``[i*nbits, (i+1)*nbits)`` of a
 little-endian bit stream (bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``). The result
@@ -16,10 +16,7 @@ minimize the bits per value (within 1% of ``log2 L`` for the widths used in prac
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import typing as tp
-from pathlib import Path
 
 import torch
 
@@ -216,40 +213,3 @@ def unpack_mixed_radix(packed: torch.Tensor, levels: int, count: int) -> torch.T
         digits[:, j] = word % levels
         word = word // levels
     return digits.reshape(-1)[:count]
-
-
-# --------------------------------------------------------------------------- state files
-def save_state(state: tp.Dict[str, tp.Any], path: tp.Union[str, os.PathLike]) -> None:
-    """Write ``state`` with ``torch.save`` atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_state(path: tp.Union[str, os.PathLike]) -> tp.Dict[str, tp.Any]:
-    """Load a state written by :func:`save_state` with ``weights_only=True`` (no code unpickled).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable state (truncated, corrupt, or unsafe to load).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no state file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any corruption becomes one clear error
-        raise ValueError(f"{path} is not a readable state file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a dict state")
-    return state

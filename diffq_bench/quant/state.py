@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import typing as tp
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..io import load_torch, write_bytes
 from .checks import QuantizerError
 from .pack import unpack_uint
 
@@ -49,24 +51,30 @@ def serialize(state: tp.Dict[str, tp.Any]) -> bytes:
     return buf.getvalue()
 
 
+def save(path: tp.Union[str, Path], state: tp.Dict[str, tp.Any]) -> None:
+    """Write an exported state to ``path`` atomically (its size is :meth:`true_size_bytes`)."""
+    write_bytes(path, serialize(state))
+
+
+def load(path: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
+    """Read a state written by :func:`save` (``weights_only=True``; format and version checked).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        diffq_bench.io.LoadError: unreadable or unsafe file, not a quantized state, newer version.
+    """
+    return load_torch(path, what="quantized state", marker=FORMAT_NAME, version=FORMAT_VERSION)
+
+
 def deserialize(data: bytes) -> tp.Dict[str, tp.Any]:
     """Inverse of :func:`serialize`, with ``weights_only=True`` (never unpickles code).
 
     Args:
         data: bytes written by :func:`serialize`.
     Raises:
-        QuantizerError: unreadable data, no format marker, or a newer format version.
+        diffq_bench.io.LoadError: unreadable or unsafe data, no format marker, or a newer version.
     """
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - turn any corruption into one clear error
-        raise QuantizerError(f"not a readable quantized state ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
-        raise QuantizerError("not a diffq-bench quantized state (missing format marker)")
-    if state.get("version", 0) > FORMAT_VERSION:
-        raise QuantizerError(f"quantized state has format version {state.get('version')}, "
-                             f"this diffq-bench reads up to {FORMAT_VERSION}: upgrade it")
-    return state
+    return load_torch(data, what="quantized state", marker=FORMAT_NAME, version=FORMAT_VERSION)
 
 
 def load_weights(model: nn.Module, state: tp.Dict[str, tp.Any],

@@ -1,7 +1,7 @@
 """Task registry: ``TASKS = {name: class}`` (see :mod:`diffq_bench.tasks.base`)."""
 import typing as tp
 
-from .base import DataMissingError, Task
+from .base import Task
 from .lm import WikiText103Task, WikiTextMiniTask
 from .separation import MusdbDemucsTask, SfmixTask
 from .vision import VISION_TASKS
@@ -22,4 +22,4 @@ def get_task(name: str, **kwargs: tp.Any) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "get_task", "Task", "DataMissingError"]
+__all__ = ["TASKS", "get_task", "Task"]

@@ -13,10 +13,6 @@ import torch
 from torch import nn
 
 
-class DataMissingError(FileNotFoundError):
-    """A dataset is not where the config says: the message names the path and how to prepare it."""
-
-
 class Task:
     """Base class of every benchmark.
 

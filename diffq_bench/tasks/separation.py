@@ -17,10 +17,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import metrics_audio
-from ..data import musdb as mdb  # module import: data.musdb imports tasks.base (no cycle issue)
+from ..data import musdb as mdb
 from ..data import sfmix as sfmix_data
 from ..models.demucs import Demucs, center_trim
-from .base import DataMissingError, Task
+from ..data.errors import DataMissingError
+from .base import Task
 
 LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": F.l1_loss,

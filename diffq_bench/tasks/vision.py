@@ -25,11 +25,12 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..data import digits as digits_data
-from ..data.images import (ArrayImageDataset, CIFAR_SPECS, cifar_transform, imagefolder_classes,
-                           imagefolder_split, make_loader, read_cifar, seeded_rng, subset,
-                           timm_image_transform)
+from ..data.cifar import CIFAR_SPECS, read_cifar
+from ..data.errors import DataMissingError
+from ..data.images import (ArrayImageDataset, cifar_transform, imagefolder_classes,
+                           imagefolder_split, make_loader, seeded_rng, subset, timm_image_transform)
 from ..models.cifar import CIFAR_MODELS, create_cifar_model
-from .base import DataMissingError, Task
+from .base import Task
 
 SPLITS = ("valid", "test")
 
