@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     """
     from .checkpoint import seed_all
     from .tasks import get_task
-    from .train import Preempted, resolve_device, run_training
+    from .finish import finish
+    from .train import Preempted, Trainer, resolve_device
     validate(cfg)
     plain = to_container(cfg)
     xp = Xp(plain["paths"]["root"], cfg)
@@ -77,7 +78,9 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             task = get_task(plain["task"]["name"], **task_kw)
             task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
                        num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
-            metrics = run_training(plain, task, xp, device, runtime)
+            trainer = Trainer(plain, task, xp, device, runtime)
+            trainer.fit()
+            metrics = finish(trainer)
         except Preempted as exc:
             status = xp.read_status() or {}
             xp.write_status("QUEUED", requeues=int(status.get("requeues", 0)) + 1, traceback=None)

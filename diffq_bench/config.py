@@ -119,9 +119,9 @@ def validate(cfg: DictConfig) -> None:
     Args:
         cfg: the config composed by Hydra (``conf/config.yaml`` + overrides).
     """
+    from .optim import OPTIMIZERS
     from .quant import QUANTIZERS
     from .tasks import TASKS
-    from .train import OPTIMIZERS
     try:
         plain = to_container(cfg)
     except Exception as exc:  # noqa: BLE001 - interpolation errors become config errors

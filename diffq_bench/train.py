@@ -19,14 +19,12 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import io
-from .quant.base import Calibration
-from .quant import BaseQuantizer, deserialize, get_quantizer, restore, serialize
+from .optim import OPTIMIZERS, lr_factor
+from .quant import BaseQuantizer, get_quantizer
 from .tasks import Task
 from .xp import Xp
 
 logger = logging.getLogger(__name__)
-MB = 2 ** 20
 
 #: Set (e.g. by a SLURM signal handler) to checkpoint at the next step boundary and stop.
 PREEMPT = threading.Event()
@@ -34,43 +32,6 @@ PREEMPT = threading.Event()
 
 class Preempted(RuntimeError):
     """Raised after the checkpoint was written because :data:`PREEMPT` was set."""
-
-
-def _adam(params, cfg, cls):
-    return cls(params, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-               eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0))
-
-
-def _sgd(params, cfg, nesterov):
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-                           weight_decay=cfg.get("weight_decay", 0.0), nesterov=nesterov)
-
-
-#: optimizer name -> builder(params, optim config dict)
-OPTIMIZERS: tp.Dict[str, tp.Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda params, cfg: _adam(params, cfg, torch.optim.Adam),
-    "adamw": lambda params, cfg: _adam(params, cfg, torch.optim.AdamW),
-    "sgd": lambda params, cfg: _sgd(params, cfg, nesterov=False),
-    "nag": lambda params, cfg: _sgd(params, cfg, nesterov=True),
-}
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``.
-
-    Args:
-        step: optimizer steps already done.
-        total: optimizer steps of the whole run.
-        warmup: linear warmup steps (from 1/warmup to 1).
-        schedule: ``cosine`` (decay to ``min_ratio`` at ``total``) or ``constant``.
-        min_ratio: floor of the cosine, as a fraction of the peak.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,7 +121,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": ckpt.rng_state(), "epoch_rng": self.epoch_rng, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "history": self.history, "best": self.best, "wall_time": self._wall(),
+                "history": self.history, "best": self.best, "wall_time": self.wall_seconds(),
                 "sums": self.sums, "count": self.count}
 
     def save_checkpoint(self) -> None:
@@ -190,7 +151,8 @@ class Trainer:
         self.wall_time = float(state["wall_time"])
         return state
 
-    def _wall(self) -> float:
+    def wall_seconds(self) -> float:
+        """Training wall time of the run so far, over all its attempts."""
         return self.wall_time + time.monotonic() - self._t0
 
     # ------------------------------------------------------------------------- the loop
@@ -337,81 +299,5 @@ class Trainer:
             logger.info(summary)
             self.xp.log(summary)
 
-    def _calibration(self) -> tp.Optional[Calibration]:
-        n = int(getattr(self.quantizer, "calibration_batches", 0))
-        if n <= 0:
-            return None
-        with torch.random.fork_rng(devices=[]):  # the run's RNG stays untouched
-            batches = []
-            for batch in self.task.train_batches(int(self.train_cfg["epochs"])):
-                if len(batches) >= n:
-                    break
-                batches.append(batch)
-        return Calibration(task=self.task, batches=batches)
 
-    def finish(self) -> tp.Dict[str, tp.Any]:
-        """Best state -> finalize -> true-quantized test -> export -> restore check. Returns metrics."""
-        best = ckpt.load(self.xp.best_path)
-        self.model.load_state_dict(best["model"])
-        self.quantizer.load_state_dict(best["quantizer"])
-        self.quantizer.finalize(self._calibration())
-        metric = self.task.metric
-        self.model.eval()
-        with torch.no_grad():
-            test = self.task.evaluate(self.model, "test")
-        state = self.quantizer.export()
-        io.write_bytes(self.xp.quantized_path, serialize(state))
-        # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
-        # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
-        # and are carried over from the trained model.
-        fresh = self.task.build_model().to(self.device)
-        # The float reference is the task's architecture as built, not the trained model: some
-        # quantizers add parameters to it (one-shot MPQ's BatchNorm per bit-width pair).
-        float_params = unique_params(fresh)
-        buffers = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for name, buf in fresh.named_buffers():
-                if name in buffers:
-                    buf.copy_(buffers[name])
-        restore(fresh, deserialize(self.xp.quantized_path.read_bytes()))
-        fresh.eval()
-        with torch.no_grad():
-            restored = self.task.evaluate(fresh, "test")
-        true_bytes = self.quantizer.true_size_bytes()
-        float_mb = float_params * 4 / MB
-        metrics: tp.Dict[str, tp.Any] = {f"test_{k}": float(v) for k, v in test.items()}
-        metrics.update({
-            f"valid_{metric}": float(self.best["value"]),
-            f"test_{metric}_restored": float(restored[metric]),
-            "restore_exact": float(restored[metric] == test[metric]),
-            "true_size_mb": true_bytes / MB, "float_size_mb": float_mb,
-            "compression": float_mb / (true_bytes / MB),
-            "bits_per_weight": self.quantizer.bits_per_weight(),
-            "analytic_size_mb": self.quantizer.true_model_size(),
-            "params": float_params, "best_epoch": int(self.best["epoch"]),
-            "steps": self.global_step, "wall_time_s": self._wall(),
-        })
-        if restored[metric] != test[metric]:
-            logger.warning("restored model gives test %s %.6g, live model %.6g: export is not exact",
-                           metric, restored[metric], test[metric])
-        return metrics
-
-
-def run_training(cfg: tp.Dict[str, tp.Any], task: Task, xp: Xp, device: torch.device,
-                 runtime: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
-    """Fit (or resume) then finish one run; returns the result metrics.
-
-    Args:
-        cfg: resolved plain config.
-        task: the task, already set up.
-        xp: the run folder.
-        device: torch device.
-        runtime: non-semantic options (progress bar, checkpoint periods).
-    """
-    trainer = Trainer(cfg, task, xp, device, runtime)
-    trainer.fit()
-    return trainer.finish()
-
-
-__all__ = ["PREEMPT", "Preempted", "OPTIMIZERS", "Trainer", "run_training", "lr_factor",
-           "resolve_device"]
+__all__ = ["PREEMPT", "Preempted", "Trainer", "resolve_device", "unique_params"]

@@ -18,7 +18,8 @@ from diffq_bench import cli, train
 from diffq_bench.io import LoadError
 from diffq_bench.config import find_conf_dir
 from diffq_bench.quant import QUANTIZERS, deserialize
-from diffq_bench.train import PREEMPT, Preempted, lr_factor
+from diffq_bench.optim import lr_factor
+from diffq_bench.train import PREEMPT, Preempted
 from diffq_bench.xp import RunLockedError, Xp
 
 QUANTIZED = ("diffq", "qat", "lsq")

@@ -11,7 +11,7 @@ import typing as tp
 
 from torch import nn
 
-from .base import (BaseQuantizer, NoQuantizer, QuantizerError, deserialize, serialize,
+from .base import (BaseQuantizer, Calibration, NoQuantizer, QuantizerError, deserialize, serialize,
                    FORMAT_NAME, FORMAT_VERSION)
 from .diffq import DiffQuantizer
 from .lsq import LSQQuantizer

@@ -1,0 +1,89 @@
+"""After training: best state -> finalize -> true-quantized test -> export -> restore check.
+
+The reported test metric is measured with true quantization (the quantizer's eval weights), then
+the exported ``quantized.th`` is restored into a freshly built model and evaluated again: the
+result a user of the exported file gets is part of every result (``test_<metric>_restored``).
+"""
+from __future__ import annotations
+
+import logging
+import typing as tp
+
+import torch
+
+from . import checkpoint as ckpt
+from . import io
+from .quant import Calibration, deserialize, restore, serialize
+from .train import Trainer, unique_params
+
+logger = logging.getLogger(__name__)
+MB = 2 ** 20
+
+
+def calibration(trainer: Trainer) -> tp.Optional[Calibration]:
+    """The first ``quantizer.calibration_batches`` training batches (None when it wants none).
+
+    Built under ``torch.random.fork_rng`` so the run's RNG stays untouched.
+    """
+    n = int(trainer.quantizer.calibration_batches)
+    if n <= 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        batches = []
+        for batch in trainer.task.train_batches(int(trainer.train_cfg["epochs"])):
+            if len(batches) >= n:
+                break
+            batches.append(batch)
+    return Calibration(task=trainer.task, batches=batches)
+
+
+def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
+    """Test, export and check the best state of a fitted :class:`~diffq_bench.train.Trainer`.
+
+    Returns:
+        the run's metrics (``result.json``'s ``metrics``; schema in docs/INTERFACES.md).
+    """
+    task, model, quantizer, xp = trainer.task, trainer.model, trainer.quantizer, trainer.xp
+    best = ckpt.load(xp.best_path)
+    model.load_state_dict(best["model"])
+    quantizer.load_state_dict(best["quantizer"])
+    quantizer.finalize(calibration(trainer))
+    metric = task.metric
+    model.eval()
+    with torch.no_grad():
+        test = task.evaluate(model, "test")
+    io.write_bytes(xp.quantized_path, serialize(quantizer.export()))
+    # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
+    # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
+    # and are carried over from the trained model.
+    fresh = task.build_model().to(trainer.device)
+    # The float reference is the task's architecture as built, not the trained model: some
+    # quantizers add parameters to it (one-shot MPQ's BatchNorm per bit-width pair).
+    float_params = unique_params(fresh)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, buf in fresh.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+    restore(fresh, deserialize(xp.quantized_path.read_bytes()))
+    fresh.eval()
+    with torch.no_grad():
+        restored = task.evaluate(fresh, "test")
+    true_bytes = quantizer.true_size_bytes()
+    float_mb = float_params * 4 / MB
+    metrics: tp.Dict[str, tp.Any] = {f"test_{k}": float(v) for k, v in test.items()}
+    metrics.update({
+        f"valid_{metric}": float(trainer.best["value"]),
+        f"test_{metric}_restored": float(restored[metric]),
+        "restore_exact": float(restored[metric] == test[metric]),
+        "true_size_mb": true_bytes / MB, "float_size_mb": float_mb,
+        "compression": float_mb / (true_bytes / MB),
+        "bits_per_weight": quantizer.bits_per_weight(),
+        "analytic_size_mb": quantizer.true_model_size(),
+        "params": float_params, "best_epoch": int(trainer.best["epoch"]),
+        "steps": trainer.global_step, "wall_time_s": trainer.wall_seconds(),
+    })
+    if restored[metric] != test[metric]:
+        logger.warning("restored model gives test %s %.6g, live model %.6g: export is not exact",
+                       metric, restored[metric], test[metric])
+    return metrics
