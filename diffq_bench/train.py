@@ -96,10 +96,8 @@ class Trainer:
         from a generator, from the optional ``task.num_train_batches()``.
         """
         cap = self.train_cfg.get("steps_per_epoch")
-        counter = getattr(self.task, "num_train_batches", None)
-        if callable(counter):
-            n_batches = int(counter())
-        else:
+        n_batches = self.task.num_train_batches()
+        if n_batches is None:
             batches = self.task.train_batches(0)
             if not hasattr(batches, "__len__"):
                 if cap is None:

@@ -8,7 +8,9 @@ from torch import nn
 
 from diffq_bench.quant import QUANTIZERS, QuantizerError, deserialize, get_quantizer, restore, serialize
 from diffq_bench.quant.base import Calibration
-from diffq_bench.quant.oneshot import OneShotMPQQuantizer, SwitchableBN
+from diffq_bench.quant.oneshot import OneShotMPQQuantizer
+from diffq_bench.quant.oneshot.bnpairs import SwitchableBN
+from diffq_bench.tasks import Task
 
 
 def _cnn():
@@ -17,7 +19,7 @@ def _cnn():
                          nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
 
 
-class _Task:
+class _Task(Task):
     """Minimal classification task: step(model, batch) -> (CE loss, metrics)."""
 
     def step(self, model, batch):

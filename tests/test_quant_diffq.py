@@ -257,7 +257,7 @@ def test_float16_and_exclude_roundtrip():
 
 
 def test_parallel_noise_fill_is_seeded_and_thread_count_independent():
-    from diffq_bench.quant import noise
+    from diffq_bench.quant import rng as noise
     n = 2 * noise.CHUNK + 123  # three chunks, the last one short
     threads = torch.get_num_threads()
     draws = []

@@ -11,8 +11,9 @@ import typing as tp
 
 from torch import nn
 
-from .base import (BaseQuantizer, Calibration, NoQuantizer, QuantizerError, deserialize, serialize,
-                   FORMAT_NAME, FORMAT_VERSION)
+from .base import BaseQuantizer, Calibration, NoQuantizer
+from .errors import QuantizerError
+from .state import FORMAT_NAME, FORMAT_VERSION, deserialize, serialize
 from .diffq import DiffQuantizer
 from .lsq import LSQQuantizer
 from .uniform import UniformQuantizer

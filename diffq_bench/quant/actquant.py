@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import lsq
-from .base import QuantizerError
+from .errors import QuantizerError
 
 #: Layers whose first input is an activation we quantize. Modules reading several inputs
 #: (attention) or integer inputs (embeddings) keep float inputs; their weights are still quantized.

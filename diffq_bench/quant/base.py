@@ -26,10 +26,8 @@ import typing as tp
 import torch
 from torch import nn
 
-# Also re-exported from here: the quantizers and callers import these names from ``.base``.
-from .checks import QuantizerError, check_finite, check_range  # noqa: F401
-from .state import (FORMAT_NAME, FORMAT_VERSION, deserialize, load_tensors,  # noqa: F401
-                    load_weights, make_state, serialize)
+from .errors import check_finite, check_range
+from .state import load_tensors, load_weights, make_state, serialize
 
 MB = 2 ** 20  # sizes are in MiB throughout, as in the DiffQ code and paper
 

@@ -28,8 +28,9 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
-from .noise import fill_noise
+from .base import BaseQuantizer, QParam
+from .errors import QuantizerError, check_finite, check_range
+from .rng import fill_noise
 from .pack import pack_uint, unpack_uint
 from .uniform import check_bits_order, tensor_range
 

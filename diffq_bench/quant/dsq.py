@@ -21,7 +21,8 @@ from torch import nn
 
 from .actquant import (act_layers, dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho,
                        install_input_hooks, install_restored_activations)
-from .base import BaseQuantizer, QParam, QuantizerError, check_range
+from .base import BaseQuantizer, QParam
+from .errors import QuantizerError, check_range
 from .pack import pack_uint
 from .state import unpack_entry
 

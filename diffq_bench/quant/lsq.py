@@ -17,7 +17,8 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
+from .base import BaseQuantizer, QParam
+from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_uint, unpack_uint
 
 STEP_EPS = 1e-8

@@ -23,7 +23,8 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam, QuantizerError, check_range
+from .base import BaseQuantizer, QParam
+from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 
 OBSERVERS = ("tensor", "channel")

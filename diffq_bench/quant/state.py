@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..io import load_torch, write_bytes
-from .checks import QuantizerError
+from .errors import QuantizerError
 from .pack import unpack_uint
 
 FORMAT_NAME = "diffq-bench/quantized-state"

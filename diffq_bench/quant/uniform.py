@@ -15,7 +15,8 @@ import typing as tp
 
 import torch
 
-from .base import BaseQuantizer, QParam, QuantizerError, check_finite, check_range
+from .base import BaseQuantizer, QParam
+from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_mixed_radix, pack_uint, unpack_mixed_radix, unpack_uint
 
 

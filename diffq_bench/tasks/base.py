@@ -59,3 +59,14 @@ class Task:
     def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
         """The paper's evaluation on ``split`` (``valid`` or ``test``); includes :attr:`metric`."""
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- optional hooks
+    def num_train_batches(self) -> tp.Optional[int]:
+        """Batches per training epoch when :meth:`train_batches` yields from a generator
+        (None: the loop takes ``len(train_batches(0))``)."""
+        return None
+
+    #: ``distill_loss(student_output, teacher_output) -> Tensor``: how a quantized sub-network
+    #: learns from the full-precision one (one-shot MPQ); None: the mean squared error between
+    #: the floating tensors of the two outputs.
+    distill_loss: tp.Optional[tp.Callable[[tp.Any, tp.Any], torch.Tensor]] = None

@@ -16,7 +16,7 @@ Stage 2 (:meth:`finalize` -> :meth:`search`, no retraining): greedy search from 
 configuration, one layer's bit width one notch at a time, descending by least error increase per
 cost saved until the budget is met, then ascending by best error decrease per cost while within
 budget; BN statistics are recalibrated before every measurement. Export packs the chosen bits
-(:mod:`~diffq_bench.quant.oneshot_export`, with the per-layer quantized values and checkpoint state).
+(:mod:`~diffq_bench.quant.oneshot.export`).
 """
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ import typing as tp
 import torch
 from torch import nn
 
-from . import bnpairs, oneshot_train
-from .actquant import act_layers, install_input_hooks, lsq_init_step
-from .base import MB, BaseQuantizer, Calibration, QuantizerError, check_range
+from ..actquant import act_layers, install_input_hooks, lsq_eval, lsq_init_step, lsq_quantize
+from ..base import MB, BaseQuantizer, Calibration, QParam
+from ..errors import QuantizerError, check_range
+from . import bnpairs, export, schedule
 from .bnpairs import SwitchableBN, pair_key
-from .oneshot_export import PackedConfigMixin
-from .oneshot_search import Config, GreedySearch, layer_macs
-from .oneshot_train import output_mse
+from .distill import supernet_step
+from .search import layer_macs, search_config
+from .space import Config, ConfigSpace
 
 logger = logging.getLogger(__name__)
-__all__ = ["OneShotMPQQuantizer", "SwitchableBN", "COSTS", "output_mse"]
 
 
 #: budget kind -> cost(quantizer, config); the search keeps cost <= budget.
@@ -47,7 +47,7 @@ COSTS: tp.Dict[str, tp.Callable[["OneShotMPQQuantizer", Config], float]] = {
 }
 
 
-class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
+class OneShotMPQQuantizer(BaseQuantizer):
     """Weight-coupled supernet with per-bit LSQ steps and per-pair BN, then budgeted greedy search.
 
     Args:
@@ -148,6 +148,7 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
                 step = lsq_init_step(qp.param, b, signed=True)
                 self._wsteps[f"{i}_{b}"] = nn.Parameter(torch.tensor(step, device=qp.param.device))
         self._act_modules = act_layers(self.model, self.layers) if self.act_bits else {}
+        self.space = ConfigSpace(self.layers, self.bits, self.act_bits, self._act_modules)
         self._asteps = nn.ParameterDict()
         self._act_signed: tp.Dict[str, bool] = {}
         for name, module in self._act_modules.items():
@@ -168,7 +169,9 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
         self._frozen: tp.Dict[str, tp.List[int]] = {}
         self._steps_done = 0
         self._searched = False
-        self._capture: tp.Optional[tp.Dict[str, torch.Tensor]] = None
+        self._names = {id(m): n for n, m in self.model.named_modules()}
+        self.search_error: tp.Optional[float] = None  # error of the searched configuration
+        self.search_stats: tp.Dict[str, float] = {}   # the search's counters
         self.set_config(self.max_config())
 
     @staticmethod
@@ -178,25 +181,23 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
     # --------------------------------------------------------------------- configurations
     def max_config(self) -> Config:
         """Every layer at its highest candidate bit widths."""
-        top_a = self.act_bits[-1] if self.act_bits else 0
-        return {n: (self.bits[-1], top_a if n in self._act_modules else 0) for n in self.layers}
+        return self.space.max()
 
     def mid_config(self) -> Config:
         """Every layer at the middle candidate (the search's starting point)."""
-        mid_a = self.act_bits[(len(self.act_bits) - 1) // 2] if self.act_bits else 0
-        return {n: (self.bits[(len(self.bits) - 1) // 2], mid_a if n in self._act_modules else 0)
-                for n in self.layers}
+        return self.space.mid()
+
+    def lowest_config(self) -> Config:
+        """Every layer at its lowest candidate bit widths (the cheapest configuration)."""
+        return self.space.lowest()
+
+    def candidates(self) -> tp.Dict[str, tp.Tuple[tp.List[int], tp.List[int]]]:
+        """Per layer, its weight and input bit-width candidates (no input candidates: float input)."""
+        return self.space.candidates()
 
     def sample_config(self) -> Config:
         """A random per-layer configuration avoiding frozen candidates (global torch RNG)."""
-        cfg = {}
-        for n in self.layers:
-            wc = [b for b in self.bits if b not in self._frozen.get(n, [])] or self.bits
-            w = wc[int(torch.randint(len(wc), ()))]
-            a = self.act_bits[int(torch.randint(len(self.act_bits), ()))] if (
-                self.act_bits and n in self._act_modules) else 0
-            cfg[n] = (w, a)
-        return cfg
+        return self.space.sample(self._frozen)
 
     def active_config(self) -> Config:
         """The configuration the model currently computes with (max-bit, or the searched one)."""
@@ -204,15 +205,7 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
 
     def set_config(self, cfg: Config) -> None:
         """Activate ``cfg`` (layer -> (weight bits, act bits)); also switches the BN pairs."""
-        missing = set(self.layers) - set(cfg)
-        if missing:
-            raise QuantizerError(f"configuration lacks layer(s) {sorted(missing)}")
-        for n, (w, a) in cfg.items():
-            valid_a = self.act_bits if (self.act_bits and n in self._act_modules) else [0]
-            if w not in self.bits or a not in valid_a:
-                raise QuantizerError(f"layer {n!r}: bits ({w}, {a}) not among the candidates "
-                                     f"{self.bits} x {valid_a}")
-        self._config = {n: (int(w), int(a)) for n, (w, a) in cfg.items()}
+        self._config = self.space.check(cfg)
         modules = dict(self.model.named_modules())
         abits = self.act_bits or [0]
         for bn_name, owner in self._bn_owner.items():
@@ -237,74 +230,121 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
         return COSTS[self.budget_kind](self, cfg)
 
     def _count_macs(self, module: nn.Module, inputs: tp.Any, out: tp.Any) -> None:
-        name = self._module_names().get(id(module))
+        name = self._names.get(id(module))
         if name in self.macs or not inputs or not torch.is_tensor(inputs[0]):
             return
         weights = [qp.param for qp in self.qparams if qp.module is module]
         self.macs[name] = float(layer_macs(module, inputs[0], out, weights))
 
-    def _module_names(self) -> tp.Dict[int, str]:
-        if not hasattr(self, "_names_cache"):
-            self._names_cache = {id(m): n for n, m in self.model.named_modules()}
-        return self._names_cache
+    # ----------------------------------------------------------------------- quantization
+    def _wbits(self, qp: QParam) -> int:
+        return self._config[self._layer_of[qp.name]][0]
+
+    def _step(self, qp: QParam, bits: int) -> nn.Parameter:
+        return self._wsteps[f"{self._index[qp.name]}_{bits}"]
+
+    def _train_value(self, qp: QParam) -> torch.Tensor:
+        bits = self._wbits(qp)
+        return lsq_quantize(qp.param, self._step(qp, bits), bits, signed=True).to(qp.param.dtype)
+
+    def _eval_value(self, qp: QParam) -> torch.Tensor:
+        bits = self._wbits(qp)
+        return lsq_eval(qp.param, self._step(qp, bits), bits, True).to(qp.param.dtype)
+
+    def _eval_key(self, qp: QParam) -> tp.Any:
+        # The eval weight only changes with the layer's bits or that step (the search switches
+        # configurations thousands of times: unchanged layers reuse their quantized weights).
+        bits = self._wbits(qp)
+        step = self._step(qp, bits)
+        return bits, step._version, step.data_ptr()
+
+    def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
+        bits = self._wbits(qp)
+        return export.pack_weight(qp.param, self._step(qp, bits), bits)
+
+    @classmethod
+    def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
+        return export.unpack_weight(entry, like)
+
+    def _param_bits(self, qp: QParam) -> torch.Tensor:
+        return torch.tensor(float(self._wbits(qp) * qp.param.numel() + 32))
+
+    def _act_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if name not in self._act_signed:  # step sizes initialised from the first batch
+            signed = bool((x.detach() < 0).any())
+            with torch.no_grad():
+                for b in self.act_bits:
+                    self._asteps[f"{self._akey(name)}_{b}"].fill_(lsq_init_step(x, b, signed))
+            self._act_signed[name] = signed
+        bits = self._config[name][1]
+        step = self._asteps[f"{self._akey(name)}_{bits}"]
+        signed = self._act_signed[name]
+        if module.training:
+            return lsq_quantize(x, step, bits, signed, numel=x[0].numel()).to(x.dtype)
+        return lsq_eval(x, step, bits, signed).to(x.dtype)
+
+    # ----------------------------------------------------------------- export / restore
+    def export(self) -> tp.Dict[str, tp.Any]:
+        acts = {}
+        for name in self._act_modules:
+            if name not in self._act_signed:  # no forward reached it yet: its input is not quantized
+                continue
+            bits = self._config[name][1]
+            step = float(self._asteps[f"{self._akey(name)}_{bits}"].detach().float().clamp_min(1e-8))
+            acts[name] = {"kind": "lsq", "bits": bits, "signed": self._act_signed[name], "step": step}
+        return export.add_configuration(super().export(), self.model, self._bn_owner, self.float16,
+                                        acts, self._config)
+
+    @classmethod
+    def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
+        super().restore_model(model, state)
+        return export.restore_configuration(model, state)
+
+    def model_size(self) -> torch.Tensor:
+        bits = sum(float(self._param_bits(qp)) for qp in self.qparams)
+        prefixes = tuple(f"{name}." for name in self._bn_owner)
+        floats = sum(p.numel() for n, p in self._float_params if not n.startswith(prefixes))
+        floats += sum(v.numel() for v in bnpairs.active_entries(self.model)[0].values())
+        bits += floats * (16 if self.float16 else 32)
+        return torch.tensor(bits / 8 / MB)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> tp.Dict[str, tp.Any]:
+        state = super().state_dict()
+        state.update({"act_signed": dict(self._act_signed),
+                      "frozen": {k: list(v) for k, v in self._frozen.items()},
+                      "steps_done": self._steps_done, "searched": self._searched, "macs": dict(self.macs),
+                      "config": {n: list(p) for n, p in self._config.items()}})
+        return state
+
+    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        super().load_state_dict(state)
+        unknown = set(state.get("act_signed", {})) - set(self._act_modules)
+        if unknown:
+            raise QuantizerError(f"quantizer state has activation quantizers {sorted(unknown)} the model lacks")
+        self._act_signed = {k: bool(v) for k, v in state.get("act_signed", {}).items()}
+        self._frozen = {k: [int(b) for b in v] for k, v in state.get("frozen", {}).items()}
+        self._steps_done = int(state.get("steps_done", 0))
+        self._searched = bool(state.get("searched", False))
+        self.macs = {k: float(v) for k, v in state.get("macs", {}).items()}
+        self.set_config({n: tuple(p) for n, p in state.get("config", self.max_config()).items()})
 
     # ---------------------------------------------------------------------- training step
-    def _capture_bn(self, bn: SwitchableBN, out: torch.Tensor) -> None:
-        if self._capture is not None:
-            self._capture[id(bn)] = out
-
-    def _forward(self, task: tp.Any, model: nn.Module, batch: tp.Any, cfg: Config):
-        self.set_config(cfg)
-        seen: tp.Dict[str, tp.Any] = {}
-        handle = model.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
-        self._capture = {}
-        try:
-            loss, metrics = task.step(model, batch)
-        finally:
-            handle.remove()
-        bn_outs, self._capture = self._capture, None
-        if "out" not in seen:
-            raise QuantizerError("task.step did not call the model's forward: one-shot MPQ distils "
-                                 "the outputs of model(...)")
-        return loss, metrics, seen["out"], bn_outs
-
     def train_step(self, task: tp.Any, model: nn.Module, batch: tp.Any
                    ) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
-        """Max-bit forward, then ``subnets`` sampled sub-networks distilled from it (summed loss)."""
-        containers = [m for m in model.modules() if isinstance(m, SwitchableBN)]
-        for bn in containers:
-            bn.capture = self._capture_bn
-        rest = dict(self._config)
-        try:
-            loss, metrics, teacher, bn_teacher = self._forward(task, model, batch, self.max_config())
-            teacher = oneshot_train.detach_tree(teacher)
-            total = loss
-            extra = {"mpq_sub_loss": 0.0, "mpq_kd": 0.0, "mpq_bn_align": 0.0}
-            distill = getattr(task, "distill_loss", None) or output_mse
-            for _ in range(self.subnets):
-                sub_loss, _, out, bn_outs = self._forward(task, model, batch, self.sample_config())
-                kd = distill(out, teacher)
-                align = torch.zeros((), device=sub_loss.device)
-                if self.bn_align > 0 and bn_outs:
-                    align = sum(nn.functional.mse_loss(o, bn_teacher[k].detach())
-                                for k, o in bn_outs.items() if k in bn_teacher) / len(bn_outs)
-                total = total + (1 - self.kd_weight) * sub_loss + self.kd_weight * kd + self.bn_align * align
-                for key, value in (("mpq_sub_loss", sub_loss), ("mpq_kd", kd), ("mpq_bn_align", align)):
-                    extra[key] += float(value.detach()) / self.subnets
-        finally:
-            for bn in containers:
-                bn.capture = None
-            self.set_config(rest)
+        """Max-bit forward, then ``subnets`` sampled sub-networks distilled from it (summed loss,
+        :func:`~.distill.supernet_step`); every ``sched_every`` steps, the scheduler runs."""
+        loss, metrics = supernet_step(self, task, model, batch)
         self._steps_done += 1
         if self.sched_every and self._steps_done % self.sched_every == 0:
             self.schedule()
-        return total, {**metrics, **(extra if self.subnets else {})}
+        return loss, metrics
 
     def turbulence(self, layer: str, bits: int) -> float:
         """Share of the layer's weights within ``turbulence_eps`` steps of a rounding boundary."""
         qps = [qp for qp in self.qparams if self._layer_of[qp.name] == layer]
-        return oneshot_train.turbulence([qp.param for qp in qps], [self._step(qp, bits) for qp in qps],
-                                        self.turbulence_eps)
+        return schedule.turbulence([qp.param for qp in qps], [self._step(qp, bits) for qp in qps],
+                                   self.turbulence_eps)
 
     def schedule(self) -> None:
         """Bit-width scheduler: freeze the lowest candidate of the most turbulent layers."""
@@ -312,7 +352,7 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
         if len(self.bits) < 2 or self.sched_frac <= 0:
             return
         scores = {n: self.turbulence(n, self.bits[0]) for n in self.layers}
-        for name in oneshot_train.most_turbulent(scores, self.sched_frac):
+        for name in schedule.most_turbulent(scores, self.sched_frac):
             self._frozen[name] = [self.bits[0]]
 
     # ------------------------------------------------------------------- search (stage 2)
@@ -323,49 +363,16 @@ class OneShotMPQQuantizer(PackedConfigMixin, BaseQuantizer):
     def search(self, evaluate: tp.Callable[[nn.Module], float], budget: tp.Optional[float] = None,
                recalibrate: tp.Optional[tp.Callable[[], None]] = None, max_moves: int = 10000,
                lazy: bool = True) -> Config:
-        """Greedy retraining-free search of a configuration with ``cost <= budget``.
-
-        Args:
-            evaluate: model -> error on calibration data (lower is better), called in eval mode.
-            budget: in ``budget_kind`` units (the constructor's ``budget`` when None).
-            recalibrate: called after each configuration change, before ``evaluate`` (BN stats).
-            max_moves: safety cap on the number of accepted moves.
-            lazy: accelerated greedy (:mod:`~diffq_bench.quant.oneshot_search`); False measures
-                every move of every round.
-        Returns:
-            the chosen configuration, left active (and the one :meth:`export` packs); its error is
-            ``self.search_error`` and the search's counters ``self.search_stats``.
+        """Greedy retraining-free search of a configuration with ``cost <= budget``
+        (:func:`~diffq_bench.quant.oneshot.search.search_config`); the chosen configuration stays
+        active (it is the one :meth:`export` packs); its error is ``self.search_error`` and the
+        search's counters ``self.search_stats``.
         """
-        budget = self.budget if budget is None else float(budget)
-        low = {n: (self.bits[0], (self.act_bits[0] if (self.act_bits and n in self._act_modules) else 0))
-               for n in self.layers}
-        if self.cost(low) > budget * (1 + 1e-9):
-            raise QuantizerError(f"{self.budget_kind} budget {budget:g} is below the smallest reachable "
-                                 f"cost {self.cost(low):g} (every layer at its lowest candidate)")
-        was_training = self.model.training
-
-        def activate(cfg: Config) -> None:
-            self.set_config(cfg)
-            if recalibrate is not None:
-                recalibrate()
-            self.model.eval()
-
-        def measure(cfg: Config) -> float:
-            activate(cfg)
-            with torch.no_grad():
-                return float(evaluate(self.model))
-
-        candidates = {n: (self.bits, self.act_bits if n in self._act_modules else []) for n in self.layers}
-        greedy = GreedySearch(measure, self.cost, candidates, budget, lazy=lazy, max_moves=max_moves)
-        cfg, self.search_error = greedy.run(self.mid_config())
-        activate(cfg)  # leaves cfg active with its BN recalibrated (its error is already known)
-        self.search_stats = dict(greedy.stats)
-        logger.info("oneshot_mpq search: %s %.4g <= %g, error %.4g; %d measurements, %d moves, %.1f s",
-                    self.budget_kind, self.cost(cfg), budget, self.search_error,
-                    greedy.stats["measurements"], greedy.stats["moves"], greedy.stats["seconds"])
+        cfg, self.search_error, self.search_stats = search_config(
+            self, evaluate, self.budget if budget is None else float(budget), recalibrate,
+            max_moves, lazy)
         self._searched = True
-        self.model.train(was_training)
-        return dict(cfg)
+        return cfg
 
     def finalize(self, calibration: tp.Optional[Calibration] = None) -> bool:
         """Run the search on the loop's calibration batches (mean task loss as the error)."""

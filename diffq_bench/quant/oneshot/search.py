@@ -24,15 +24,18 @@ the expensive part. Two things make the search cheap without changing what it op
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import typing as tp
 
 import torch
 from torch import nn
 
-from .base import QuantizerError
+from ..errors import QuantizerError
+from .space import Config
 
-Config = tp.Dict[str, tp.Tuple[int, int]]  # layer -> (weight bits, act bits; 0 = float input)
+logger = logging.getLogger(__name__)
+
 #: layer -> (weight-bit candidates, input-bit candidates; empty: the input stays float)
 Candidates = tp.Dict[str, tp.Tuple[tp.Sequence[int], tp.Sequence[int]]]
 TOL = 1 + 1e-9  # cost <= budget * TOL counts as within budget (float sums of sizes)
@@ -173,3 +176,57 @@ class GreedySearch:
             cfg, err = best.config, self.measure(best.config)
             self.stats["moves"] += 1
         return cfg, err
+
+
+class Supernet(tp.Protocol):
+    """What :func:`search_config` needs of a one-shot quantizer (its public API)."""
+    model: nn.Module
+    budget_kind: str
+
+    def cost(self, cfg: Config) -> float: ...
+    def set_config(self, cfg: Config) -> None: ...
+    def mid_config(self) -> Config: ...
+    def lowest_config(self) -> Config: ...
+    def candidates(self) -> Candidates: ...
+
+
+def search_config(net: Supernet, evaluate: tp.Callable[[nn.Module], float], budget: float,
+                  recalibrate: tp.Optional[tp.Callable[[], None]] = None, max_moves: int = 10000,
+                  lazy: bool = True) -> tp.Tuple[Config, float, tp.Dict[str, float]]:
+    """Greedy retraining-free search of a configuration of ``net`` with ``cost <= budget``.
+
+    Args:
+        net: the supernet quantizer (configurations, costs, model).
+        evaluate: model -> error on calibration data (lower is better), called in eval mode.
+        budget: in the unit of ``net.budget_kind``.
+        recalibrate: called after each configuration change, before ``evaluate`` (BN stats).
+        max_moves: safety cap on the number of accepted moves.
+        lazy: accelerated greedy (module docstring); False measures every move of every round.
+    Returns:
+        (the chosen configuration, left active with its BN recalibrated; its error; the counters).
+    """
+    low = net.lowest_config()
+    if net.cost(low) > budget * TOL:
+        raise QuantizerError(f"{net.budget_kind} budget {budget:g} is below the smallest reachable "
+                             f"cost {net.cost(low):g} (every layer at its lowest candidate)")
+    was_training = net.model.training
+
+    def activate(cfg: Config) -> None:
+        net.set_config(cfg)
+        if recalibrate is not None:
+            recalibrate()
+        net.model.eval()
+
+    def measure(cfg: Config) -> float:
+        activate(cfg)
+        with torch.no_grad():
+            return float(evaluate(net.model))
+
+    greedy = GreedySearch(measure, net.cost, net.candidates(), budget, lazy=lazy, max_moves=max_moves)
+    cfg, error = greedy.run(net.mid_config())
+    activate(cfg)  # leaves cfg active with its BN recalibrated (its error is already known)
+    logger.info("oneshot_mpq search: %s %.4g <= %g, error %.4g; %d measurements, %d moves, %.1f s",
+                net.budget_kind, net.cost(cfg), budget, error, greedy.stats["measurements"],
+                greedy.stats["moves"], greedy.stats["seconds"])
+    net.model.train(was_training)
+    return dict(cfg), error, dict(greedy.stats)

@@ -1,7 +1,7 @@
-"""Argument and state validation shared by every quantizer module.
+"""The quantizer library's error and the argument/state checks every method shares.
 
-Kept apart from :mod:`diffq_bench.quant.base` so that the low-level modules (state format,
-packing helpers) can raise the same error without importing the quantizer base class.
+At the bottom of the package (no first-party import), so the low-level modules (state format,
+packing) raise the same error as the quantizers without importing the base class.
 """
 from __future__ import annotations
 
