@@ -5,15 +5,30 @@ training loop, record the outcome (result.json / status.json) and print the resu
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import sys
 import traceback
 import typing as tp
+from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig
 
-from .data.errors import DataMissingError
+from . import io
+from .checkpoint import seed_all
 from .config import ConfigError, find_conf_dir, to_container, validate
+from .data.errors import DataMissingError
+from .finish import finish
+from .launch import slurm
+from .launch import status as status_view
+from .results.load import DEFAULT_REFERENCE_DIR, load_references, load_results
+from .results.plots import plot_sections
+from .results.render import FORMATS, render, render_sections
+from .results.table import build_sections, build_table
+from .tasks import get_task
+from .train import Preempted, Trainer, resolve_device
 from .xp import Xp, axes, now_iso
 
 logger = logging.getLogger(__name__)
@@ -46,10 +61,6 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     Raises:
         ConfigError: invalid config (raised before any folder or data is touched).
     """
-    from .checkpoint import seed_all
-    from .tasks import get_task
-    from .finish import finish
-    from .train import Preempted, Trainer, resolve_device
     validate(cfg)
     plain = to_container(cfg)
     xp = Xp(plain["paths"]["root"], cfg)
@@ -68,7 +79,7 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         if runtime.get("force"):
             for path in (xp.checkpoint_path, xp.best_path, xp.result_path):
                 path.unlink(missing_ok=True)
-        status = xp.start_attempt(grids)
+        status = xp.start_attempt(grids, slurm.current_job_id())
         xp.log(f"attempt {status['attempt']} started on {status['host']} (pid {status['pid']})")
         logger.info("run %s -> %s (attempt %d)", xp.sig, xp.folder, status["attempt"])
         try:
@@ -119,7 +130,6 @@ def _hydra_task(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``diffq-bench [overrides]``: the Hydra app (single run or ``-m`` sweep)."""
-    import hydra
     try:
         conf_dir = find_conf_dir()
     except ConfigError as exc:
@@ -128,20 +138,65 @@ def main() -> None:
     hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_hydra_task)()
 
 
-def table_main() -> None:
-    """``diffq-bench-table``: collect run folders into one table (see :mod:`diffq_bench.results`)."""
-    from . import results
-    results.main()
+def table_main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    """``diffq-bench-table [--root outputs] [--task T] [--quant Q] [--grid G] [--format md|csv|latex]
+    [--plot out.png] [--per-run] [-o FILE]``: paper tables from the run store."""
+    parser = argparse.ArgumentParser(
+        prog="diffq-bench-table",
+        description="Paper tables (and trade-off plots) from the finished runs of a run store, next "
+                    "to the published numbers.")
+    parser.add_argument("--root", default="outputs", help="run store root (paths.root)")
+    parser.add_argument("--task", help="only runs of this task (task.name)")
+    parser.add_argument("--quant", help="only runs of this quantizer (quant.name)")
+    parser.add_argument("--grid", help="only runs launched by this grid (+grid=NAME)")
+    parser.add_argument("--format", choices=FORMATS, default="md")
+    parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
+    parser.add_argument("--plot", help="also write the metric-vs-size plot (PNG) here")
+    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE_DIR),
+                        help="folder of published numbers (*.yaml); 'none' to leave them out")
+    parser.add_argument("--per-run", action="store_true",
+                        help="one raw row per run with every varying axis and metric (no grouping)")
+    args = parser.parse_args(argv)
+    found = load_results(args.root, args.task, args.quant, args.grid)
+    if not found:
+        print(f"no finished runs under {Path(args.root) / 'xps'} match the filters", file=sys.stderr)
+        raise SystemExit(1)
+    refs = [] if args.reference.lower() == "none" else load_references(args.reference)
+    title = f"grid {args.grid}" if args.grid else None
+    if args.per_run:
+        text = render(*build_table(found), args.format)
+    else:
+        text = render_sections(build_sections(found, refs), args.format, title=title)
+    if args.output:
+        io.write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    if args.plot:
+        plot_sections(build_sections(found, refs), args.plot, title=title)
 
 
-def status_main() -> None:
-    """``diffq-bench-status``: state of the runs in the store (see ``diffq_bench.status``)."""
+def status_main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    """``diffq-bench-status [--grid NAME] [--root DIR] [--json] [OVERRIDES...]``: one line per run."""
+    parser = argparse.ArgumentParser(
+        prog="diffq-bench-status",
+        description="One line per run of a run store (or of a grid): state, scheduler job, attempt, "
+                    "epoch, log age and best metric.")
+    parser.add_argument("--grid", help="only the runs of conf/grid/<NAME>.yaml (never launched: NEW)")
+    parser.add_argument("--root", default="outputs", help="run store root (paths.root), default: outputs")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("overrides", nargs="*",
+                        help="with --grid: the overrides the grid was launched with (task=...)")
+    args = parser.parse_args(argv)
+    if args.overrides and not args.grid:
+        parser.error("overrides are only meaningful with --grid")
+    root = Path(args.root)
+    if not args.grid and not (root / "xps").is_dir():
+        parser.error(f"no run store at {root / 'xps'} (pass --root, the paths.root of your runs)")
     try:
-        from . import status  # type: ignore[attr-defined]
-    except ImportError as exc:
-        print(f"diffq-bench-status is not available in this version ({exc})", file=sys.stderr)
-        raise SystemExit(2)
-    status.main()
+        rows = status_view.collect(root, args.grid, args.overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(rows, indent=2) if args.json else status_view.render(rows))
 
 
 if __name__ == "__main__":

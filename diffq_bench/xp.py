@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import time
 import typing as tp
 from pathlib import Path
 
@@ -72,15 +73,6 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _job_id() -> tp.Optional[str]:
-    """The scheduler job id, spelt as submissions.jsonl and sacct do (``<array>_<task>``)."""
-    try:
-        from .slurm import current_job_id
-    except ImportError:
-        return os.environ.get("SLURM_JOB_ID")
-    return current_job_id()
-
-
 class RunLockedError(RuntimeError):
     """Another live process holds this run folder."""
 
@@ -88,16 +80,36 @@ class RunLockedError(RuntimeError):
 class Xp:
     """One run folder: config, status, history, log, checkpoint, result, exported model.
 
+    The only code that knows the files of a run folder (docs/INTERFACES.md); every other module
+    reads and writes them through this class.
+
     Args:
         root: the run store root (``paths.root``); the folder is ``root/xps/<sig>``.
-        cfg: the composed config (its semantic part decides the signature).
+        cfg: the composed config (its semantic part decides the signature); None to open an
+            existing folder by ``sig`` (readers: tables, status).
+        sig: the signature, when ``cfg`` is None.
+        folder: the folder itself, when it is not ``root/xps/<sig>`` (see :meth:`at`).
     """
 
-    def __init__(self, root: tp.Union[str, Path], cfg: tp.Any):
+    def __init__(self, root: tp.Union[str, Path], cfg: tp.Any = None, sig: tp.Optional[str] = None,
+                 folder: tp.Optional[Path] = None):
+        if (cfg is None) == (sig is None):
+            raise TypeError("Xp needs exactly one of cfg (a new or known run) and sig (an existing folder)")
         self.cfg = cfg
-        self.sig = signature(cfg)
-        self.folder = Path(root) / "xps" / self.sig
+        self.sig = signature(cfg) if cfg is not None else str(sig)
+        self.folder = Path(folder) if folder is not None else Path(root) / "xps" / self.sig
         self._lock_fd: tp.Optional[int] = None
+
+    @classmethod
+    def at(cls, folder: tp.Union[str, Path]) -> "Xp":
+        """An existing run folder (its name is the signature), for reading."""
+        folder = Path(folder)
+        return cls(folder.parent.parent, sig=folder.name, folder=folder)
+
+    @staticmethod
+    def all(root: tp.Union[str, Path]) -> tp.List["Xp"]:
+        """Every run folder of the store under ``root``, by signature."""
+        return [Xp.at(p) for p in sorted((Path(root) / "xps").glob("*")) if p.is_dir()]
 
     # paths ---------------------------------------------------------------------------------
     config_path = property(lambda self: self.folder / "config.yaml")
@@ -108,6 +120,7 @@ class Xp:
     best_path = property(lambda self: self.folder / "best.th")
     quantized_path = property(lambda self: self.folder / "quantized.th")
     result_path = property(lambda self: self.folder / "result.json")
+    submissions_path = property(lambda self: self.folder / "submissions.jsonl")
 
     def create(self) -> None:
         """Create the folder and write the semantic config that was hashed (idempotent)."""
@@ -141,12 +154,15 @@ class Xp:
 
     # status -------------------------------------------------------------------------------
     def read_status(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """status.json (None when absent).
+
+        Raises:
+            diffq_bench.io.LoadError: the file is not valid JSON (the message names it).
+        """
         try:
-            return json.loads(self.status_path.read_text())
+            return io.read_json(self.status_path, "run status")
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"corrupt {self.status_path}: {exc}") from exc
 
     def write_status(self, state: str, **fields: tp.Any) -> tp.Dict[str, tp.Any]:
         """Update status.json: ``state`` plus any schema field (``attempt``, ``epoch``, ``traceback``...)."""
@@ -160,14 +176,14 @@ class Xp:
         io.write_json(self.status_path, status)
         return status
 
-    def start_attempt(self, grids: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
-        """Mark the run RUNNING with attempt + 1 and the grids it belongs to."""
+    def start_attempt(self, grids: tp.Sequence[str] = (), job_id: tp.Optional[str] = None
+                      ) -> tp.Dict[str, tp.Any]:
+        """Mark the run RUNNING with attempt + 1, the grids it belongs to and its scheduler job."""
         status = self.read_status() or {}
         known = list(status.get("grids") or [])
         known += [g for g in grids if g not in known]
         return self.write_status("RUNNING", attempt=int(status.get("attempt", 0)) + 1,
-                                 started=now_iso(), traceback=None, grids=known,
-                                 job_id=_job_id())
+                                 started=now_iso(), traceback=None, grids=known, job_id=job_id)
 
     # history / log / result -----------------------------------------------------------------
     def read_history(self) -> tp.List[tp.Dict[str, tp.Any]]:
@@ -184,8 +200,13 @@ class Xp:
             fout.write(f"{now_iso()} {message}\n")
 
     def read_result(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """result.json (None when absent).
+
+        Raises:
+            diffq_bench.io.LoadError: the file is not valid JSON (the message names it).
+        """
         try:
-            return json.loads(self.result_path.read_text())
+            return io.read_json(self.result_path, "run result")
         except FileNotFoundError:
             return None
 
@@ -195,6 +216,58 @@ class Xp:
     def is_done(self) -> bool:
         status = self.read_status() or {}
         return status.get("state") == "DONE" and self.result_path.exists()
+
+    def read_config(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """The semantic config written by :meth:`create` (None when not written yet)."""
+        if not self.config_path.is_file():
+            return None
+        return OmegaConf.to_container(OmegaConf.load(self.config_path), resolve=False)
+
+    def log_age(self, now: tp.Optional[float] = None) -> tp.Optional[float]:
+        """Seconds since the last line of ``log.txt`` (its ISO timestamp, else the file's mtime)."""
+        if not self.log_path.exists():
+            return None
+        now = time.time() if now is None else now
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            try:
+                stamp = datetime.datetime.fromisoformat(lines[-1].split(" ", 1)[0])
+                if stamp.tzinfo is not None:
+                    return now - stamp.timestamp()
+            except ValueError:
+                pass
+        return now - self.log_path.stat().st_mtime
+
+    # scheduler submissions ------------------------------------------------------------------
+    def read_submissions(self) -> tp.List[tp.Dict[str, tp.Any]]:
+        """The run's submission records, oldest first (empty if never submitted by a launcher)."""
+        if not self.submissions_path.exists():
+            return []
+        return [json.loads(line) for line in self.submissions_path.read_text().splitlines()
+                if line.strip()]
+
+    def record_submission(self, job_id: str, **fields: tp.Any) -> None:
+        """Append ``{job_id, submitted, ...fields}`` to ``submissions.jsonl`` (rewritten whole,
+        atomically; only the launching process writes it).
+
+        Args:
+            job_id: the scheduler's id (``"123_4"`` for array tasks).
+            fields: extra JSON-able fields (``sweep_dir``, ``grid``, ``cluster``).
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        records = self.read_submissions()
+        records.append({"job_id": str(job_id), "submitted": now_iso(), **fields})
+        io.write_lines(self.submissions_path, records)
+
+    def known_job_ids(self, status: tp.Optional[tp.Mapping[str, tp.Any]]) -> tp.List[str]:
+        """Job ids that may still be working on this run: latest submission and status.json's job."""
+        ids = []
+        subs = self.read_submissions()
+        if subs:
+            ids.append(str(subs[-1]["job_id"]))
+        if status and status.get("job_id"):
+            ids.append(str(status["job_id"]))
+        return list(dict.fromkeys(ids))
 
 
 def axes(cfg: tp.Any) -> tp.Dict[str, tp.Any]:

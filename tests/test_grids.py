@@ -7,7 +7,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from diffq_bench import sweep
+from diffq_bench.launch import plan as sweep
 from diffq_bench.config import compose, find_conf_dir, to_container, validate
 
 CONF = find_conf_dir()

@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from diffq_bench import plots, results
+from diffq_bench.cli import table_main
+from diffq_bench.results import plots
+from diffq_bench.results.load import load_results
+from diffq_bench.results.table import build_sections
 
 
 def _run(root, sig, quant, value, size, task="lm", metric="ppl", lower=True, **axes):
@@ -31,10 +34,10 @@ def test_plot_written_non_empty_and_stable(tmp_path):
     _run(root, "q4", "qat", 24.0, 1.3, **{"quant.bits": 4})
     _run(root, "v", "none", 90.0, 1.2, task="digits", metric="top1", lower=False)
     out = tmp_path / "plots" / "g.png"
-    results.main(["--root", str(root), "--grid", "g", "--plot", str(out), "-o", str(tmp_path / "t.md")])
+    table_main(["--root", str(root), "--grid", "g", "--plot", str(out), "-o", str(tmp_path / "t.md")])
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    sections = results.build_sections(results.load_results(root))
+    sections = build_sections(load_results(root))
     plots.plot_sections(sections, out, title="grid g")
     assert out.read_bytes() == data
     assert not list(out.parent.glob(".*.tmp"))
@@ -46,4 +49,4 @@ def test_plot_without_sizes_is_an_error(tmp_path):
     (folder / "result.json").write_text(json.dumps(
         {"sig": "x", "task": "lm", "quant": "none", "metric": "ppl", "axes": {}, "metrics": {"test_ppl": 3.0}}))
     with pytest.raises(ValueError, match="nothing to plot"):
-        plots.plot_sections(results.build_sections(results.load_results(tmp_path)), tmp_path / "p.png")
+        plots.plot_sections(build_sections(load_results(tmp_path)), tmp_path / "p.png")

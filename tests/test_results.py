@@ -5,7 +5,10 @@ import json
 
 import pytest
 
-from diffq_bench import results
+from diffq_bench.cli import table_main
+from diffq_bench.results.load import DEFAULT_REFERENCE_DIR, load_references, load_results
+from diffq_bench.results.render import FORMATS, MISSING, render_sections, section_table, trade_off_notes
+from diffq_bench.results.table import build_sections
 
 
 def write_run(root, sig, quant, metric_value, size, task="wikitext103", seed=0, grids=("table_lm",),
@@ -59,37 +62,37 @@ def store(tmp_path):
 
 def test_rows_grouped_ordered_and_referenced(store):
     root, refs = store
-    runs = results.load_results(root, grid="table_lm")
+    runs = load_results(root, grid="table_lm")
     assert {r["sig"] for r in runs} == {"f0", "q8", "q4", "d1s0", "d1s1", "d10", "d1g8"}
-    (section,) = results.build_sections(runs, results.load_references(refs))
+    (section,) = build_sections(runs, load_references(refs))
     labels = [r.label for r in section.rows]
     assert labels == ["Float", "QAT 4 bits", "QAT 8 bits", "LSQ 4 bits",
                       "DiffQ (λ=1, g=8)", "DiffQ (λ=1, g=16)", "DiffQ (λ=10, g=16)"]
     assert section.extra_axes == []  # seed and quant.seed are averaged, lambda/bits are in labels
-    header, cells = results.section_table(section, "md")
+    header, cells = section_table(section, "md")
     row = dict(zip(header, cells[labels.index("DiffQ (λ=1, g=16)")]))
     assert row["ppl ↓"] == "18.20 ± 0.28" and row["seeds"] == "2"
-    assert row["paper ppl"] == "18.0" and row["Δ"] == "+0.20" and row["paper MB"] == results.MISSING
+    assert row["paper ppl"] == "18.0" and row["Δ"] == "+0.20" and row["paper MB"] == MISSING
     lsq = dict(zip(header, cells[labels.index("LSQ 4 bits")]))  # published, not run by us
-    assert lsq["ppl ↓"] == results.MISSING and lsq["paper ppl"] == "19.5" and lsq["paper MB"] == "120.0"
+    assert lsq["ppl ↓"] == MISSING and lsq["paper ppl"] == "19.5" and lsq["paper MB"] == "120.0"
     qat = dict(zip(header, cells[labels.index("QAT 4 bits")]))
-    assert qat["paper ppl"] == results.MISSING and qat["Δ"] == results.MISSING
+    assert qat["paper ppl"] == MISSING and qat["Δ"] == MISSING
     assert qat["size MB"] == "12.5" and qat["compr."] == "8.0×" and qat["seeds"] == "1"
     assert qat["bits/w"] == "4.00"
     float_row = dict(zip(header, cells[labels.index("Float")]))
-    assert float_row["bits/w"] == results.MISSING  # nothing quantized: no bit width, not "0.00"
+    assert float_row["bits/w"] == MISSING  # nothing quantized: no bit width, not "0.00"
     assert section.notes and "bits not stated" in section.notes[0]
 
 
 def test_markdown_latex_csv_byte_stable(store, tmp_path):
     root, refs = store
     outs = {}
-    for fmt in results.FORMATS:
+    for fmt in FORMATS:
         out = tmp_path / f"t.{fmt}"
-        results.main(["--root", str(root), "--grid", "table_lm", "--format", fmt,
+        table_main(["--root", str(root), "--grid", "table_lm", "--format", fmt,
                       "--reference", str(refs), "-o", str(out)])
         outs[fmt] = out.read_bytes()
-        results.main(["--root", str(root), "--grid", "table_lm", "--format", fmt,
+        table_main(["--root", str(root), "--grid", "table_lm", "--format", fmt,
                       "--reference", str(refs), "-o", str(out)])
         assert out.read_bytes() == outs[fmt], fmt
     md = outs["md"].decode()
@@ -109,10 +112,10 @@ def test_markdown_latex_csv_byte_stable(store, tmp_path):
 
 def test_input_order_does_not_change_output(store):
     root, refs = store
-    runs = results.load_results(root, grid="table_lm")
-    ref = results.load_references(refs)
-    a = results.render_sections(results.build_sections(runs, ref), "md")
-    b = results.render_sections(results.build_sections(list(reversed(runs)), ref), "md")
+    runs = load_results(root, grid="table_lm")
+    ref = load_references(refs)
+    a = render_sections(build_sections(runs, ref), "md")
+    b = render_sections(build_sections(list(reversed(runs)), ref), "md")
     assert a == b
 
 
@@ -124,10 +127,10 @@ def test_sections_per_task_and_model_with_varying_axes(tmp_path):
         write_run(root, sig, quant, acc, size, task="cifar10", metric="top1", lower=False,
                   grids=("table_cifar10",), **{"task.model": model, "train.epochs": epochs,
                                                **({"quant.bits": 4} if quant == "qat" else {})})
-    sections = results.build_sections(results.load_results(root))
+    sections = build_sections(load_results(root))
     assert [s.title for s in sections] == ["cifar10 (mobilenet)", "cifar10 (resnet18)"]
     assert sections[1].extra_axes == ["train.epochs"]
-    header, cells = results.section_table(sections[1], "md")
+    header, cells = section_table(sections[1], "md")
     assert header[:3] == ["Method", "train.epochs", "top1 ↑"]
     assert [c[1] for c in cells] == ["100", "200"]  # numeric order of the varying axis
 
@@ -137,19 +140,19 @@ def test_axis_a_method_leaves_unset_is_a_dash_not_none(tmp_path):
               **{"optim.quant_lr": None})
     write_run(tmp_path, "b", "diffq", 94.0, 0.5, task="digits", metric="top1", lower=False,
               **{"optim.quant_lr": 0.05, "lambda": 1, "group_size": 8})
-    (section,) = results.build_sections(results.load_results(tmp_path))
+    (section,) = build_sections(load_results(tmp_path))
     assert section.extra_axes == ["optim.quant_lr"]
-    _, cells = results.section_table(section, "md")
-    assert [c[1] for c in cells] == [results.MISSING, "0.05"]
-    header, rows = results.section_table(section, "csv")
+    _, cells = section_table(section, "md")
+    assert [c[1] for c in cells] == [MISSING, "0.05"]
+    header, rows = section_table(section, "csv")
     assert [r[header.index("optim.quant_lr")] for r in rows] == ["", "0.05"]
 
 
 def test_missing_reference_is_missing_not_invented(store):
     root, _ = store
-    out = results.render_sections(results.build_sections(results.load_results(root, grid="table_lm")), "md")
+    out = render_sections(build_sections(load_results(root, grid="table_lm")), "md")
     lines = [line for line in out.splitlines() if line.startswith("| ") and "Method" not in line]
-    assert len(lines) == 6 and all(line.rstrip(" |").endswith(results.MISSING) for line in lines)
+    assert len(lines) == 6 and all(line.rstrip(" |").endswith(MISSING) for line in lines)
 
 
 def test_bad_inputs(tmp_path, store):
@@ -158,23 +161,23 @@ def test_bad_inputs(tmp_path, store):
     bad.mkdir()
     (bad / "x.yaml").write_text("references:\n  - {task: a, quant: b, metric: ppl, valu: 1}\n")
     with pytest.raises(ValueError, match=r"x.yaml entry #0.*valu.*source"):
-        results.load_references(bad)
+        load_references(bad)
     with pytest.raises(ValueError, match="unknown format"):
-        results.render_sections([], "html")
+        render_sections([], "html")
     with pytest.raises(SystemExit):
-        results.main(["--root", str(root), "--grid", "no_such_grid"])
-    assert results.load_references(tmp_path / "absent") == []
+        table_main(["--root", str(root), "--grid", "no_such_grid"])
+    assert load_references(tmp_path / "absent") == []
 
 
 def test_per_run_table_keeps_raw_rows(store, capsys):
     root, _ = store
-    results.main(["--root", str(root), "--grid", "table_lm", "--per-run", "--format", "csv"])
+    table_main(["--root", str(root), "--grid", "table_lm", "--per-run", "--format", "csv"])
     parsed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert parsed[0][:3] == ["sig", "task", "quant"] and len(parsed) == 8
 
 
 def test_committed_references_load_and_cite_sources():
-    refs = results.load_references(results.DEFAULT_REFERENCE_DIR)
+    refs = load_references(DEFAULT_REFERENCE_DIR)
     assert refs, "results/reference/*.yaml should hold the published numbers"
     for ref in refs:
         assert ref.source.strip() and ref.provenance.strip()
@@ -183,8 +186,8 @@ def test_committed_references_load_and_cite_sources():
 
 def test_trade_off_notes_report_what_was_measured(store):
     root, _ = store
-    (section,) = results.build_sections(results.load_results(root, grid="table_lm"))
-    notes = results.trade_off_notes(section)
+    (section,) = build_sections(load_results(root, grid="table_lm"))
+    notes = trade_off_notes(section)
     # g=16: lambda 1 -> 14.2 MB, 10 -> 10.0 MB; g=8 has a single lambda (no claim)
     assert notes[0] == ("DiffQ g=16: size decreases strictly as λ grows "
                         "(λ=1: 14.2 MB, λ=10: 10.0 MB).")
@@ -194,5 +197,5 @@ def test_trade_off_notes_report_what_was_measured(store):
     assert "QAT 8 bits (25.0 MB, ppl 18.90): best DiffQ at ≤ this size is DiffQ (λ=1, g=8) " \
            "(15.0 MB, ppl 18.20): DiffQ better." in notes
     write_run(root, "d20", "diffq", 25.0, 11.0, **{"lambda": 20.0, "group_size": 16})
-    (section,) = results.build_sections(results.load_results(root, grid="table_lm"))
-    assert "does NOT decrease monotonically" in results.trade_off_notes(section)[0]
+    (section,) = build_sections(load_results(root, grid="table_lm"))
+    assert "does NOT decrease monotonically" in trade_off_notes(section)[0]

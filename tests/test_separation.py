@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from diffq_bench import metrics_audio
+from diffq_bench.tasks import separation_metrics as metrics_audio
 from diffq_bench.config import compose, find_conf_dir
 from diffq_bench.quant import QUANTIZERS
 from diffq_bench.data.errors import DataMissingError
@@ -177,7 +177,7 @@ def test_museval_sdr_is_the_median_over_one_second_frames():
     """Real BSS-Eval v4 through museval on 3 s of audio (skipped, with the install command as the
     reason, where museval or ffmpeg is absent; scripts/test.sh installs both when it can)."""
     try:
-        metrics_audio._import_museval()
+        metrics_audio.require_museval()
     except RuntimeError as exc:
         pytest.skip(str(exc))
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from diffq_bench import slurm, sweep
+from diffq_bench.launch import slurm
+from diffq_bench.xp import Xp
 from slurm_cluster import REPO_ROOT, ClusterUnavailable, start_cluster, wait_for
 
 # ------------------------------------------------------------------ unit: parsing (no cluster)
@@ -61,7 +62,7 @@ def test_current_job_id_and_restart_count(monkeypatch):
 
 
 def test_launcher_rejects_bad_settings():
-    from hydra_plugins.diffq_bench_sweeper.slurm_launcher import SlurmLauncher
+    from hydra_plugins.diffq_bench.slurm_launcher import SlurmLauncher
     with pytest.raises(ValueError, match="max_requeues"):
         SlurmLauncher(max_requeues=-1, submitit_folder="x", timeout_min=5)
     launcher = SlurmLauncher(submitit_folder="x", timeout_min=5.5)
@@ -167,7 +168,7 @@ class Bench:
                                 stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.base)
 
     def status(self, root: str, *args: str) -> str:
-        return subprocess.run([sys.executable, "-c", "from diffq_bench.status import main; main()",
+        return subprocess.run([sys.executable, "-c", "from diffq_bench.cli import status_main; status_main()",
                                "--root", str(self.base / root), *args], capture_output=True,
                               text=True, timeout=120, env=self.env, cwd=self.base).stdout
 
@@ -209,7 +210,7 @@ def test_grid_runs_as_one_job_array(bench, grid_sweep):
     assert "4 runs: 4 to launch, 0 done, 0 queued/running" in _output(proc)
     runs = bench.runs("store")
     assert len(runs) == 4
-    job_ids = [sweep.read_submissions(bench.base / "store" / "xps" / sig)[-1]["job_id"] for sig in runs]
+    job_ids = [Xp.at(bench.base / "store" / "xps" / sig).read_submissions()[-1]["job_id"] for sig in runs]
     assert len({j.split("_")[0] for j in job_ids}) == 1, f"not one array: {job_ids}"
     assert sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
     # the launcher returns when the last result is written; the job step may still be ending
@@ -217,7 +218,7 @@ def test_grid_runs_as_one_job_array(bench, grid_sweep):
     for sig, (status, result) in runs.items():
         assert status["state"] == "DONE" and status["grids"] == ["slurm4"], status
         assert result is not None and result["grids"] == ["slurm4"]
-    table = subprocess.run([sys.executable, "-c", "from diffq_bench.results import main; main()",
+    table = subprocess.run([sys.executable, "-c", "from diffq_bench.cli import table_main; table_main()",
                             "--root", str(bench.base / "store"), "--grid", "slurm4", "--format", "csv"],
                            capture_output=True, text=True, env=bench.env, timeout=120)
     assert table.returncode == 0, table.stderr
@@ -235,12 +236,12 @@ def test_grid_runs_as_one_job_array(bench, grid_sweep):
 @pytest.mark.slow
 def test_relaunching_the_grid_submits_nothing(bench, grid_sweep):
     assert grid_sweep[0].returncode == 0
-    before = sum(len(sweep.read_submissions(p)) for p in (bench.base / "store" / "xps").iterdir())
+    before = sum(len(Xp.at(p).read_submissions()) for p in (bench.base / "store" / "xps").iterdir())
     proc = bench.launch("store", "+grid=slurm4", *LM_DEBUG)
     assert proc.returncode == 0, _output(proc)[-3000:]
     assert "4 runs: 0 to launch, 4 done, 0 queued/running" in _output(proc)
     assert "nothing to launch" in _output(proc)
-    after = sum(len(sweep.read_submissions(p)) for p in (bench.base / "store" / "xps").iterdir())
+    after = sum(len(Xp.at(p).read_submissions()) for p in (bench.base / "store" / "xps").iterdir())
     assert after == before == 4
 
 
@@ -257,10 +258,10 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench):
         (folder,) = list((bench.base / "requeue" / "xps").iterdir())
         (ref_folder,) = list((bench.base / "reference" / "xps").iterdir())
         assert folder.name == ref_folder.name  # same signature: the store root is not part of it
-        job = sweep.read_submissions(folder)[-1]["job_id"]
+        job = Xp.at(folder).read_submissions()[-1]["job_id"]
         again = bench.launch("requeue", *args)  # queued or running: must not be submitted again
         assert "1 runs: 0 to launch, 0 done, 1 queued/running" in _output(again), _output(again)[-2000:]
-        assert len(sweep.read_submissions(folder)) == 1
+        assert len(Xp.at(folder).read_submissions()) == 1
 
         def state(run):
             path = run / "status.json"
@@ -311,7 +312,7 @@ def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench, failin
         assert proc.returncode == 0, _output(proc)[-3000:]
         (folder,) = list((bench.base / "usr2" / "xps").iterdir())
         status_path = folder / "status.json"
-        job = sweep.read_submissions(folder)[-1]["job_id"]
+        job = Xp.at(folder).read_submissions()[-1]["job_id"]
         wait_for(lambda: status().get("state") == "RUNNING" and status().get("epoch", 0) >= 1, 120,
                  "the run to finish its first epoch")
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
@@ -340,6 +341,6 @@ def test_failing_run_is_failed_in_sacct_and_status(bench, failing_sweep):
     status = json.loads((folder / "status.json").read_text())
     assert status["state"] == "FAILED", status
     assert "FloatingPointError: deliberate failure" in (status["traceback"] or ""), status
-    job = sweep.read_submissions(folder)[-1]["job_id"]
+    job = Xp.at(folder).read_submissions()[-1]["job_id"]
     wait_for(lambda: _sacct([job]).get(job) == "FAILED", 60, f"sacct to show {job} FAILED")
     assert "FAILED" in bench.status("failing")

@@ -4,7 +4,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from diffq_bench import status, sweep
+from diffq_bench.cli import status_main
+from diffq_bench.launch import status
 from diffq_bench.xp import Xp
 
 
@@ -33,13 +34,13 @@ def test_rows_combine_run_store_and_scheduler(tmp_path):
     running.log("epoch 2 done")
     stale = _run(tmp_path, 2, "RUNNING", job_id="5_2")
     queued = _run(tmp_path, 3)  # folder made by the launcher, job not started yet
-    sweep.record_submission(queued.folder, "6_0")
+    Xp.at(queued.folder).record_submission("6_0")
     resubmitted = _run(tmp_path, 4, "FAILED", job_id="5_4")
     old = json.loads(resubmitted.status_path.read_text())
     resubmitted.status_path.write_text(json.dumps({**old, "updated": "2000-01-01T00:00:00+00:00"}))
-    sweep.record_submission(resubmitted.folder, "6_1")
+    Xp.at(resubmitted.folder).record_submission("6_1")
     ending = _run(tmp_path, 5)  # failed just now: its job is still tearing down
-    sweep.record_submission(ending.folder, "6_2")
+    Xp.at(ending.folder).record_submission("6_2")
     ending.write_status("FAILED", traceback="boom")
     states = {"5_0": "COMPLETED", "5_1": "RUNNING", "5_2": "CANCELLED", "6_0": "PENDING",
               "6_1": "RUNNING", "6_2": "RUNNING"}
@@ -73,27 +74,27 @@ def test_best_metric_uses_history_direction(tmp_path, monkeypatch):
 def test_last_log_age_reads_the_timestamp(tmp_path):
     (tmp_path / "log.txt").write_text("2026-01-01T00:00:00+00:00 started\n2026-01-01T00:01:40+00:00 epoch 1\n")
     stamp = 1767225700.0  # 2026-01-01T00:01:40Z
-    assert status.last_log_age(tmp_path, now=stamp + 30) == pytest.approx(30)
-    assert status.last_log_age(tmp_path / "missing") is None
+    assert Xp.at(tmp_path).log_age(now=stamp + 30) == pytest.approx(30)
+    assert Xp.at(tmp_path / "missing").log_age() is None
 
 
 def test_main_prints_table_and_json(tmp_path, capsys):
     _run(tmp_path, 0, "FAILED", traceback="boom")
-    status.main(["--root", str(tmp_path)])
+    status_main(["--root", str(tmp_path)])
     out = capsys.readouterr().out
     assert "FAILED" in out and out.strip().endswith("1 runs: 1 FAILED")
-    status.main(["--root", str(tmp_path), "--json"])
+    status_main(["--root", str(tmp_path), "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["state"] == "FAILED"
     with pytest.raises(SystemExit):
-        status.main(["--root", str(tmp_path / "nowhere")])
+        status_main(["--root", str(tmp_path / "nowhere")])
     assert "no run store" in capsys.readouterr().err
 
 
 def test_unknown_grid_lists_the_available_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        status.main(["--root", str(tmp_path), "--grid", "no_such_grid"])
+        status_main(["--root", str(tmp_path), "--grid", "no_such_grid"])
     assert "unknown grid 'no_such_grid': no conf/grid/no_such_grid.yaml (available:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        status.main(["--root", str(tmp_path), "task=x"])
+        status_main(["--root", str(tmp_path), "task=x"])
     assert "only meaningful with --grid" in capsys.readouterr().err

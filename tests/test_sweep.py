@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from diffq_bench import sweep
+from diffq_bench.launch import plan as sweep
 from diffq_bench.xp import Xp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +71,9 @@ def test_plan_skips_done_and_live_runs_and_relaunches_the_rest(tmp_path):
     cfgs = [_cfg(tmp_path, seed=s) for s in range(5)]
     _done(tmp_path, cfgs[0])
     live = Xp(tmp_path, cfgs[1])
-    sweep.record_submission(live.folder, "7_1", grid="g")
+    Xp.at(live.folder).record_submission("7_1", grid="g")
     ended = Xp(tmp_path, cfgs[2])
-    sweep.record_submission(ended.folder, "7_2")
+    Xp.at(ended.folder).record_submission("7_2")
     failed = Xp(tmp_path, cfgs[3])
     failed.create()
     failed.write_status("FAILED", traceback="boom", job_id="8")
@@ -107,11 +107,11 @@ def test_plan_sees_local_running_process(tmp_path):
 
 def test_submissions_roundtrip(tmp_path):
     folder = tmp_path / "run"
-    sweep.record_submission(folder, "3_0", grid="g")
-    sweep.record_submission(folder, 4)
-    subs = sweep.read_submissions(folder)
+    Xp.at(folder).record_submission("3_0", grid="g")
+    Xp.at(folder).record_submission(4)
+    subs = Xp.at(folder).read_submissions()
     assert [s["job_id"] for s in subs] == ["3_0", "4"] and subs[0]["grid"] == "g"
-    assert sweep.known_job_ids(folder, {"job_id": "9"}) == ["4", "9"]
+    assert Xp.at(folder).known_job_ids({"job_id": "9"}) == ["4", "9"]
 
 
 APP = '''
@@ -227,7 +227,7 @@ def test_local_parallel_launcher_caps_concurrency_and_reports_failures(toy_app):
 
 
 def test_local_parallel_launcher_rejects_bad_limit():
-    from hydra_plugins.diffq_bench_sweeper.local_launcher import LocalParallelLauncher
+    from hydra_plugins.diffq_bench.local_launcher import LocalParallelLauncher
     with pytest.raises(ValueError, match="max_parallel must be an integer >= 1"):
         LocalParallelLauncher(max_parallel=0)
     with pytest.raises(ValueError, match="threads_per_job must be an integer >= 1"):

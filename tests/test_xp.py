@@ -7,7 +7,10 @@ import json
 
 import pytest
 
-from diffq_bench import results
+from diffq_bench.cli import table_main
+from diffq_bench.results.load import load_results
+from diffq_bench.results.render import render
+from diffq_bench.results.table import build_table
 from diffq_bench.xp import RunLockedError, Xp, axes, signature
 
 BASE = {"task": {"name": "toy", "hidden": 128}, "quant": {"name": "diffq", "penalty": 1, "group_size": 16},
@@ -109,29 +112,29 @@ def test_results_table_formats_and_filters(tmp_path):
     _fake_result(tmp_path, "b1", "lm", "none", 1.0, 19.0)
     (tmp_path / "xps" / "broken").mkdir()
     (tmp_path / "xps" / "broken" / "result.json").write_text("{not json")
-    rows = results.load_results(tmp_path)
+    rows = load_results(tmp_path)
     assert len(rows) == 3
-    header, table = results.build_table(results.load_results(tmp_path, quant="diffq"))
+    header, table = build_table(load_results(tmp_path, quant="diffq"))
     assert header[:5] == ["sig", "task", "quant", "lambda", "test_ppl"]  # only varying axes
     assert "seed" not in header and [r[3] for r in table] == [1.0, 10.0]
-    assert len(results.load_results(tmp_path, grid="table_lm")) == 2
-    assert results.load_results(tmp_path, task="cifar") == []
-    md = results.render(header, table, "md")
+    assert len(load_results(tmp_path, grid="table_lm")) == 2
+    assert load_results(tmp_path, task="cifar") == []
+    md = render(header, table, "md")
     assert md.splitlines()[0].startswith("| sig | task | quant | lambda | test_ppl") and "23.25" in md
-    parsed = list(csv.reader(io.StringIO(results.render(header, table, "csv"))))
+    parsed = list(csv.reader(io.StringIO(render(header, table, "csv"))))
     assert parsed[0] == header and parsed[2][header.index("test_ppl")] == "23.25"
-    latex = results.render(header, table, "latex")
+    latex = render(header, table, "latex")
     assert "\\begin{tabular}" in latex and "test\\_ppl" in latex and latex.count("\\\\") == 3
     with pytest.raises(ValueError, match="unknown format"):
-        results.render(header, table, "html")
+        render(header, table, "html")
 
 
 def test_table_cli(tmp_path, capsys):
     _fake_result(tmp_path, "a1", "lm", "diffq", 1.0, 20.5)
-    results.main(["--root", str(tmp_path), "--format", "csv"])
+    table_main(["--root", str(tmp_path), "--format", "csv"])
     assert "a1,lm,diffq" in capsys.readouterr().out
     out = tmp_path / "t.tex"
-    results.main(["--root", str(tmp_path), "--format", "latex", "-o", str(out)])
+    table_main(["--root", str(tmp_path), "--format", "latex", "-o", str(out)])
     assert "tabular" in out.read_text()
     with pytest.raises(SystemExit):
-        results.main(["--root", str(tmp_path), "--task", "nothing"])
+        table_main(["--root", str(tmp_path), "--task", "nothing"])

@@ -22,15 +22,10 @@ from .oneshot import OneShotMPQQuantizer
 from .ipq import QuantNoiseIPQQuantizer
 from .quant_noise import QuantNoiseQuantizer
 
+#: name -> class, in the order tables list the methods (each class carries its ``display``).
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {
-    "none": NoQuantizer,
-    "diffq": DiffQuantizer,
-    "qat": UniformQuantizer,
-    "lsq": LSQQuantizer,
-    "dsq": DSQQuantizer,
-    "oneshot_mpq": OneShotMPQQuantizer,
-    "quant_noise": QuantNoiseQuantizer,
-    "quant_noise_ipq": QuantNoiseIPQQuantizer,
+    cls.name: cls for cls in (NoQuantizer, UniformQuantizer, LSQQuantizer, QuantNoiseQuantizer,
+                              QuantNoiseIPQQuantizer, DSQQuantizer, OneShotMPQQuantizer, DiffQuantizer)
 }
 
 
@@ -75,6 +70,7 @@ def restore(model: nn.Module, state: tp.Union[dict, bytes]) -> nn.Module:
     return QUANTIZERS[method].restore_model(model, state)
 
 
-__all__ = ["QUANTIZERS", "get_quantizer", "restore", "BaseQuantizer", "QuantizerError",
-           "serialize", "deserialize", "FORMAT_VERSION", "NoQuantizer", "DiffQuantizer",
-           "UniformQuantizer", "LSQQuantizer"]
+__all__ = ["QUANTIZERS", "get_quantizer", "restore", "BaseQuantizer", "Calibration",
+           "QuantizerError", "serialize", "deserialize", "FORMAT_NAME", "FORMAT_VERSION", "NoQuantizer",
+           "DiffQuantizer", "UniformQuantizer", "LSQQuantizer", "DSQQuantizer", "OneShotMPQQuantizer",
+           "QuantNoiseQuantizer", "QuantNoiseIPQQuantizer"]

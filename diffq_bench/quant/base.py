@@ -50,6 +50,29 @@ class QParam:
     other: tp.Optional["QParam"] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Display:
+    """How tables and plots show a method (read from the quantizer class, never restated).
+
+    Attributes:
+        label: the method's name in tables and legends (``DiffQ``).
+        color: its matplotlib colour.
+        axes: the config axes that identify one configuration, in label order, each with the
+            format of its part of the label (``("quant.bits", "{} bits")``, ``("lambda", "λ={}")``).
+        inline: first part follows the name (``QAT 4 bits``) instead of all in parentheses
+            (``DiffQ (λ=1, g=16)``).
+        series_axis: plots draw one marker series per value of this axis (DiffQ: group size).
+        point: plots annotate each point with this axis and format (``("lambda", "λ={:g}")``);
+            only numeric values are shown.
+    """
+    label: str
+    color: str = "tab:gray"
+    axes: tp.Tuple[tp.Tuple[str, str], ...] = ()
+    inline: bool = False
+    series_axis: tp.Optional[str] = None
+    point: tp.Optional[tp.Tuple[str, str]] = None
+
+
 @dataclasses.dataclass
 class Calibration:
     """Data the loop hands to :meth:`BaseQuantizer.finalize` (docs/INTERFACES.md).
@@ -76,6 +99,8 @@ class BaseQuantizer:
         exclude: fnmatch patterns on parameter names that are never quantized.
     """
     name: str = "base"
+    #: how tables and plots show the method
+    display: Display = Display("base")
     #: keyword arguments (beyond model) that :meth:`config` records in exports, in order.
     config_keys: tp.Tuple[str, ...] = ("min_size", "float16", "exclude")
 
@@ -392,6 +417,7 @@ class BaseQuantizer:
 class NoQuantizer(BaseQuantizer):
     """The null object: float model, exported as float32 (or float16) tensors."""
     name = "none"
+    display = Display("Float", color="tab:blue")
 
     def _accepts(self, name, module, attr, param) -> bool:
         return False

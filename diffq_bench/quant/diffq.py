@@ -28,7 +28,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam
+from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .rng import fill_noise
 from .pack import pack_uint, unpack_uint
@@ -249,6 +249,8 @@ class DiffQuantizer(BaseQuantizer):
         exclude: fnmatch patterns of parameter names kept in float.
     """
     name = "diffq"
+    display = Display("DiffQ", color="tab:red", axes=(("lambda", "λ={}"), ("group_size", "g={}")),
+                      series_axis="group_size", point=("lambda", "λ={:g}"))
     config_keys = ("group_size", "min_bits", "max_bits", "init_bits", "noise", "penalty",
                    "min_size", "float16", "exclude")
 

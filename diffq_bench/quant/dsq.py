@@ -21,7 +21,7 @@ from torch import nn
 
 from .actquant import (act_layers, dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho,
                        install_input_hooks, install_restored_activations)
-from .base import BaseQuantizer, QParam
+from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint
 from .state import unpack_entry
@@ -48,6 +48,8 @@ class DSQQuantizer(BaseQuantizer):
         min_size, float16, exclude: see :class:`~diffq_bench.quant.base.BaseQuantizer`.
     """
     name = "dsq"
+    display = Display("DSQ", color="tab:cyan", axes=(("quant.bits", "{} bits"), ("quant.act_bits", "A{}")),
+                      point=("quant.bits", "{}b"))
     config_keys = ("bits", "act_bits", "first_last_bits", "alpha_init", "min_size", "float16",
                    "exclude")
     default_lr = 1e-3

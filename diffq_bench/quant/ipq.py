@@ -36,7 +36,7 @@ import zlib
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, Calibration, QParam
+from .base import BaseQuantizer, Display, Calibration, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 from .quant_noise import affine_params, dequantize, quantize_levels
@@ -170,6 +170,8 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         exclude: fnmatch patterns of parameter names never quantized.
     """
     name = "quant_noise_ipq"
+    display = Display("Quant-Noise iPQ", color="tab:brown", axes=(
+        ("quant.n_centroids", "K={}"), ("quant.block_size", "block {}"), ("quant.p", "p={}")))
     config_keys = ("p", "block_size", "n_centroids", "n_iter", "init", "stages", "noise_frac",
                    "int8_centroids", "seed", "min_size", "float16", "exclude")
 

@@ -17,7 +17,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam
+from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_uint, unpack_uint
 
@@ -74,6 +74,8 @@ class LSQQuantizer(BaseQuantizer):
         exclude: fnmatch patterns of parameter names kept in float.
     """
     name = "lsq"
+    display = Display("LSQ", color="tab:green", axes=(("quant.bits", "{} bits"),), inline=True,
+                      point=("quant.bits", "{}b"))
     config_keys = ("bits", "min_size", "float16", "exclude")
     default_lr = None  # steps train with the main optimizer's learning rate
 

@@ -23,7 +23,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QParam
+from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 
@@ -105,6 +105,8 @@ class QuantNoiseQuantizer(BaseQuantizer):
         exclude: fnmatch patterns of parameter names never quantized.
     """
     name = "quant_noise"
+    display = Display("Quant-Noise", color="tab:purple", axes=(("quant.bits", "{} bits"), ("quant.p", "p={}")),
+                      inline=True, point=("quant.bits", "{}b"))
     config_keys = ("bits", "p", "observer", "min_size", "float16", "exclude")
 
     def __init__(self, model: nn.Module, bits: int = 8, p: float = 0.5, observer: str = "channel",

@@ -15,7 +15,7 @@ import typing as tp
 
 import torch
 
-from .base import BaseQuantizer, QParam
+from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_mixed_radix, pack_uint, unpack_mixed_radix, unpack_uint
 
@@ -76,6 +76,8 @@ class UniformQuantizer(BaseQuantizer):
         exclude: fnmatch patterns of parameter names kept in float.
     """
     name = "qat"
+    display = Display("QAT", color="tab:orange", axes=(("quant.bits", "{} bits"),), inline=True,
+                      point=("quant.bits", "{}b"))
     config_keys = ("bits", "min_size", "float16", "exclude")
 
     def __init__(self, model: torch.nn.Module, bits: float = 8, min_size: float = 0.01,

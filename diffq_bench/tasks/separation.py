@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import metrics_audio
+from . import separation_metrics as metrics
 from ..data import musdb as mdb
 from ..data import sfmix as sfmix_data
 from ..models.demucs import Demucs, center_trim
@@ -159,7 +159,7 @@ class MusdbDemucsTask(Task):
         if split not in ("valid", "test"):
             raise ValueError(f"evaluate split must be 'valid' or 'test', got {split!r}")
         if self.sdr:
-            metrics_audio._import_museval()  # fail before the (long) separation, not after it
+            metrics.require_museval()  # fail before the (long) separation, not after it
         tracks = self.db.tracks(split)
         if self.eval_tracks:
             tracks = tracks[:self.eval_tracks]
@@ -169,12 +169,12 @@ class MusdbDemucsTask(Task):
         try:
             for track in tracks:
                 audio = self.db.read(track).to(self.device)
-                estimates = metrics_audio.separate(model, audio[0], self.eval_segment,
+                estimates = metrics.separate(model, audio[0], self.eval_segment,
                                                    self.eval_overlap)
                 references = audio[1:]
-                nsdrs.append(metrics_audio.nsdr(references, estimates).cpu().numpy())
+                nsdrs.append(metrics.nsdr(references, estimates).cpu().numpy())
                 if self.sdr:
-                    sdrs.append(metrics_audio.museval_sdr(references, estimates, self.samplerate))
+                    sdrs.append(metrics.museval_sdr(references, estimates, self.samplerate))
         finally:
             model.train(was_training)
         out: tp.Dict[str, float] = {}

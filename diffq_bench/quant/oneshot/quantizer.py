@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..actquant import act_layers, install_input_hooks, lsq_eval, lsq_init_step, lsq_quantize
-from ..base import MB, BaseQuantizer, Calibration, QParam
+from ..base import MB, BaseQuantizer, Display, Calibration, QParam
 from ..errors import QuantizerError, check_range
 from . import bnpairs, export, schedule
 from .bnpairs import SwitchableBN, pair_key
@@ -66,6 +66,8 @@ class OneShotMPQQuantizer(BaseQuantizer):
         min_size, float16, exclude: see :class:`~diffq_bench.quant.base.BaseQuantizer`.
     """
     name = "oneshot_mpq"
+    display = Display("One-shot MPQ", color="tab:olive", axes=(
+        ("quant.budget_kind", "{}"), ("quant.budget", "≤{}")), point=("quant.bits", "{}b"))
     config_keys = ("bits", "act_bits", "subnets", "kd_weight", "bn_align", "sched_every", "sched_frac",
                    "turbulence_eps", "budget_kind", "budget", "calib_batches", "min_size", "float16",
                    "exclude")

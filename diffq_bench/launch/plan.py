@@ -13,15 +13,15 @@ Before launching, every run's config is composed and its signature computed
 - ``launch``: everything else (new, FAILED, interrupted, cancelled) -> launched, and resumed from
   its checkpoint by the training loop if it has one.
 
-The launcher records each submission (job id, time, sweep folder) in ``<run>/submissions.jsonl``
-so a second launch of the same grid sees the queued jobs before they start.
+The launcher records each submission (job id, time, sweep folder) in the run folder
+(:meth:`diffq_bench.xp.Xp.record_submission`) so a second launch of the same grid sees the queued
+jobs before they start.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import re
@@ -29,10 +29,12 @@ import socket
 import typing as tp
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from ..xp import Xp
 from . import slurm
 
 logger = logging.getLogger(__name__)
-SUBMISSIONS = "submissions.jsonl"
 ACTIONS = ("launch", "done", "live")
 
 
@@ -132,45 +134,6 @@ class PlannedRun:
     job_id: tp.Optional[str] = None
 
 
-def read_submissions(folder: tp.Union[str, Path]) -> tp.List[tp.Dict[str, tp.Any]]:
-    """The run's submission records, oldest first (empty if never submitted by a launcher)."""
-    path = Path(folder) / SUBMISSIONS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def record_submission(folder: tp.Union[str, Path], job_id: str, **fields: tp.Any) -> None:
-    """Append a submission record ``{job_id, submitted, ...fields}`` to ``<run>/submissions.jsonl``.
-
-    The file is rewritten whole through a temporary file (atomic); only the launching process
-    writes it, so there is no concurrent writer to lose.
-
-    Args:
-        folder: the run folder (created if missing).
-        job_id: the scheduler's id (``"123_4"`` for array tasks).
-        fields: extra JSON-able fields (``sweep_dir``, ``grid``, ``cluster``).
-    """
-    from . import io
-    from .xp import now_iso
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = read_submissions(folder)
-    records.append({"job_id": str(job_id), "submitted": now_iso(), **fields})
-    io.write_lines(folder / SUBMISSIONS, records)
-
-
-def known_job_ids(folder: Path, status: tp.Optional[tp.Mapping[str, tp.Any]]) -> tp.List[str]:
-    """Job ids that may still be working on this run: latest submission and status.json's job."""
-    ids = []
-    subs = read_submissions(folder)
-    if subs:
-        ids.append(str(subs[-1]["job_id"]))
-    if status and status.get("job_id"):
-        ids.append(str(status["job_id"]))
-    return list(dict.fromkeys(ids))
-
-
 def _local_process_alive(status: tp.Mapping[str, tp.Any]) -> bool:
     if status.get("host") != socket.gethostname() or not status.get("pid"):
         return False
@@ -186,7 +149,6 @@ def _local_process_alive(status: tp.Mapping[str, tp.Any]) -> bool:
 def without_hydra(cfg: tp.Any) -> tp.Any:
     """``cfg`` minus its ``hydra`` node, which cannot be resolved before the launcher numbers the
     job (``hydra.sweep.subdir: ${hydra.job.num}``) and is not part of the run identity anyway."""
-    from omegaconf import DictConfig, OmegaConf
     if isinstance(cfg, DictConfig) and "hydra" in cfg:
         return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
     return cfg
@@ -203,7 +165,6 @@ def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
         states: job id -> scheduler state lookup (default :func:`diffq_bench.slurm.job_states`;
             skipped with a warning when SLURM is not installed and no job id is recorded).
     """
-    from .xp import Xp
     planned: tp.List[PlannedRun] = []
     by_sig: tp.Dict[str, PlannedRun] = {}
     statuses: tp.Dict[str, tp.Dict[str, tp.Any]] = {}
@@ -222,7 +183,7 @@ def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
             item.action, item.reason = "done", "result exists"
     # one scheduler query for the whole sweep
     pending = [p for p in planned if p.action == "launch"]
-    ids = {p.sig: known_job_ids(p.folder, statuses[p.sig]) for p in pending}
+    ids = {p.sig: Xp.at(p.folder).known_job_ids(statuses[p.sig]) for p in pending}
     all_ids = sorted({j for v in ids.values() for j in v})
     lookup = states or slurm.job_states
     job_state: tp.Dict[str, str] = {}
@@ -264,7 +225,6 @@ def run_folder(overrides: tp.Sequence[str], compose: tp.Callable[[tp.List[str]],
     """
     key = tuple(overrides)
     if key not in _FOLDERS:
-        from .xp import Xp
         cfg = without_hydra(compose(list(overrides)))
         _FOLDERS[key] = Xp(cfg.paths.root, cfg).folder
     return _FOLDERS[key]

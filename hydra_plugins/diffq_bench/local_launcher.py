@@ -1,9 +1,9 @@
-"""``hydra/launcher=local_parallel``: a sweep on this machine, at most ``max_parallel`` runs at once.
+"""``hydra/launcher=local``: a sweep on this machine, at most ``max_parallel`` runs at once.
 
 Each run is a separate process (submitit's local executor), so runs do not share a torch thread
-pool or a CUDA context, and a crashing run does not take the sweep down. Failures are truthful as
-with the SLURM launcher (the sweep lists them and exits non-zero); SIGTERM/USR2 make a run
-checkpoint and stop, and the next sweep resumes it.
+pool or a CUDA context, and a crashing run does not take the sweep down. The job side is the one
+of :mod:`.job`, as for SLURM: failures are truthful (the sweep lists them and exits non-zero);
+SIGTERM/USR2 make a run checkpoint and stop, and the next sweep resumes it.
 
 CPU threads: each run gets ``threads_per_job`` intra-op threads (default: the machine's cores
 divided by ``max_parallel``, at least 1) through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which
@@ -19,13 +19,14 @@ from pathlib import Path
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from .slurm_launcher import SlurmLauncher
+from . import job
 
 log = logging.getLogger(__name__)
 
 
-class LocalParallelLauncher(SlurmLauncher):
+class LocalParallelLauncher(BaseSubmititLauncher):
     """Run a sweep's jobs as local processes, ``max_parallel`` at a time (a sliding window).
 
     Args:
@@ -43,8 +44,7 @@ class LocalParallelLauncher(SlurmLauncher):
         _check_count("max_parallel", max_parallel)
         if threads_per_job is not None:
             _check_count("threads_per_job", threads_per_job)
-        super().__init__(max_requeues=0, wait=True, submitit_folder=submitit_folder,
-                         timeout_min=timeout_min)
+        super().__init__(submitit_folder=submitit_folder, timeout_min=timeout_min)
         self.max_parallel = max_parallel
         self.poll_s = float(poll_s)
         self.threads_per_job = threads_per_job or max(1, (os.cpu_count() or 1) // max_parallel)
@@ -72,13 +72,19 @@ class LocalParallelLauncher(SlurmLauncher):
                 with _thread_env(self.threads_per_job):  # submitit copies os.environ at submit
                     running[pos] = executor.submit(self, list(overrides), "hydra.sweep.dir", idx,
                                                    f"job_id_for_{idx}", Singleton.get_state())
-            for pos, job in list(running.items()):
-                if job.done():
-                    results[pos] = self._outcome(job, list(job_overrides[pos]))
+            for pos, submitted in list(running.items()):
+                if submitted.done():
+                    results[pos] = job.outcome(submitted, list(job_overrides[pos]))
                     del running[pos]
             if running:
                 time.sleep(self.poll_s)
         return tp.cast(tp.List[JobReturn], results)
+
+    def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: tp.Dict[type, Singleton]) -> JobReturn:
+        # a local job is never requeued: a preempted run exits and the next sweep resumes it
+        return job.run_truthfully(self, 0, sweep_overrides, job_dir_key, job_num, job_id,
+                                  singleton_state)
 
 
 def _check_count(key: str, value: tp.Any) -> None:

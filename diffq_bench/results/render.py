@@ -1,7 +1,6 @@
 """Printing paper tables: sections (and the flat per-run table) as md, latex or csv.
 
-Pure functions of their inputs, so the same sections always give the same bytes. Import these
-names from :mod:`diffq_bench.results`.
+Pure functions of their inputs, so the same sections always give the same bytes.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import io
 import math
 import typing as tp
 
-from .results_model import Section, _fmt_axis, _order, _published
+from .table import Section, format_axis, format_published, order_key
 
 FORMATS = ("md", "csv", "latex")
 MISSING = "—"
@@ -69,16 +68,16 @@ def trade_off_notes(section: Section) -> tp.List[str]:
     key, notes = f"test_{section.metric}", []
     diffq = [r for r in section.rows if r.quant == "diffq" and r.runs and
              r.mean("true_size_mb") is not None and r.mean(key) is not None]
-    for group in sorted({_order(r.axes.get("group_size")) for r in diffq}):
-        rows = sorted((r for r in diffq if _order(r.axes.get("group_size")) == group),
-                      key=lambda r: _order(r.axes.get("lambda")))
+    for group in sorted({order_key(r.axes.get("group_size")) for r in diffq}):
+        rows = sorted((r for r in diffq if order_key(r.axes.get("group_size")) == group),
+                      key=lambda r: order_key(r.axes.get("lambda")))
         if len(rows) < 2:
             continue
         sizes = [r.mean("true_size_mb") for r in rows]
         mono = all(a > b for a, b in zip(sizes, sizes[1:]))
-        path = ", ".join(f"λ={_fmt_axis(r.axes.get('lambda'))}: {_size(z)} MB"
+        path = ", ".join(f"λ={format_axis(r.axes.get('lambda'))}: {_size(z)} MB"
                          for r, z in zip(rows, sizes))
-        notes.append(f"DiffQ g={_fmt_axis(rows[0].axes.get('group_size'))}: size "
+        notes.append(f"DiffQ g={format_axis(rows[0].axes.get('group_size'))}: size "
                      f"{'decreases strictly' if mono else 'does NOT decrease monotonically'} "
                      f"as λ grows ({path}).")
     sign = 1.0 if section.lower_is_better else -1.0
@@ -144,7 +143,7 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
         delta = mean_ref - ref_value if ref_value is not None and mean_ref is not None else None
         # an axis this method leaves unset (null) is blank in CSV and "—" in the printed tables
         unset = "" if fmt == "csv" else MISSING
-        extras = [unset if row.axes.get(k) is None else _fmt_axis(row.axes[k])
+        extras = [unset if row.axes.get(k) is None else format_axis(row.axes[k])
                   for k in section.extra_axes]
         if fmt == "csv":
             vals = [mean, row.std(key), len(row.runs), row.mean("true_size_mb"),
@@ -157,14 +156,14 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
         std = row.std(key)
         metric = _num(mean) + (f" ± {_num(std)}" if std is not None else "")
         compr = row.mean("compression")
-        paper = MISSING if ref_value is None else _published(ref_value)
+        paper = MISSING if ref_value is None else format_published(ref_value)
         if ref is not None and ref_value is not None and ref.metric != section.metric:
             paper += f" ({ref.metric})"
         cells.append([row.label] + extras + [metric] + ([str(len(row.runs))] if seeds else []) + [
             _size(row.mean("true_size_mb")), MISSING if compr is None else f"{compr:.1f}×",
             _bits(row.mean("bits_per_weight")), paper,
             MISSING if delta is None else f"{delta:+.2f}",
-            MISSING if ref is None or ref.size_mb is None else _published(ref.size_mb)])
+            MISSING if ref is None or ref.size_mb is None else format_published(ref.size_mb)])
     return header, cells
 
 

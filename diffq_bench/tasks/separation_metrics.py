@@ -15,7 +15,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from .models.demucs import center_trim
+from ..models.demucs import center_trim
 
 EPS = 1e-8
 
@@ -101,7 +101,7 @@ def separate(model: torch.nn.Module, mix: torch.Tensor, segment: int,
     return out / total
 
 
-def _import_museval() -> tp.Any:
+def require_museval() -> tp.Any:
     try:
         import museval  # noqa: F401 - heavy, and needs ffmpeg at import (stempeg)
     except Exception as exc:  # ImportError, or stempeg's RuntimeError when ffmpeg is missing
@@ -124,7 +124,7 @@ def museval_sdr(references: torch.Tensor, estimates: torch.Tensor, samplerate: i
     Raises:
         RuntimeError: museval or ffmpeg is missing (the message says how to install them).
     """
-    museval = _import_museval()
+    museval = require_museval()
     ref = references.transpose(1, 2).double().cpu().numpy()  # museval wants [S, T, C]
     est = estimates.transpose(1, 2).double().cpu().numpy()
     sdr, _isr, _sir, _sar = museval.evaluate(ref, est, win=samplerate, hop=samplerate)

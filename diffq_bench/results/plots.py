@@ -13,8 +13,8 @@ import math
 import typing as tp
 from pathlib import Path
 
-from .io import write_bytes
-from .results import METHODS, Section
+from ..io import write_bytes
+from .table import Section, display
 
 Point = tp.Tuple[float, float]
 
@@ -36,15 +36,6 @@ def pareto_front(points: tp.Sequence[Point], lower_is_better: bool) -> tp.List[P
         if not front or sign * metric < sign * front[-1][1]:
             front.append((size, metric))
     return front
-
-
-_COLORS = {"none": "tab:blue", "qat": "tab:orange", "lsq": "tab:green", "quant_noise": "tab:purple",
-           "quant_noise_ipq": "tab:brown", "dsq": "tab:cyan", "oneshot_mpq": "tab:olive",
-           "diffq": "tab:red"}
-
-
-def _color(quant: str) -> str:
-    return _COLORS.get(quant, "tab:gray")
 
 
 def plot_sections(sections: tp.Sequence[Section], path: tp.Union[str, Path],
@@ -98,15 +89,18 @@ _GROUP_MARKERS = ("o", "s", "^", "D", "v")
 
 
 def _series(quant: str, rows: tp.Sequence[tp.Any]) -> tp.List[tp.Tuple[str, str, tp.List[tp.Any]]]:
-    """(legend label, marker, rows) per drawn series: DiffQ gets one per group size."""
-    name = METHODS.get(quant, (quant,))[0]
-    if quant != "diffq":
-        return [(name, "o", list(rows))]
-    groups = sorted({r.axes.get("group_size") for r in rows}, key=lambda g: (g is None, str(g).zfill(8)))
+    """(legend label, marker, rows) per drawn series: one per value of the method's
+    ``display.series_axis`` (DiffQ: one per group size) when it has several."""
+    shown = display(quant)
+    axis = shown.series_axis
+    if axis is None:
+        return [(shown.label, "o", list(rows))]
+    groups = sorted({r.axes.get(axis) for r in rows}, key=lambda g: (g is None, str(g).zfill(8)))
     if len(groups) < 2:
-        return [(name, "o", list(rows))]
-    return [(f"{name} g={g}", _GROUP_MARKERS[i % len(_GROUP_MARKERS)],
-             [r for r in rows if r.axes.get("group_size") == g]) for i, g in enumerate(groups)]
+        return [(shown.label, "o", list(rows))]
+    label = dict(shown.axes).get(axis, axis + "={}")
+    return [(f"{shown.label} {label.format(g)}", _GROUP_MARKERS[i % len(_GROUP_MARKERS)],
+             [r for r in rows if r.axes.get(axis) == g]) for i, g in enumerate(groups)]
 
 
 def _panel(ax: tp.Any, section: Section) -> None:
@@ -118,7 +112,7 @@ def _panel(ax: tp.Any, section: Section) -> None:
         if row.runs:
             by_quant.setdefault(row.quant, []).append(row)
     for quant, rows in by_quant.items():
-        color = _color(quant)
+        color = display(quant).color
         all_pts = []
         for n, (label, marker, series) in enumerate(_series(quant, rows)):
             pts = [(r.mean("true_size_mb"), r.mean(key), r.std(key), r) for r in series]
@@ -157,8 +151,11 @@ def _panel(ax: tp.Any, section: Section) -> None:
 
 
 def _point_label(quant: str, axes: tp.Mapping[str, tp.Any]) -> str:
-    if quant == "diffq":
-        lam, group = axes.get("lambda"), axes.get("group_size")
-        return f"λ={lam:g}" if isinstance(lam, (int, float)) else ""  # g: marker and legend
-    bits = axes.get("quant.bits")
-    return f"{bits}b" if isinstance(bits, int) else ""
+    """The method's ``display.point`` annotation of a point (numeric values only)."""
+    point = display(quant).point
+    if point is None:
+        return ""
+    value = axes.get(point[0])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return point[1].format(value)

@@ -1,13 +1,12 @@
 """``hydra/sweeper=grid``: named grids, command-line sweeps, and skipping work already done.
 
-``diffq-bench -m +grid=table_lm seed=0,1`` expands ``grid.runs`` (see :mod:`diffq_bench.sweep`)
+``diffq-bench -m +grid=table_lm seed=0,1`` expands ``grid.runs`` (see :mod:`diffq_bench.launch.plan`)
 times the command-line sweeps, composes each run's config to get its signature, skips runs that are
 DONE or whose job is still queued/running, and hands the rest to the launcher in ONE call (one
 SLURM job array). Without ``+grid`` it behaves like Hydra's basic sweeper plus the skipping.
 Failed runs are listed at the end and make the command exit non-zero.
 """
 
-import json
 import logging
 import typing as tp
 from dataclasses import dataclass
@@ -21,12 +20,16 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from diffq_bench import io
+from diffq_bench.config import ConfigError, validate
+from diffq_bench.launch import plan
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GridSweeperConf:
-    _target_: str = "hydra_plugins.diffq_bench_sweeper.grid_sweeper.GridSweeper"
+    _target_: str = "hydra_plugins.diffq_bench.grid_sweeper.GridSweeper"
     # runs per launcher call; null = all in one call (one job array). Hydra's basic sweeper name.
     max_batch_size: tp.Optional[int] = None
     # check every run's config (diffq_bench.config.validate) before launching any
@@ -69,7 +72,6 @@ class GridSweeper(Sweeper):
         return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
 
     def sweep(self, arguments: tp.List[str]) -> tp.Any:
-        from diffq_bench import sweep as sw
         assert self.config is not None and self.launcher is not None
         grid = OmegaConf.select(self.config, "grid", default=None)
         runs = name = None
@@ -80,20 +82,20 @@ class GridSweeper(Sweeper):
             if not runs:
                 raise HydraException(f"grid {name!r} has no runs "
                                      "(expected grid.runs: a list of override mappings)")
-        jobs = sw.expand_grid(runs, arguments, name or "grid")
+        jobs = plan.expand_grid(runs, arguments, name or "grid")
         log.info("sweep%s: %d run(s) to consider", f" of grid {name}" if name else "", len(jobs))
         composed = [(job, self._compose(job)) for job in jobs]
         force = bool(OmegaConf.select(self.config, "runtime.force", default=False))
-        planned = sw.plan(composed, force=force)
-        sw.remember_folders(planned)
-        log.info("%s", sw.summary(planned))
+        planned = plan.plan(composed, force=force)
+        plan.remember_folders(planned)
+        log.info("%s", plan.summary(planned))
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        (sweep_dir / "plan.json").write_text(json.dumps(
-            [{"sig": p.sig, "action": p.action, "reason": p.reason, "overrides": p.overrides,
-              "folder": str(p.folder)} for p in planned], indent=2) + "\n")
+        io.write_json(sweep_dir / "plan.json", [
+            {"sig": p.sig, "action": p.action, "reason": p.reason, "overrides": p.overrides,
+             "folder": str(p.folder)} for p in planned])
 
         todo = [p for p in planned if p.action == "launch"]
         if not todo:
@@ -111,19 +113,17 @@ class GridSweeper(Sweeper):
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
         if failed:
             lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n"
-                     f"    {sw.failure_line(r._return_value)}" for p, r in failed]
+                     f"    {plan.failure_line(r._return_value)}" for p, r in failed]
             raise HydraException(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each "
                                  "run's status.json):\n" + "\n".join(lines))
         return returns
 
     @staticmethod
     def _validate(todo: tp.Sequence[tp.Any], configs: tp.Dict[tp.Tuple[str, ...], DictConfig]) -> None:
-        from diffq_bench import sweep as sw
-        from diffq_bench.config import ConfigError, validate
         errors = []
         for item in todo:
             try:
-                validate(sw.without_hydra(configs[tuple(item.overrides)]))
+                validate(plan.without_hydra(configs[tuple(item.overrides)]))
             except ConfigError as exc:
                 errors.append(f"  {' '.join(item.overrides)}\n    {exc}")
         if errors:

@@ -1,0 +1,134 @@
+"""The job side shared by diffq-bench's launchers: what runs inside a submitted job.
+
+Both launchers (:mod:`.slurm_launcher`, :mod:`.local_launcher`) submit themselves to a submitit
+executor, as hydra-submitit does; their ``__call__`` runs :func:`run_truthfully`, which adds to
+hydra-submitit's job:
+
+- truthful failure: hydra-submitit returns ``JobReturn(status=FAILED)`` as a normal result, so
+  SLURM records COMPLETED. Here the run's exception is re-raised: submitit stores the traceback,
+  the process exits non-zero and ``sacct`` says FAILED (the run's own status.json already holds
+  FAILED and the traceback);
+- preemption: USR2 (time limit, or preemption with a signal) and SIGTERM set
+  :data:`diffq_bench.train.PREEMPT`; the loop checkpoints at the next step and raises
+  ``Preempted``. Under SLURM the job is then requeued (after USR2 by itself, as submitit does;
+  after SIGTERM SLURM already handles it), at most ``max_requeues`` times per submission
+  (``SLURM_RESTART_COUNT``); beyond that the run is FAILED. A local job just exits: the next
+  sweep resumes its checkpoint.
+"""
+import logging
+import signal
+import sys
+import typing as tp
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+from diffq_bench.launch import plan, slurm
+from diffq_bench.xp import Xp
+
+log = logging.getLogger(__name__)
+
+
+class RequeueLimitError(RuntimeError):
+    """The run was requeued (preempted / timed out) more often than ``max_requeues`` allows."""
+
+
+class PreemptSignals:
+    """Signal handlers that ask the training loop to checkpoint and stop (never exit mid-step)."""
+
+    def __init__(self) -> None:
+        self.received: tp.Optional[int] = None
+
+    def install(self, usr_signal: int) -> None:
+        for signum in {usr_signal, signal.SIGTERM}:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: tp.Any) -> None:
+        # The training loop is imported by the run itself (start-up cost: the sweeper never needs it).
+        from diffq_bench.train import PREEMPT
+        # The first signal decides what happens next (a self-requeue after USR2 sends a TERM too).
+        if self.received is None:
+            self.received = signum
+        PREEMPT.set()
+        log.warning("received %s: checkpointing at the next step", signal.Signals(signum).name)
+
+
+def compose(launcher: BaseSubmititLauncher, overrides: tp.Sequence[str]) -> tp.Any:
+    """The full config of one job of ``launcher``'s sweep."""
+    assert launcher.hydra_context is not None and launcher.config is not None
+    return launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+
+
+def fail_run(launcher: BaseSubmititLauncher, overrides: tp.List[str],
+             singleton_state: tp.Dict[type, Singleton], error: Exception) -> tp.NoReturn:
+    """Mark the run FAILED in its status.json, then raise ``error`` (non-zero exit)."""
+    Singleton.set_state(singleton_state)
+    setup_globals()
+    cfg = plan.without_hydra(compose(launcher, overrides))
+    xp = Xp(cfg.paths.root, cfg)
+    if xp.folder.exists():
+        xp.write_status("FAILED", traceback=f"{type(error).__name__}: {error}")
+        xp.log(f"FAILED: {error}")
+    raise error
+
+
+def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_overrides: tp.List[str],
+                   job_dir_key: str, job_num: int, job_id: str,
+                   singleton_state: tp.Dict[type, Singleton]) -> JobReturn:
+    """Run one job of ``launcher`` (hydra-submitit's job) with truthful failure and bounded
+    requeues (module docstring)."""
+    import submitit
+
+    signals = PreemptSignals()
+    signals.install(submitit.JobEnvironment._usr_sig())
+    restarts = slurm.restart_count()
+    if restarts > max_requeues:
+        fail_run(launcher, sweep_overrides, singleton_state, RequeueLimitError(
+            f"job {slurm.current_job_id()} was requeued {restarts} times; max_requeues="
+            f"{max_requeues} (hydra.launcher.max_requeues)"))
+    try:
+        ret = BaseSubmititLauncher.__call__(launcher, sweep_overrides, job_dir_key, job_num, job_id,
+                                            singleton_state)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        # e.g. a config error: turn the exit into an error result so the launcher sees it now
+        raise RuntimeError(f"run exited with code {exc.code} (see the job's stderr)") from exc
+    if ret.status != JobStatus.FAILED:
+        return ret
+    error = ret._return_value
+    # train (and torch) is imported by the run itself; if it never was, nothing was preempted
+    train = sys.modules.get("diffq_bench.train")
+    if train is None or not isinstance(error, train.Preempted):
+        raise error  # non-zero exit: SLURM records FAILED; the traceback is in status.json
+    if signals.received == signal.SIGTERM:
+        log.warning("stopped by SLURM (requeue, preemption or cancel) after checkpointing")
+        raise SystemExit(-1)  # no result file: the launcher keeps waiting for the requeued job
+    if restarts >= max_requeues:
+        fail_run(launcher, sweep_overrides, singleton_state, RequeueLimitError(
+            f"preempted or timed out after {restarts} requeues; max_requeues={max_requeues} "
+            "(hydra.launcher.max_requeues)"))
+    jid = slurm.current_job_id()
+    if jid is None:  # a local job: nobody requeues it; the next sweep resumes the checkpoint
+        raise error
+    try:
+        slurm.requeue(jid)
+    except slurm.SlurmError as exc:
+        # e.g. preemption: SLURM may already be requeuing the job. Exit without a result either
+        # way (an error result would be read by the launcher as this run's final outcome).
+        log.warning("scontrol requeue %s failed (%s); leaving the job to SLURM", jid, exc)
+        raise SystemExit(-1)
+    log.warning("checkpointed and requeued job %s (restart %d of at most %d)", jid, restarts + 1,
+                max_requeues)
+    raise SystemExit(-1)
+
+
+def outcome(job: tp.Any, overrides: tp.List[str]) -> JobReturn:
+    """The ``JobReturn`` of a finished submitit job; a failed job becomes a FAILED return naming
+    its exception line."""
+    try:
+        return job.results()[0]
+    except Exception as exc:  # noqa: BLE001 - FailedJobError / UncompletedJobError / pickling
+        log.error("job %s (%s) failed: %s", job.job_id, " ".join(overrides), plan.failure_line(exc))
+        return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=exc)

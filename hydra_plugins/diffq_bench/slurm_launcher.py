@@ -1,0 +1,95 @@
+"""``hydra/launcher=slurm``: hydra-submitit's SLURM launcher, made truthful and preemption-safe.
+
+What this adds to ``hydra_plugins.hydra_submitit_launcher``:
+
+- A multirun is one ``sbatch --array`` (submitit ``map_array``), and every job id is recorded in
+  its run folder (``submissions.jsonl``) right after submission, so a second launch of the same
+  grid does not resubmit runs that are still queued or running.
+- The job side of :mod:`.job`: truthful failure (sacct FAILED), checkpoint on USR2/SIGTERM,
+  bounded requeues (``max_requeues``).
+- ``wait: false`` returns right after submission (check progress with ``diffq-bench-status``).
+"""
+
+import logging
+import typing as tp
+from pathlib import Path
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf
+
+from diffq_bench.launch import plan
+from diffq_bench.xp import Xp
+
+from . import job
+
+log = logging.getLogger(__name__)
+
+
+class SlurmLauncher(BaseSubmititLauncher):
+    """Submitit SLURM launcher with truthful exit codes, submission records and bounded requeues.
+
+    Args:
+        max_requeues: requeues allowed per submission (preemptions, timeouts, ``scontrol requeue``).
+        wait: block until all jobs end (True) or return right after submission (False).
+        params: hydra-submitit SLURM parameters (``partition``, ``timeout_min``, ``gpus_per_node``,
+            ``cpus_per_task``, ``mem_gb``, ``array_parallelism``, ``setup``,
+            ``additional_parameters``...); see conf/hydra/launcher/slurm.yaml.
+    """
+    _EXECUTOR = "slurm"
+
+    def __init__(self, max_requeues: int = 3, wait: bool = True, **params: tp.Any) -> None:
+        if int(max_requeues) < 0:
+            raise ValueError(f"hydra.launcher.max_requeues must be >= 0, got {max_requeues}")
+        super().__init__(**params)
+        self.max_requeues = int(max_requeues)
+        self.wait = bool(wait)
+
+    # ---------------------------------------------------------------- submitting side
+    def _executor(self) -> tp.Any:
+        import submitit
+        params = dict(self.params)
+        folder = params.pop("submitit_folder")
+        if not isinstance(params.get("timeout_min"), int):
+            raise ValueError(f"hydra.launcher.timeout_min must be an integer number of minutes, "
+                             f"got {params.get('timeout_min')!r}")
+        extra = dict(params.pop("additional_parameters", None) or {})
+        extra.setdefault("requeue", True)  # some clusters default to JobRequeue=0
+        params["additional_parameters"] = extra
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor = submitit.AutoExecutor(folder=folder, cluster=self._EXECUTOR)
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v
+                                      for k, v in params.items() if v is not None})
+        return executor
+
+    def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
+        assert self.config is not None and len(job_overrides) > 0
+        executor = self._executor()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        grid = OmegaConf.select(self.config, "grid.name", default=None)
+        job_params = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                               Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*job_params))
+        for submitted, overrides in zip(jobs, job_overrides):
+            folder = plan.run_folder(overrides, lambda o: job.compose(self, o))
+            Xp.at(folder).record_submission(submitted.job_id, sweep_dir=str(sweep_dir), grid=grid,
+                                            cluster="slurm",
+                                            submitit_folder=str(submitted.paths.folder))
+        array_id = jobs[0].job_id.split("_")[0]
+        log.info("submitted %d run(s) as SLURM job array %s (logs: %s)", len(jobs), array_id,
+                 jobs[0].paths.folder.parent)
+        if not self.wait:
+            return [JobReturn(overrides=list(o), status=JobStatus.UNKNOWN) for o in job_overrides]
+        return [job.outcome(j, list(o)) for j, o in zip(jobs, job_overrides)]
+
+    # ---------------------------------------------------------------- job side
+    def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: tp.Dict[type, Singleton]) -> JobReturn:
+        return job.run_truthfully(self, self.max_requeues, sweep_overrides, job_dir_key, job_num,
+                                  job_id, singleton_state)
