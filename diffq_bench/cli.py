@@ -121,11 +121,11 @@ def _hydra_task(cfg: DictConfig) -> None:
     except ConfigError as exc:
         # Bad config: a one-line message, no traceback, non-zero exit (SystemExit passes Hydra).
         print(f"diffq-bench: config error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except DataMissingError as exc:
         # The run is recorded FAILED (traceback in status.json); the user needs the path, not a stack.
         print(f"diffq-bench: data missing: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def main() -> None:
@@ -134,7 +134,7 @@ def main() -> None:
         conf_dir = find_conf_dir()
     except ConfigError as exc:
         print(f"diffq-bench: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_hydra_task)()
 
 

@@ -13,7 +13,14 @@ import os
 import typing as tp
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from .optim import OPTIMIZERS
+from .quant import QUANTIZERS, QuantizerError, get_quantizer
+from .tasks import TASKS
 
 CONF_ENV = "DIFFQ_BENCH_CONF"
 SCHEDULES = ("cosine", "constant")
@@ -49,7 +56,6 @@ def compose(overrides: tp.Sequence[str] = (), conf_dir: tp.Optional[Path] = None
         overrides: Hydra overrides, e.g. ``["task=wikitext_mini", "lambda=1"]``.
         conf_dir: config folder (default: :func:`find_conf_dir`).
     """
-    from hydra import compose as hydra_compose, initialize_config_dir
     conf_dir = conf_dir or find_conf_dir()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
@@ -98,8 +104,6 @@ def _try_build(task_name: str, task_cls: type, task_kw: tp.Dict[str, tp.Any],
     a model, and the real one needs the data, so a small Linear stands in: it catches range errors
     (bits, min/max bits, noise kind...), not model-dependent ones (group size vs tensor size).
     """
-    from torch import nn
-    from .quant import QuantizerError, get_quantizer
     try:
         task_cls(**task_kw)
     except (ValueError, TypeError) as exc:
@@ -119,9 +123,6 @@ def validate(cfg: DictConfig) -> None:
     Args:
         cfg: the config composed by Hydra (``conf/config.yaml`` + overrides).
     """
-    from .optim import OPTIMIZERS
-    from .quant import QUANTIZERS
-    from .tasks import TASKS
     try:
         plain = to_container(cfg)
     except Exception as exc:  # noqa: BLE001 - interpolation errors become config errors

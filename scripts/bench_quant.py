@@ -223,7 +223,8 @@ def main() -> None:
     step = bench_step_ratio(device, args.steps, args.vocab)
     print(f"(1) train step: float {step['float_step_s'] * 1e3:.1f} ms, DiffQ "
           f"{step['diffq_step_s'] * 1e3:.1f} ms, median ratio {step['ratio_median']:.3f} wall, "
-          f"{step['cpu_ratio_median']:.3f} CPU time (target <= 1.10); eval forward {step['eval_forward_first_s'] * 1e3:.1f} ms first, "
+          f"{step['cpu_ratio_median']:.3f} CPU time (target <= 1.10); "
+          f"eval forward {step['eval_forward_first_s'] * 1e3:.1f} ms first, "
           f"{step['eval_forward_cached_s'] * 1e3:.1f} ms cached")
     emb = bench_embedded_lm_ratio(device, 4 * args.steps, args.data)
     print(f"    embedded default LM ({emb['params'] / 1e6:.2f}M params, {emb['quantized_tensors']} "

@@ -18,8 +18,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from diffq_bench.io import copy_file
 from diffq_bench.data.wikitext import SPLITS, TOKEN_FILES, find_layout, load_corpus
+from diffq_bench.io import copy_file
 
 # Published WikiText-103 statistics (Merity et al., 2016), counting one end-of-line token per line.
 PUBLISHED_TOKENS = {"train": 103_227_021, "valid": 217_646, "test": 245_569}

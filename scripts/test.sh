@@ -12,6 +12,8 @@ if ! command -v ffmpeg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && 
     || echo "scripts/test.sh: could not install ffmpeg; the museval test will be skipped" >&2
 fi
 python3 -m pip install -q -e '.[eval]' || echo "scripts/test.sh: could not install the eval extra (museval); the museval test will be skipped" >&2
+# Lint and import order (config in pyproject.toml); the layering itself is a test (tests/contracts).
+python3 -m ruff check .
 # A fresh environment must resolve a torch/torchvision/torchaudio/timm set that imports together.
 python3 -c "import torch, torchvision, torchaudio, timm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| torchaudio', torchaudio.__version__, '| timm', timm.__version__)"
 set +e

@@ -106,7 +106,7 @@ class AdaptiveInput(nn.Module):
         self.d_model = cfg.d_model
         self.embeddings = nn.ModuleList()
         self.projections = nn.ModuleList()
-        for i, (start, end, dim) in enumerate(self.bands):
+        for start, end, dim in self.bands:
             pad = cfg.padding_idx - start if start <= cfg.padding_idx < end else None
             self.embeddings.append(nn.Embedding(end - start, dim, padding_idx=pad))
             self.projections.append(nn.Linear(dim, cfg.d_model, bias=False))

@@ -12,15 +12,15 @@ import typing as tp
 from torch import nn
 
 from .base import BaseQuantizer, Calibration, NoQuantizer
-from .errors import QuantizerError
-from .state import FORMAT_NAME, FORMAT_VERSION, deserialize, serialize
 from .diffq import DiffQuantizer
-from .lsq import LSQQuantizer
-from .uniform import UniformQuantizer
 from .dsq import DSQQuantizer
-from .oneshot import OneShotMPQQuantizer
+from .errors import QuantizerError
 from .ipq import QuantNoiseIPQQuantizer
+from .lsq import LSQQuantizer
+from .oneshot import OneShotMPQQuantizer
 from .quant_noise import QuantNoiseQuantizer
+from .state import FORMAT_NAME, FORMAT_VERSION, deserialize, serialize
+from .uniform import UniformQuantizer
 
 #: name -> class, in the order tables list the methods (each class carries its ``display``).
 QUANTIZERS: tp.Dict[str, tp.Type[BaseQuantizer]] = {

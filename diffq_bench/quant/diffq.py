@@ -30,8 +30,8 @@ from torch import nn
 
 from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
-from .rng import fill_noise
 from .pack import pack_uint, unpack_uint
+from .rng import fill_noise
 from .uniform import check_bits_order, tensor_range
 
 NOISES = {"gaussian": 0.5, "uniform": 1.0}  # name -> coefficient c of Δ in the noise c·Δ·u

@@ -19,8 +19,16 @@ import typing as tp
 import torch
 from torch import nn
 
-from .actquant import (act_layers, dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho,
-                       install_input_hooks, install_restored_activations)
+from .actquant import (
+    act_layers,
+    dsq_alpha,
+    dsq_dequantize,
+    dsq_levels,
+    dsq_quantize,
+    dsq_rho,
+    install_input_hooks,
+    install_restored_activations,
+)
 from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint

@@ -36,7 +36,7 @@ import zlib
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, Display, Calibration, QParam
+from .base import BaseQuantizer, Calibration, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 from .quant_noise import affine_params, dequantize, quantize_levels

@@ -1,20 +1,79 @@
 """The task contract: one benchmark = data + model + loss/metrics + the paper's evaluation.
 
 The training loop (:mod:`diffq_bench.train`) only ever talks to a task through this class, so it
-never branches on a task name. A task is built from its config group (``conf/task/<name>.yaml``):
-the group's keys are exactly the constructor's keyword arguments (a test checks this).
+never branches on a task name. A task is a keyword-only dataclass built from its config group
+(``conf/task/<name>.yaml``): the group's keys are exactly its fields, and a file's values are the
+field defaults unless several files of one task own them (a contract test checks both). Subclasses
+add or re-default fields instead of restating argument lists; nested option groups (a model
+architecture) are typed nodes (:func:`typed_node`).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import typing as tp
 from pathlib import Path
 
 import torch
 from torch import nn
 
+T = tp.TypeVar("T")
 
+
+def did_you_mean(word: str, choices: tp.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def field_default(obj: tp.Any, name: str) -> tp.Any:
+    """The default of dataclass field ``name`` of ``obj``'s class (its factory called)."""
+    field = next(f for f in dataclasses.fields(obj) if f.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def typed_node(cls: tp.Type[T], value: tp.Any, where: str, exclude: tp.Collection[str] = (),
+               base: tp.Optional[T] = None) -> T:
+    """A dataclass option group from a config mapping, refusing unknown keys by name.
+
+    Args:
+        cls: the dataclass of the group.
+        value: an instance of it, a mapping of (some of) its fields, or None.
+        where: the group's config path for messages (``task.model``).
+        exclude: fields the config may not set (they are derived, e.g. from the data).
+        base: the values of the fields a mapping leaves out (default: ``cls()``).
+    Raises:
+        ValueError: unknown or excluded keys (the message lists the valid ones), bad values.
+    """
+    if isinstance(value, cls):
+        return value
+    base = cls() if base is None else base
+    if value is None:
+        return base
+    if not isinstance(value, tp.Mapping):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {value!r}")
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude)
+    for key in value:
+        if key in exclude:
+            raise ValueError(f"{where}.{key} is set from the data; remove it")
+        if key not in valid:
+            raise ValueError(f"unknown key {where}.{key}{did_you_mean(key, valid)}; valid: "
+                             f"{', '.join(valid)}")
+    return dataclasses.replace(base, **value)
+
+
+def check_int(name: str, value: tp.Any, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum``, else ValueError naming ``task.<name>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"task.{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
 class Task:
-    """Base class of every benchmark.
+    """Base class of every benchmark (a keyword-only dataclass: its fields are the config keys).
 
     Class attributes:
         name: registry key (``TASKS[name]``).
@@ -26,14 +85,17 @@ class Task:
         data_root: folder with the dataset (official layout), or where embedded data is written.
         cache_dir: folder for derived caches (tokenized tensors...).
     """
-    name: str = "base"
-    metric: str = "loss"
-    lower_is_better: bool = True
+    name: tp.ClassVar[str] = "base"
+    metric: tp.ClassVar[str] = "loss"
+    lower_is_better: tp.ClassVar[bool] = True
 
-    def __init__(self, **kwargs: tp.Any):
+    def __post_init__(self) -> None:
+        """Check the options (subclasses extend this; no data is touched before :meth:`setup`)."""
         self.device = torch.device("cpu")
         self.data_root: Path = Path(".")
         self.cache_dir: Path = Path(".cache")
+        self.num_workers = 0
+        self.seed = 0
 
     def setup(self, data_root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
               device: tp.Union[str, torch.device], num_workers: int = 0, seed: int = 0) -> None:
@@ -69,4 +131,4 @@ class Task:
     #: ``distill_loss(student_output, teacher_output) -> Tensor``: how a quantized sub-network
     #: learns from the full-precision one (one-shot MPQ); None: the mean squared error between
     #: the floating tensors of the two outputs.
-    distill_loss: tp.Optional[tp.Callable[[tp.Any, tp.Any], torch.Tensor]] = None
+    distill_loss: tp.ClassVar[tp.Optional[tp.Callable[[tp.Any, tp.Any], torch.Tensor]]] = None

@@ -16,6 +16,7 @@ included, as in the published WikiText numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing as tp
 from pathlib import Path
@@ -26,50 +27,47 @@ from torch import nn
 from ..data.embedded import ensure_embedded_wikitext
 from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, load_corpus
 from ..models.transformer_lm import TransformerLM, TransformerLMConfig
-from .base import Task
+from .base import Task, check_int, field_default, typed_node
+
+#: architecture fields the config may not set: they come from the dictionary
+DERIVED = ("vocab_size", "padding_idx")
 
 
-def _positive_int(name: str, value: tp.Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"task.{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
+@dataclasses.dataclass(eq=False, kw_only=True)
 class LanguageModelingTask(Task):
     """Causal LM on a WikiText-layout corpus with the adaptive-input transformer.
+
+    Defaults are the paper's WikiText-103 recipe (``conf/task/wikitext103.yaml``).
 
     Args:
         tokens_per_sample: length of a training block (targets per sequence).
         batch_size: training blocks per batch.
         context_window: evaluation context carried before each scored block (0: none).
-        eval_tokens_per_sample: tokens scored per evaluation forward (None: ``tokens_per_sample``).
+        eval_tokens_per_sample: tokens scored per evaluation forward.
         eval_batch_size: evaluation windows per forward.
         pad_to_multiple: dictionary size padded to a multiple of this (fairseq: 8).
-        model: :class:`~diffq_bench.models.transformer_lm.TransformerLMConfig` fields except
-            ``vocab_size`` (taken from the dictionary).
+        model: the architecture (:class:`~diffq_bench.models.transformer_lm.TransformerLMConfig`
+            fields except ``vocab_size`` and ``padding_idx``, which come from the dictionary).
     """
-    metric = "ppl"
-    lower_is_better = True
+    metric: tp.ClassVar[str] = "ppl"
+    lower_is_better: tp.ClassVar[bool] = True
 
-    def __init__(self, tokens_per_sample: int = 3072, batch_size: int = 8, context_window: int = 2560,
-                 eval_tokens_per_sample: tp.Optional[int] = None, eval_batch_size: int = 1,
-                 pad_to_multiple: int = 8, model: tp.Optional[tp.Dict[str, tp.Any]] = None):
-        super().__init__()
-        self.tokens_per_sample = _positive_int("tokens_per_sample", tokens_per_sample)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.context_window = _positive_int("context_window", context_window, 0)
-        self.eval_tokens_per_sample = _positive_int(
-            "eval_tokens_per_sample",
-            tokens_per_sample if eval_tokens_per_sample is None else eval_tokens_per_sample)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
-        self.pad_to_multiple = _positive_int("pad_to_multiple", pad_to_multiple)
-        self.model_kwargs = dict(model or {})
-        if "vocab_size" in self.model_kwargs:
-            raise ValueError("task.model.vocab_size is set from the dictionary; remove it")
-        valid = set(TransformerLMConfig.__dataclass_fields__) - {"vocab_size"}
-        unknown = set(self.model_kwargs) - valid
-        if unknown:
-            raise ValueError(f"unknown task.model keys {sorted(unknown)}; valid: {sorted(valid)}")
+    tokens_per_sample: int = 3072
+    batch_size: int = 8
+    context_window: int = 2560
+    eval_tokens_per_sample: int = 512
+    eval_batch_size: int = 4
+    pad_to_multiple: int = 8
+    model: TransformerLMConfig = dataclasses.field(default_factory=TransformerLMConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("tokens_per_sample", "batch_size", "eval_tokens_per_sample", "eval_batch_size",
+                    "pad_to_multiple"):
+            check_int(key, getattr(self, key))
+        check_int("context_window", self.context_window, 0)
+        self.model = typed_node(TransformerLMConfig, self.model, "task.model", DERIVED,
+                                base=field_default(self, "model"))
         self.corpus: tp.Optional[LMCorpus] = None
         self._train_stream = torch.zeros(0, dtype=torch.long)
         self._stream_key: tp.Optional[tp.Tuple[int, int]] = None
@@ -92,7 +90,7 @@ class LanguageModelingTask(Task):
     def model_config(self) -> TransformerLMConfig:
         """The model's hyper-parameters, vocabulary size from the dictionary."""
         vocab = len(self._require_corpus().dictionary)
-        return TransformerLMConfig(vocab_size=vocab, padding_idx=PAD_ID, **self.model_kwargs)
+        return dataclasses.replace(self.model, vocab_size=vocab, padding_idx=PAD_ID)
 
     def build_model(self) -> nn.Module:
         return TransformerLM(self.model_config())
@@ -172,18 +170,20 @@ class LanguageModelingTask(Task):
         return {"nll": mean, "ppl": math.exp(mean), "tokens": float(count)}
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class WikiText103Task(LanguageModelingTask):
     """WikiText-103 from ``data_root`` (official ``wiki.*.tokens`` or the HF parquet layout)."""
-    name = "wikitext103"
+    name: tp.ClassVar[str] = "wikitext103"
 
 
-#: The embedded default model: small enough for a whole DiffQ run in ~2 min on 2 CPU cores.
+#: The embedded default model: small enough for a whole DiffQ run in ~1 min on 2 CPU cores.
 MINI_MODEL: tp.Dict[str, tp.Any] = dict(
     d_model=128, ffn_dim=512, n_heads=4, n_layers=2, dropout=0.1, attention_dropout=0.0,
     activation_dropout=0.0, adaptive_softmax_dropout=0.0, layerdrop=0.0, cutoffs=[2000, 6000],
-    adaptive_factor=4.0)
+    adaptive_factor=4.0, tie_adaptive_weights=True, tie_adaptive_proj=True, final_norm=False)
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class WikiTextMiniTask(LanguageModelingTask):
     """The embedded default: a real Wikipedia excerpt written in WikiText format (see
     :mod:`diffq_bench.data.embedded`) under ``data_root/wikitext_mini``.
@@ -192,25 +192,29 @@ class WikiTextMiniTask(LanguageModelingTask):
         min_count: train count below which a word becomes ``<unk>``.
         max_vocab: cap on the kept words (None: no cap).
         source: ``auto`` (gensim's excerpt, else CPython's pydoc topics), ``gensim`` or ``pydoc``.
-        others: as :class:`LanguageModelingTask` (defaults sized for a 2-core CPU run); ``model``
-            keys override :data:`MINI_MODEL`.
+        others: as :class:`LanguageModelingTask`, with defaults sized for a 2-core CPU run and
+            the small model :data:`MINI_MODEL`.
     """
-    name = "wikitext_mini"
+    name: tp.ClassVar[str] = "wikitext_mini"
 
-    def __init__(self, min_count: int = 3, max_vocab: tp.Optional[int] = None, source: str = "auto",
-                 tokens_per_sample: int = 128, batch_size: int = 16, context_window: int = 64,
-                 eval_tokens_per_sample: tp.Optional[int] = 64, eval_batch_size: int = 32,
-                 pad_to_multiple: int = 8, model: tp.Optional[tp.Dict[str, tp.Any]] = None):
-        super().__init__(tokens_per_sample=tokens_per_sample, batch_size=batch_size,
-                         context_window=context_window,
-                         eval_tokens_per_sample=eval_tokens_per_sample,
-                         eval_batch_size=eval_batch_size, pad_to_multiple=pad_to_multiple,
-                         model={**MINI_MODEL, **(model or {})})
-        self.min_count = _positive_int("min_count", min_count)
-        self.max_vocab = None if max_vocab is None else _positive_int("max_vocab", max_vocab)
-        if source not in ("auto", "gensim", "pydoc"):
-            raise ValueError(f"task.source must be auto, gensim or pydoc, got {source!r}")
-        self.source = source
+    min_count: int = 3
+    max_vocab: tp.Optional[int] = None
+    source: str = "auto"
+    tokens_per_sample: int = 64
+    batch_size: int = 16
+    context_window: int = 32
+    eval_tokens_per_sample: int = 96
+    eval_batch_size: int = 32
+    model: TransformerLMConfig = dataclasses.field(
+        default_factory=lambda: TransformerLMConfig(**MINI_MODEL))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("min_count", self.min_count)
+        if self.max_vocab is not None:
+            check_int("max_vocab", self.max_vocab)
+        if self.source not in ("auto", "gensim", "pydoc"):
+            raise ValueError(f"task.source must be auto, gensim or pydoc, got {self.source!r}")
 
     def corpus_root(self) -> Path:
         return ensure_embedded_wikitext(self.data_root / self.name, min_count=self.min_count,

@@ -8,6 +8,7 @@ Evaluation separates whole tracks of the real mixture file in overlapping chunks
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing as tp
 
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import separation_metrics as metrics
 from ..data import musdb as mdb
 from ..data import sfmix as sfmix_data
-from ..models.demucs import Demucs, center_trim
 from ..data.errors import DataMissingError
-from .base import Task
+from ..models.demucs import Demucs, center_trim
+from . import separation_metrics as metrics
+from .base import Task, check_int
 
 LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": F.l1_loss,
@@ -29,6 +30,12 @@ LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }
 
 
+#: the task fields that are :class:`~diffq_bench.models.demucs.Demucs` arguments
+ARCH_FIELDS = ("audio_channels", "channels", "depth", "growth", "kernel_size", "stride", "context",
+               "lstm_layers", "glu", "rescale", "resample", "normalize", "samplerate")
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
 class MusdbDemucsTask(Task):
     """Demucs v2 on MusDB18-HQ (``<data>/musdb18hq/{train,test}/<track>/<stem>.wav``).
 
@@ -50,53 +57,58 @@ class MusdbDemucsTask(Task):
         sdr: also compute museval BSS-Eval v4 SDR (slow; needs ``pip install 'diffq-bench[eval]'``
             and an ``ffmpeg`` binary).
     """
-    name = "musdb_demucs"
-    metric = "nsdr"
-    lower_is_better = False
-    data_subdir = "musdb18hq"
+    name: tp.ClassVar[str] = "musdb_demucs"
+    metric: tp.ClassVar[str] = "nsdr"
+    lower_is_better: tp.ClassVar[bool] = False
+    data_subdir: tp.ClassVar[str] = "musdb18hq"
 
-    def __init__(self, samplerate: int = 44100, audio_channels: int = 2, channels: int = 64,
-                 depth: int = 6, growth: float = 2.0, kernel_size: int = 8, stride: int = 4,
-                 context: int = 3, lstm_layers: int = 2, glu: bool = True, rescale: float = 0.1,
-                 resample: bool = True, normalize: bool = False, segment: float = 10.0,
-                 segment_stride: float = 1.0, shift: float = 1.0, flip: bool = True,
-                 remix_group: int = 4, batch_size: int = 64, loss: str = "l1",
-                 eval_segment: float = 10.0, eval_overlap: float = 0.25, eval_tracks: int = 0,
-                 sdr: bool = False):
-        super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
-        for key, value in (("samplerate", samplerate), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        for key, value in (("segment", segment), ("segment_stride", segment_stride),
-                           ("eval_segment", eval_segment)):
-            if not value > 0:
-                raise ValueError(f"{key} must be > 0 seconds, got {value!r}")
-        if shift < 0 or not 0 <= eval_overlap < 1 or eval_tracks < 0 or remix_group < 0:
+    samplerate: int = 44100
+    audio_channels: int = 2
+    channels: int = 64
+    depth: int = 6
+    growth: float = 2.0
+    kernel_size: int = 8
+    stride: int = 4
+    context: int = 3
+    lstm_layers: int = 2
+    glu: bool = True
+    rescale: float = 0.1
+    resample: bool = True
+    normalize: bool = False
+    segment: float = 10.0
+    segment_stride: float = 1.0
+    shift: float = 1.0
+    flip: bool = True
+    remix_group: int = 4
+    batch_size: int = 64
+    loss: str = "l1"
+    eval_segment: float = 10.0
+    eval_overlap: float = 0.25
+    eval_tracks: int = 0
+    sdr: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(sorted(LOSSES))}")
+        check_int("samplerate", self.samplerate)
+        check_int("batch_size", self.batch_size)
+        for key in ("segment", "segment_stride", "eval_segment"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0 seconds, got {getattr(self, key)!r}")
+        if self.shift < 0 or not 0 <= self.eval_overlap < 1 or self.eval_tracks < 0 or self.remix_group < 0:
             raise ValueError(f"need shift >= 0, eval_overlap in [0, 1), eval_tracks >= 0, "
-                             f"remix_group >= 0; got {shift}, {eval_overlap}, {eval_tracks}, "
-                             f"{remix_group}")
-        self.samplerate = samplerate
-        self.audio_channels = audio_channels
-        self.model_kwargs = dict(audio_channels=audio_channels, channels=channels, depth=depth,
-                                 growth=growth, kernel_size=kernel_size, stride=stride,
-                                 context=context, lstm_layers=lstm_layers, glu=glu,
-                                 rescale=rescale, resample=resample, normalize=normalize,
-                                 samplerate=samplerate)
+                             f"remix_group >= 0; got {self.shift}, {self.eval_overlap}, "
+                             f"{self.eval_tracks}, {self.remix_group}")
+        self.model_kwargs = {key: getattr(self, key) for key in ARCH_FIELDS}
         # Validates the architecture now (bad kwargs fail before any data is touched) for free.
         self._geometry = Demucs(mdb.SOURCES, device="meta", **self.model_kwargs)
-        self.segment = int(round(segment * samplerate))
-        self.segment_stride = max(1, int(round(segment_stride * samplerate)))
-        self.shift = int(round(shift * samplerate))
-        self.flip = bool(flip)
-        self.remix_group = int(remix_group)
-        self.batch_size = batch_size
-        self.loss = LOSSES[loss]
-        self.eval_segment = int(round(eval_segment * samplerate))
-        self.eval_overlap = float(eval_overlap)
-        self.eval_tracks = int(eval_tracks)
-        self.sdr = bool(sdr)
+        rate = self.samplerate
+        self.segment_samples = int(round(self.segment * rate))
+        self.stride_samples = max(1, int(round(self.segment_stride * rate)))
+        self.shift_samples = int(round(self.shift * rate))
+        self.eval_segment_samples = int(round(self.eval_segment * rate))
+        self.loss_fn = LOSSES[self.loss]
         self.db: tp.Optional[mdb.MusdbHQ] = None
 
     # ------------------------------------------------------------------------------- data
@@ -113,8 +125,8 @@ class MusdbDemucsTask(Task):
         """Index the dataset and check its format (sample rate, channels, stems)."""
         super().setup(data_root, cache_dir, device, num_workers, seed)
         self.db = self._open()
-        length = self._geometry.valid_length(self.segment) + self.shift
-        self.train_set = mdb.SegmentDataset(self.db, "train", length, self.segment_stride)
+        length = self._geometry.valid_length(self.segment_samples) + self.shift_samples
+        self.train_set = mdb.SegmentDataset(self.db, "train", length, self.stride_samples)
 
     def build_model(self) -> nn.Module:
         """A freshly initialised Demucs v2 (rescale init)."""
@@ -130,7 +142,7 @@ class MusdbDemucsTask(Task):
                                              sampler=order, num_workers=self.num_workers,
                                              drop_last=len(order) >= self.batch_size)
         for sources in loader:
-            yield mdb.augment(sources, gen, self.shift, self.flip, self.remix_group)
+            yield mdb.augment(sources, gen, self.shift_samples, self.flip, self.remix_group)
 
     def num_train_batches(self) -> int:
         """Batches per epoch (the loop's epoch length; :meth:`train_batches` is a generator)."""
@@ -143,7 +155,7 @@ class MusdbDemucsTask(Task):
         sources = batch.to(self.device)
         estimates = model(sources.sum(dim=1))
         sources = center_trim(sources, estimates)
-        loss = self.loss(estimates, sources)
+        loss = self.loss_fn(estimates, sources)
         return loss, {"loss": float(loss.detach())}
 
     # -------------------------------------------------------------------------- evaluation
@@ -169,8 +181,8 @@ class MusdbDemucsTask(Task):
         try:
             for track in tracks:
                 audio = self.db.read(track).to(self.device)
-                estimates = metrics.separate(model, audio[0], self.eval_segment,
-                                                   self.eval_overlap)
+                estimates = metrics.separate(model, audio[0], self.eval_segment_samples,
+                                             self.eval_overlap)
                 references = audio[1:]
                 nsdrs.append(metrics.nsdr(references, estimates).cpu().numpy())
                 if self.sdr:
@@ -191,6 +203,7 @@ class MusdbDemucsTask(Task):
         return out
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SfmixTask(MusdbDemucsTask):
     """A small Demucs on sfmix, the embedded soundfont-rendered set (see docs/sfmix.md).
 
@@ -205,35 +218,34 @@ class SfmixTask(MusdbDemucsTask):
         others: as :class:`MusdbDemucsTask`, with small-model defaults (16 kHz, 16 channels,
             depth 4, 1 s segments, batches of 4).
     """
-    name = "sfmix"
-    data_subdir = "sfmix"
+    name: tp.ClassVar[str] = "sfmix"
+    data_subdir: tp.ClassVar[str] = "sfmix"
 
-    def __init__(self, train_tracks: int = 24, test_tracks: int = 8, valid_tracks: int = 4,
-                 duration: float = 8.0, data_seed: int = 0, samplerate: int = 16000,
-                 audio_channels: int = 2, channels: int = 16, depth: int = 4, growth: float = 2.0,
-                 kernel_size: int = 8, stride: int = 4, context: int = 3, lstm_layers: int = 2,
-                 glu: bool = True, rescale: float = 0.1, resample: bool = True,
-                 normalize: bool = False, segment: float = 1.0, segment_stride: float = 0.5,
-                 shift: float = 0.25, flip: bool = True, remix_group: int = 4, batch_size: int = 4,
-                 loss: str = "l1", eval_segment: float = 4.0, eval_overlap: float = 0.25,
-                 eval_tracks: int = 0, sdr: bool = False):
-        # Explicit keywords (no **kwargs) so the config-vs-signature check sees every key.
-        super().__init__(samplerate=samplerate, audio_channels=audio_channels, channels=channels,
-                         depth=depth, growth=growth, kernel_size=kernel_size, stride=stride,
-                         context=context, lstm_layers=lstm_layers, glu=glu, rescale=rescale,
-                         resample=resample, normalize=normalize, segment=segment,
-                         segment_stride=segment_stride, shift=shift, flip=flip,
-                         remix_group=remix_group, batch_size=batch_size, loss=loss,
-                         eval_segment=eval_segment, eval_overlap=eval_overlap,
-                         eval_tracks=eval_tracks, sdr=sdr)
-        if not 1 <= valid_tracks < train_tracks:
+    train_tracks: int = 24
+    test_tracks: int = 8
+    valid_tracks: int = 4
+    duration: float = 8.0
+    data_seed: int = 0
+    samplerate: int = 16000
+    channels: int = 16
+    depth: int = 4
+    segment: float = 1.0
+    segment_stride: float = 0.5
+    shift: float = 0.25
+    batch_size: int = 4
+    eval_segment: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.valid_tracks < self.train_tracks:
             raise ValueError(f"valid_tracks must be in [1, train_tracks - 1] = "
-                             f"[1, {train_tracks - 1}], got {valid_tracks}")
-        self.set_kwargs = dict(samplerate=samplerate, train_tracks=train_tracks,
-                               test_tracks=test_tracks, duration=duration, seed=data_seed)
-        self.valid_tracks = sfmix_data.track_names("train", train_tracks)[-valid_tracks:]
+                             f"[1, {self.train_tracks - 1}], got {self.valid_tracks}")
+        self.set_kwargs = dict(samplerate=self.samplerate, train_tracks=self.train_tracks,
+                               test_tracks=self.test_tracks, duration=self.duration,
+                               seed=self.data_seed)
+        self.valid_names = sfmix_data.track_names("train", self.train_tracks)[-self.valid_tracks:]
 
     def _open(self) -> mdb.MusdbHQ:
         folder = sfmix_data.build_sfmix(self.data_root / self.data_subdir, **self.set_kwargs)
         return mdb.MusdbHQ(folder, self.samplerate, self.audio_channels,
-                           valid_tracks=self.valid_tracks)
+                           valid_tracks=self.valid_names)

@@ -16,6 +16,7 @@ timm's mixup/cutmix), and reports top-1 (the paper's metric, in percent), top-5 
 """
 from __future__ import annotations
 
+import dataclasses
 import typing as tp
 from pathlib import Path
 
@@ -27,10 +28,18 @@ from torch.utils.data import Dataset
 from ..data import digits as digits_data
 from ..data.cifar import CIFAR_SPECS, read_cifar
 from ..data.errors import DataMissingError
-from ..data.images import (ArrayImageDataset, cifar_transform, imagefolder_classes,
-                           imagefolder_split, make_loader, seeded_rng, subset, timm_image_transform)
+from ..data.images import (
+    ArrayImageDataset,
+    cifar_transform,
+    imagefolder_classes,
+    imagefolder_split,
+    make_loader,
+    seeded_rng,
+    subset,
+    timm_image_transform,
+)
 from ..models.cifar import CIFAR_MODELS, create_cifar_model
-from .base import Task
+from .base import Task, check_int
 
 SPLITS = ("valid", "test")
 
@@ -85,14 +94,15 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
     return int((top == target[:, None]).any(dim=-1).sum())
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class ImageClassificationTask(Task):
-    """Shared logic of the image classification tasks (subclasses provide :meth:`_load`).
+    """Shared by the image tasks: model, loaders, mixup, cross-entropy, top-1/top-5 evaluation.
 
     Args:
         model: model name (see :func:`create_image_model`).
         model_kwargs: extra model constructor arguments.
         batch_size: training batch size.
-        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        eval_batch_size: evaluation batch size.
         augment: training augmentation options (format-specific, see the subclass).
         label_smoothing: cross-entropy label smoothing (ignored when ``mixup`` is set: mixup
             has its own ``label_smoothing`` option).
@@ -101,32 +111,30 @@ class ImageClassificationTask(Task):
         train_subset: use a fixed random subset of this many training images (0: all); for debug runs.
         eval_subset: same for the validation and test sets.
     """
-    metric = "top1"
-    lower_is_better = False
+    metric: tp.ClassVar[str] = "top1"
+    lower_is_better: tp.ClassVar[bool] = False
 
-    def __init__(self, model: str, model_kwargs: tp.Optional[dict] = None, batch_size: int = 128,
-                 eval_batch_size: tp.Optional[int] = None, augment: tp.Optional[dict] = None,
-                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
-                 train_subset: int = 0, eval_subset: int = 0):
-        super().__init__()
-        for key, value in (("batch_size", batch_size), ("train_subset", train_subset + 1),
-                           ("eval_subset", eval_subset + 1)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= {1 if key == 'batch_size' else 0}, "
-                                 f"got {value!r}")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
-            raise ValueError(f"eval_batch_size must be null or an integer >= 1, got {eval_batch_size!r}")
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        self.model_name = model
-        self.model_kwargs = dict(model_kwargs or {})
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.augment = dict(augment or {})
-        self.label_smoothing = float(label_smoothing)
-        self.mixup_options = dict(mixup or {})
-        self.train_subset = train_subset
-        self.eval_subset = eval_subset
+    model: str
+    model_kwargs: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+    label_smoothing: float = 0.0
+    mixup: tp.Optional[tp.Dict[str, tp.Any]] = None
+    train_subset: int = 0
+    eval_subset: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("batch_size", self.batch_size)
+        check_int("eval_batch_size", self.eval_batch_size)
+        check_int("train_subset", self.train_subset, 0)
+        check_int("eval_subset", self.eval_subset, 0)
+        if not 0.0 <= float(self.label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        self.model_kwargs = dict(self.model_kwargs or {})
+        self.augment = dict(self.augment or {})
+        self.mixup = dict(self.mixup or {})
         self.num_classes = 0
         self.datasets: tp.Dict[str, Dataset] = {}
         self._mixup: tp.Optional[tp.Callable] = None
@@ -144,12 +152,12 @@ class ImageClassificationTask(Task):
         self.datasets = {"train": subset(datasets["train"], self.train_subset, 0)}
         for split in SPLITS:
             self.datasets[split] = subset(datasets[split], self.eval_subset, 1)
-        if self.mixup_options:
+        if self.mixup:
             from timm.data import Mixup
             if self.batch_size % 2:
                 raise ValueError(f"mixup/cutmix needs an even batch_size, got {self.batch_size}")
             try:
-                self._mixup = Mixup(num_classes=self.num_classes, **self.mixup_options)
+                self._mixup = Mixup(num_classes=self.num_classes, **self.mixup)
             except TypeError as exc:
                 raise ValueError(f"bad mixup option ({exc}); valid keys are the arguments of "
                                  "timm.data.Mixup") from exc
@@ -157,7 +165,7 @@ class ImageClassificationTask(Task):
     def build_model(self) -> nn.Module:
         if not self.num_classes:
             raise RuntimeError(f"task {self.name!r}: call setup() before build_model()")
-        return create_image_model(self.model_name, self.num_classes, self.model_kwargs)
+        return create_image_model(self.model, self.num_classes, self.model_kwargs)
 
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
         loader = make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
@@ -244,8 +252,12 @@ def _eval_options(augment: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------- tasks
+@dataclasses.dataclass(eq=False, kw_only=True)
 class ImageNetTask(ImageClassificationTask):
     """ImageNet (or any ImageFolder data set) with a timm model.
+
+    Defaults: the ResNet-50 recipe (``conf/task/imagenet_resnet50.yaml``); the other ImageNet
+    files own their model, image size, augmentation and batch.
 
     Args:
         img_size: network input side (timm transforms resize/crop to it).
@@ -255,19 +267,18 @@ class ImageNetTask(ImageClassificationTask):
         folder: sub-folder of the data root holding ``train/`` and ``val/``.
         other: see :class:`ImageClassificationTask`.
     """
-    name = "imagenet"
+    name: tp.ClassVar[str] = "imagenet"
 
-    def __init__(self, model: str = "resnet50", img_size: int = 224, folder: str = "imagenet",
-                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
-                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
-                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
-                 train_subset: int = 0, eval_subset: int = 0):
-        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
-                         mixup, train_subset, eval_subset)
-        if not isinstance(img_size, int) or img_size < 8:
-            raise ValueError(f"img_size must be an integer >= 8, got {img_size!r}")
-        self.img_size = img_size
-        self.folder = folder
+    model: str = "resnet50"
+    folder: str = "imagenet"
+    img_size: int = 224
+    batch_size: int = 256
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(
+        default_factory=lambda: {"interpolation": "bilinear", "crop_pct": 0.875})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("img_size", self.img_size, 8)
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         root = self.data_root / self.folder
@@ -281,8 +292,12 @@ class ImageNetTask(ImageClassificationTask):
         return _imagefolder_datasets(root, self.img_size, self.augment, _eval_options(self.augment))
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class Cifar10Task(ImageClassificationTask):
     """CIFAR-10 from the official python batches.
+
+    Defaults: the ResNet-18 recipe (``conf/task/cifar10_resnet18.yaml``); the other CIFAR files
+    own their model.
 
     Args:
         verify_checksums: check the files' MD5 against the official sums (false only for fixtures).
@@ -290,34 +305,38 @@ class Cifar10Task(ImageClassificationTask):
         augment: ``padding`` (random crop, default 4), ``hflip`` (default 0.5), ``mean``, ``std``.
         other: see :class:`ImageClassificationTask`.
     """
-    name = "cifar10"
-    variant = "cifar10"
+    name: tp.ClassVar[str] = "cifar10"
+    variant: tp.ClassVar[str] = "cifar10"
 
-    def __init__(self, model: str = "resnet18", verify_checksums: bool = True, valid_size: int = 0,
-                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
-                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
-                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
-                 train_subset: int = 0, eval_subset: int = 0):
-        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
-                         mixup, train_subset, eval_subset)
-        if not isinstance(valid_size, int) or valid_size < 0:
-            raise ValueError(f"valid_size must be an integer >= 0, got {valid_size!r}")
-        self.verify_checksums = bool(verify_checksums)
-        self.valid_size = valid_size
+    model: str = "resnet18"
+    eval_batch_size: int = 500
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=lambda: {"padding": 4, "hflip": 0.5})
+    verify_checksums: bool = True
+    valid_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("valid_size", self.valid_size, 0)
+        self.verify_checksums = bool(self.verify_checksums)
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         return _cifar_datasets(self.data_root, self.variant, self.augment, self.verify_checksums,
                                self.valid_size)
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class Cifar100Task(Cifar10Task):
     """CIFAR-100 (fine labels) from the official python batches; options as :class:`Cifar10Task`."""
-    name = "cifar100"
-    variant = "cifar100"
+    name: tp.ClassVar[str] = "cifar100"
+    variant: tp.ClassVar[str] = "cifar100"
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class DigitsTask(ImageClassificationTask):
     """scikit-learn's handwritten digits, written once in an official format and read back.
+
+    Defaults: ``conf/task/digits.yaml`` (ImageFolder); ``digits_cifar.yaml`` owns its format and
+    augmentation.
 
     Args:
         format: ``imagefolder`` (timm loader + transforms) or ``cifar`` (CIFAR-10 pickle loader).
@@ -325,22 +344,25 @@ class DigitsTask(ImageClassificationTask):
         augment: as :class:`ImageNetTask` or :class:`Cifar10Task`, depending on ``format``.
         other: see :class:`ImageClassificationTask`.
     """
-    name = "digits"
-    FORMATS = ("imagefolder", "cifar")
+    name: tp.ClassVar[str] = "digits"
+    FORMATS: tp.ClassVar[tp.Tuple[str, ...]] = ("imagefolder", "cifar")
 
-    def __init__(self, model: str = "resnet", format: str = "imagefolder", img_size: int = 32,
-                 batch_size: int = 128, eval_batch_size: tp.Optional[int] = None,
-                 augment: tp.Optional[dict] = None, model_kwargs: tp.Optional[dict] = None,
-                 label_smoothing: float = 0.0, mixup: tp.Optional[dict] = None,
-                 train_subset: int = 0, eval_subset: int = 0):
-        super().__init__(model, model_kwargs, batch_size, eval_batch_size, augment, label_smoothing,
-                         mixup, train_subset, eval_subset)
-        if format not in self.FORMATS:
-            raise ValueError(f"unknown digits format {format!r}; valid: {', '.join(self.FORMATS)}")
-        if format == "cifar" and img_size != 32:
-            raise ValueError(f"the CIFAR format is 32x32: img_size must be 32, got {img_size!r}")
-        self.format = format
-        self.img_size = img_size
+    model: str = "resnet"
+    model_kwargs: tp.Dict[str, tp.Any] = dataclasses.field(
+        default_factory=lambda: {"widths": [32, 64, 128], "blocks": [1, 1, 1], "stem_stride": 2})
+    format: str = "imagefolder"
+    img_size: int = 32
+    batch_size: int = 64
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=lambda: {
+        "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "color_jitter": 0.0, "crop_pct": 1.0,
+        "mean": [0.305, 0.305, 0.305], "std": [0.376, 0.376, 0.376]})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format not in self.FORMATS:
+            raise ValueError(f"unknown digits format {self.format!r}; valid: {', '.join(self.FORMATS)}")
+        if self.format == "cifar" and self.img_size != 32:
+            raise ValueError(f"the CIFAR format is 32x32: img_size must be 32, got {self.img_size!r}")
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         root = self.data_root / "digits"

@@ -17,15 +17,15 @@ hydra-submitit's job:
 """
 import logging
 import signal
-import sys
 import typing as tp
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from diffq_bench.launch import plan, slurm
+from diffq_bench.train import PREEMPT, Preempted
 from diffq_bench.xp import Xp
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ class PreemptSignals:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: tp.Any) -> None:
-        # The training loop is imported by the run itself (start-up cost: the sweeper never needs it).
-        from diffq_bench.train import PREEMPT
         # The first signal decides what happens next (a self-requeue after USR2 sends a TERM too).
         if self.received is None:
             self.received = signum
@@ -98,9 +96,7 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
     if ret.status != JobStatus.FAILED:
         return ret
     error = ret._return_value
-    # train (and torch) is imported by the run itself; if it never was, nothing was preempted
-    train = sys.modules.get("diffq_bench.train")
-    if train is None or not isinstance(error, train.Preempted):
+    if not isinstance(error, Preempted):
         raise error  # non-zero exit: SLURM records FAILED; the traceback is in status.json
     if signals.received == signal.SIGTERM:
         log.warning("stopped by SLURM (requeue, preemption or cancel) after checkpointing")
@@ -118,7 +114,7 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
         # e.g. preemption: SLURM may already be requeuing the job. Exit without a result either
         # way (an error result would be read by the launcher as this run's final outcome).
         log.warning("scontrol requeue %s failed (%s); leaving the job to SLURM", jid, exc)
-        raise SystemExit(-1)
+        raise SystemExit(-1) from None
     log.warning("checkpointed and requeued job %s (restart %d of at most %d)", jid, restarts + 1,
                 max_requeues)
     raise SystemExit(-1)

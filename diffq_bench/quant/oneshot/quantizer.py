@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..actquant import act_layers, install_input_hooks, lsq_eval, lsq_init_step, lsq_quantize
-from ..base import MB, BaseQuantizer, Display, Calibration, QParam
+from ..base import MB, BaseQuantizer, Calibration, Display, QParam
 from ..errors import QuantizerError, check_range
 from . import bnpairs, export, schedule
 from .bnpairs import SwitchableBN, pair_key

@@ -139,9 +139,8 @@ class GreedySearch:
                 if not self.lazy or m.key not in bounds:
                     fresh[m.key] = self.measure(m.config) - err
             while True:
-                def rank(m: _Move) -> tp.Tuple[float, int]:
-                    return fresh.get(m.key, bounds.get(m.key, 0.0)) / m.delta_cost, m.index
-                best = min(moves, key=rank)
+                best = min(moves, key=lambda m, fresh=fresh: (
+                    fresh.get(m.key, bounds.get(m.key, 0.0)) / m.delta_cost, m.index))
                 if best.key in fresh:
                     break
                 fresh[best.key] = self.measure(best.config) - err

@@ -10,35 +10,10 @@ import torch
 from PIL import Image
 
 from diffq_bench.data import cifar, digits, images
-from diffq_bench.data.errors import DataCorruptError
-from diffq_bench.data.errors import DataMissingError
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
+from fixtures import make_cifar10_fixture, make_imagefolder, py2_style_batch
 
 torch.set_num_threads(1)
-
-
-def _py2_style_batch(path, data, labels, label_key="labels", extra=None):
-    """A batch as the official (python 2) files are: byte-string keys, uint8 rows of 3072."""
-    content = {b"batch_label": b"training batch 1 of 5", b"data": data,
-               label_key.encode(): list(map(int, labels)),
-               b"filenames": [b"f%d.png" % i for i in range(len(labels))], **(extra or {})}
-    path.write_bytes(pickle.dumps(content, protocol=2))
-
-
-def make_cifar10_fixture(root, per_batch=4):
-    """cifar-10-batches-py with known pixels: image i has R=i, G=100+i, B=200-i everywhere but (0,1)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    n = 0
-    for name in ["data_batch_%d" % k for k in range(1, 6)] + ["test_batch"]:
-        ids = np.arange(n, n + per_batch)
-        planes = np.stack([np.full((len(ids), 32, 32), v, np.uint8)
-                           for v in (ids[:, None, None], 100 + ids[:, None, None], 200 - ids[:, None, None])], 1)
-        planes[:, 0, 0, 1] = 255  # marks row 0, column 1 of the red plane: checks row-major layout
-        _py2_style_batch(folder / name, planes.reshape(len(ids), 3072), ids % 10)
-        n += per_batch
-    (folder / "batches.meta").write_bytes(pickle.dumps(
-        {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, protocol=2))
-    return folder
 
 
 def test_cifar10_reader_layout(tmp_path):
@@ -64,7 +39,7 @@ def test_cifar100_reader(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name, n in (("train", 6), ("test", 3)):
-        _py2_style_batch(folder / name, rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        py2_style_batch(folder / name, rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                          np.arange(n) * 17 % 100, label_key="fine_labels",
                          extra={b"coarse_labels": [0] * n})
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x%d" % i for i in range(100)],
@@ -116,17 +91,6 @@ def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(DataCorruptError, match="test_batch.*checksums.json"):
         cifar.read_cifar(tmp_path, "cifar10", train=False)
-
-
-def make_imagefolder(root, splits=("train", "val"), classes=("cat", "dog", "eel"), per_class=3, size=20):
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = np.full((size, size + 4, 3), 60 * c, np.uint8) + rng.integers(0, 40, (size, size + 4, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
 
 
 def test_imagefolder_classes_from_train(tmp_path):

@@ -9,14 +9,14 @@ import torch
 import yaml
 from torch import nn
 
-from diffq_bench.tasks import separation_metrics as metrics_audio
 from diffq_bench.config import compose, find_conf_dir
-from diffq_bench.quant import QUANTIZERS
 from diffq_bench.data.errors import DataMissingError
+from diffq_bench.quant import QUANTIZERS
 from diffq_bench.tasks import TASKS, get_task
+from diffq_bench.tasks import separation_metrics as metrics_audio
 from diffq_bench.tasks.separation import MusdbDemucsTask, SfmixTask
 
-from test_musdb import make_musdb
+from fixtures import make_musdb
 
 TINY_MODEL = {"channels": 4, "depth": 2, "lstm_layers": 1, "batch_size": 2, "segment": 0.05,
               "segment_stride": 0.05, "shift": 0.01, "eval_segment": 0.1}

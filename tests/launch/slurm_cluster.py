@@ -15,7 +15,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ClusterUnavailable(RuntimeError):
@@ -86,7 +86,7 @@ def start_cluster(timeout: float = 240.0) -> Cluster:
     try:
         proc = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ClusterUnavailable(f"start-slurm.sh did not finish within {timeout:.0f} s")
+        raise ClusterUnavailable(f"start-slurm.sh did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
         raise ClusterUnavailable(f"start-slurm.sh exited {proc.returncode}: {tail}")

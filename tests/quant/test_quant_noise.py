@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from diffq_bench.quant import QuantizerError, deserialize, get_quantizer, restore, serialize
-from diffq_bench.quant.quant_noise import (QuantNoiseQuantizer, affine_params, dequantize,
-                                           fake_quantize, quantize_levels)
+from diffq_bench.quant.quant_noise import QuantNoiseQuantizer, affine_params, dequantize, fake_quantize, quantize_levels
 
 
 def _linear(n_in=128, n_out=256, seed=0):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from diffq_bench.launch import plan as sweep
 from diffq_bench.xp import Xp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_entry_overrides_formats_scalars():

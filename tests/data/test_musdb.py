@@ -1,26 +1,11 @@
 """MusDB18-HQ loader on format-faithful fixtures (44.1 kHz stereo 16-bit WAVs, official layout)."""
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from diffq_bench.data import musdb as mdb
 from diffq_bench.data.errors import DataMissingError
-
-SR = 44100
-
-
-def write_track(folder, length, seed, samplerate=SR, channels=2, lengths=None):
-    """One track folder with the five stems; mixture = sum of the sources (as in MusDB-HQ)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    sources = {s: (0.2 * rng.standard_normal((length, channels))).astype(np.float32)
-               for s in mdb.SOURCES}
-    stems = {"mixture": sum(sources.values()) / 2, **sources}
-    for stem, audio in stems.items():
-        n = (lengths or {}).get(stem, length)
-        sf.write(str(folder / f"{stem}.wav"), audio[:n], samplerate, subtype="PCM_16")
-    return stems
+from fixtures import make_musdb, write_track
 
 
 @pytest.fixture
@@ -29,14 +14,6 @@ def musdb_root(tmp_path):
     root = tmp_path / "musdb18hq"
     make_musdb(root)
     return root
-
-
-def make_musdb(root, length=2205, test_length=3000):
-    for i, name in enumerate(["A - One", "B - Two"]):
-        write_track(root / "train" / name, length + 100 * i, i)
-    for i, name in enumerate(mdb.MUSDB_VALIDATION_TRACKS):
-        write_track(root / "train" / name, length // 2, 100 + i)
-    write_track(root / "test" / "Z - Test", test_length, 9)
 
 
 def test_standard_validation_tracks():

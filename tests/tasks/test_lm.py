@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from diffq_bench.data.errors import DataMissingError
 from diffq_bench.data.wikitext import EOS_ID
 from diffq_bench.tasks import TASKS, get_task
-from diffq_bench.data.errors import DataMissingError
 from diffq_bench.tasks.lm import LanguageModelingTask
 
 TINY = dict(d_model=16, ffn_dim=32, n_heads=2, n_layers=1, cutoffs=[8, 16], dropout=0.0,

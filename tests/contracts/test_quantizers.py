@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffq_bench.quant import (QUANTIZERS, QuantizerError, deserialize, get_quantizer, restore,
-                               serialize)
 from diffq_bench.io import LoadError
+from diffq_bench.quant import QUANTIZERS, QuantizerError, deserialize, get_quantizer, restore, serialize
 from diffq_bench.quant.state import load, save
 
 NAMES = sorted(QUANTIZERS)
@@ -147,10 +146,8 @@ def test_restore_into_wrong_shapes_is_clear(name):
         restore(nn.Linear(3, 3), state)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])  # none stores weights as they are
 def test_nan_weight_is_named(name):
-    if name == "none":
-        pytest.skip("the float null object stores weights as they are")
     model, quantizer = make(name)
     with torch.no_grad():
         model.conv1.weight[0, 0, 0] = float("nan")

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from diffq_bench.quant.pack import (pack_mixed_radix, pack_uint, radix_plan,
-                                    unpack_mixed_radix, unpack_uint)
+from diffq_bench.quant.pack import pack_mixed_radix, pack_uint, radix_plan, unpack_mixed_radix, unpack_uint
 
 
 @pytest.mark.parametrize("nbits", range(1, 17))

@@ -1,6 +1,5 @@
 """Vision tasks: contract checks, data errors, and every task x every quantizer end to end."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ from diffq_bench.config import compose, find_conf_dir
 from diffq_bench.data.errors import DataMissingError
 from diffq_bench.tasks import TASKS, get_task
 from diffq_bench.tasks.vision import VISION_TASKS, create_image_model
-from test_images import make_cifar10_fixture, make_imagefolder, _py2_style_batch
+
+from fixtures import make_cifar10_fixture, make_imagefolder, py2_style_batch
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def make_cifar100_fixture(root, n=16):
     gen = torch.Generator().manual_seed(0)
     for name in ("train", "test"):
         data = torch.randint(0, 256, (n, 3072), generator=gen, dtype=torch.uint8).numpy()
-        _py2_style_batch(folder / name, data, [i * 7 % 100 for i in range(n)], label_key="fine_labels")
+        py2_style_batch(folder / name, data, [i * 7 % 100 for i in range(n)], label_key="fine_labels")
     import pickle
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"k{i}" for i in range(100)]},
                                                protocol=2))
@@ -103,8 +103,10 @@ def test_digits_cifar_format_e2e(data_root, tmp_path):
 
 def test_both_digit_formats_hold_the_same_splits(tmp_path):
     sizes = {}
+    # each format's augmentation is owned by its config file (digits.yaml, digits_cifar.yaml)
+    augment = {"imagefolder": {}, "cifar": {"augment": {"padding": 2, "hflip": 0.0}}}
     for fmt in ("imagefolder", "cifar"):
-        task = get_task("digits", format=fmt, batch_size=8)
+        task = get_task("digits", format=fmt, batch_size=8, **augment[fmt])
         task.setup(tmp_path, tmp_path / "cache", "cpu")
         sizes[fmt] = {k: len(v) for k, v in task.datasets.items()}
         x, y = task.datasets["test"][0]

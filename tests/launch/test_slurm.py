@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from diffq_bench.launch import slurm
 from diffq_bench.xp import Xp
+
 from slurm_cluster import REPO_ROOT, ClusterUnavailable, start_cluster, wait_for
 
 # ------------------------------------------------------------------ unit: parsing (no cluster)
@@ -215,7 +215,7 @@ def test_grid_runs_as_one_job_array(bench, grid_sweep):
     assert sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
     # the launcher returns when the last result is written; the job step may still be ending
     wait_for(lambda: set(_sacct(job_ids).values()) == {"COMPLETED"}, 30, "sacct: all 4 COMPLETED")
-    for sig, (status, result) in runs.items():
+    for status, result in runs.values():
         assert status["state"] == "DONE" and status["grids"] == ["slurm4"], status
         assert result is not None and result["grids"] == ["slurm4"]
     table = subprocess.run([sys.executable, "-c", "from diffq_bench.cli import table_main; table_main()",

@@ -10,19 +10,12 @@ import sys
 import pytest
 
 from diffq_bench import cli
-from diffq_bench.config import find_conf_dir
-from diffq_bench.tasks import TASKS
 
 # Debug size: 2 optimizer steps of a 1-layer d=32 model, cheap evaluation windows. `++` sets a key
 # whether or not the task file lists it.
 DEBUG = ["train.epochs=1", "train.steps_per_epoch=2", "runtime.progress=false",
          "++task.context_window=0", "++task.eval_tokens_per_sample=256", "++task.eval_batch_size=64",
          "++task.model.d_model=32", "++task.model.ffn_dim=64", "++task.model.n_layers=1"]
-
-
-def _need_lm():
-    if "wikitext_mini" not in TASKS or not (find_conf_dir() / "task" / "wikitext_mini.yaml").exists():
-        pytest.skip("the embedded LM task (wikitext_mini) is not registered / configured yet")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,6 @@ def _app(monkeypatch, argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "diffq", "qat", "lsq"])
 def test_default_debug_run(quant, data_dir, tmp_path, monkeypatch, capsys):
-    _need_lm()
     root = tmp_path / "outputs"
     _app(monkeypatch, [f"quant={quant}", *DEBUG, f"paths.root={root}", f"paths.data={data_dir}",
                        f"paths.cache={data_dir / 'cache'}"])
@@ -59,7 +51,6 @@ def test_default_debug_run(quant, data_dir, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_console_script_runs_then_skips_finished(data_dir, tmp_path):
-    _need_lm()
     exe = shutil.which("diffq-bench")
     assert exe, "the diffq-bench console script is not installed (pip install -e .)"
     args = [exe, *DEBUG, f"paths.root={tmp_path / 'outputs'}", f"paths.data={data_dir}",

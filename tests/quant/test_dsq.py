@@ -8,8 +8,7 @@ import yaml
 from torch import nn
 
 from diffq_bench.quant import QUANTIZERS, QuantizerError, deserialize, get_quantizer, restore, serialize
-from diffq_bench.quant.actquant import (dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho,
-                                        dsq_soft)
+from diffq_bench.quant.actquant import dsq_alpha, dsq_dequantize, dsq_levels, dsq_quantize, dsq_rho, dsq_soft
 from diffq_bench.quant.dsq import DSQQuantizer
 
 

@@ -27,7 +27,7 @@ def test_resnet18_count_by_arithmetic():
     total = conv(3, 64, 3) + bn(64)
     cin = 64
     for width in (64, 128, 256, 512):
-        for block in range(2):
+        for _ in range(2):
             total += conv(cin, width, 3) + bn(width) + conv(width, width, 3) + bn(width)
             if cin != width:
                 total += conv(cin, width, 1) + bn(width)
