@@ -18,6 +18,7 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from .checks import check_number
 from .optim import OPTIMIZERS
 from .quant import QUANTIZERS, QuantizerError, get_quantizer
 from .tasks import TASKS
@@ -87,13 +88,7 @@ def _check_kwargs(axis: str, name: str, cls: type, kwargs: tp.Dict[str, tp.Any],
 
 def _number(key: str, value: tp.Any, low: float, integer: bool = False,
             high: float = math.inf) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value))
-    if ok and integer and int(value) != value:
-        ok = False
-    if not ok or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key} must be {kind} in [{low}, {high}], got {value!r}")
+    check_number(key, value, low, high, integer=integer, error=ConfigError)
 
 
 def _try_build(task_name: str, task_cls: type, task_kw: tp.Dict[str, tp.Any],

@@ -5,9 +5,9 @@ packing) raise the same error as the quantizers without importing the base class
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..checks import check_number
 
 
 class QuantizerError(ValueError):
@@ -24,12 +24,7 @@ def check_range(name: str, value: float, low: float, high: float, integer: bool 
         high: largest accepted value.
         integer: also require an integral value.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise QuantizerError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    if integer and int(value) != value:
-        raise QuantizerError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise QuantizerError(f"{name} must be in [{low}, {high}], got {value!r}")
+    check_number(name, value, low, high, integer=integer, error=QuantizerError)
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "parameter") -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import check_number
+
 T = tp.TypeVar("T")
 
 
@@ -64,13 +66,6 @@ def typed_node(cls: tp.Type[T], value: tp.Any, where: str, exclude: tp.Collectio
     return dataclasses.replace(base, **value)
 
 
-def check_int(name: str, value: tp.Any, minimum: int = 1) -> int:
-    """``value`` if it is an integer >= ``minimum``, else ValueError naming ``task.<name>``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"task.{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclasses.dataclass(eq=False, kw_only=True)
 class Task:
     """Base class of every benchmark (a keyword-only dataclass: its fields are the config keys).
@@ -96,6 +91,10 @@ class Task:
         self.cache_dir: Path = Path(".cache")
         self.num_workers = 0
         self.seed = 0
+
+    def _int_field(self, name: str, minimum: int = 1) -> None:
+        """Check that field ``name`` is an integer >= ``minimum`` (``task.<name>`` in the message)."""
+        setattr(self, name, int(check_number(f"task.{name}", getattr(self, name), minimum, integer=True)))
 
     def setup(self, data_root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
               device: tp.Union[str, torch.device], num_workers: int = 0, seed: int = 0) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from ..data.embedded import ensure_embedded_wikitext
 from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, load_corpus
 from ..models.transformer_lm import TransformerLM, TransformerLMConfig
-from .base import Task, check_int, field_default, typed_node
+from .base import Task, field_default, typed_node
 
 #: architecture fields the config may not set: they come from the dictionary
 DERIVED = ("vocab_size", "padding_idx")
@@ -64,8 +64,8 @@ class LanguageModelingTask(Task):
         super().__post_init__()
         for key in ("tokens_per_sample", "batch_size", "eval_tokens_per_sample", "eval_batch_size",
                     "pad_to_multiple"):
-            check_int(key, getattr(self, key))
-        check_int("context_window", self.context_window, 0)
+            self._int_field(key)
+        self._int_field("context_window", 0)
         self.model = typed_node(TransformerLMConfig, self.model, "task.model", DERIVED,
                                 base=field_default(self, "model"))
         self.corpus: tp.Optional[LMCorpus] = None
@@ -210,9 +210,9 @@ class WikiTextMiniTask(LanguageModelingTask):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("min_count", self.min_count)
+        self._int_field("min_count")
         if self.max_vocab is not None:
-            check_int("max_vocab", self.max_vocab)
+            self._int_field("max_vocab")
         if self.source not in ("auto", "gensim", "pydoc"):
             raise ValueError(f"task.source must be auto, gensim or pydoc, got {self.source!r}")
 

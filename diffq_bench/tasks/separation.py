@@ -22,7 +22,7 @@ from ..data import sfmix as sfmix_data
 from ..data.errors import DataMissingError
 from ..models.demucs import Demucs, center_trim
 from . import separation_metrics as metrics
-from .base import Task, check_int
+from .base import Task
 
 LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": F.l1_loss,
@@ -91,8 +91,8 @@ class MusdbDemucsTask(Task):
         super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(sorted(LOSSES))}")
-        check_int("samplerate", self.samplerate)
-        check_int("batch_size", self.batch_size)
+        self._int_field("samplerate")
+        self._int_field("batch_size")
         for key in ("segment", "segment_stride", "eval_segment"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0 seconds, got {getattr(self, key)!r}")

@@ -39,7 +39,7 @@ from ..data.images import (
     timm_image_transform,
 )
 from ..models.cifar import CIFAR_MODELS, create_cifar_model
-from .base import Task, check_int
+from .base import Task
 
 SPLITS = ("valid", "test")
 
@@ -126,10 +126,10 @@ class ImageClassificationTask(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("batch_size", self.batch_size)
-        check_int("eval_batch_size", self.eval_batch_size)
-        check_int("train_subset", self.train_subset, 0)
-        check_int("eval_subset", self.eval_subset, 0)
+        self._int_field("batch_size")
+        self._int_field("eval_batch_size")
+        self._int_field("train_subset", 0)
+        self._int_field("eval_subset", 0)
         if not 0.0 <= float(self.label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         self.model_kwargs = dict(self.model_kwargs or {})
@@ -278,7 +278,7 @@ class ImageNetTask(ImageClassificationTask):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("img_size", self.img_size, 8)
+        self._int_field("img_size", 8)
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         root = self.data_root / self.folder
@@ -316,7 +316,7 @@ class Cifar10Task(ImageClassificationTask):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("valid_size", self.valid_size, 0)
+        self._int_field("valid_size", 0)
         self.verify_checksums = bool(self.verify_checksums)
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
 
+from diffq_bench.checks import check_number
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from . import job
@@ -89,8 +90,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
 
 
 def _check_count(key: str, value: tp.Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"hydra.launcher.{key} must be an integer >= 1, got {value!r}")
+    check_number(f"hydra.launcher.{key}", value, 1, integer=True)
 
 
 @contextlib.contextmanager
