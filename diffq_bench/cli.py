@@ -48,9 +48,8 @@ def format_row(result: tp.Dict[str, tp.Any]) -> str:
         name = f"test_{metric}" if key == "test" else key
         head.append(title.format(metric=metric))
         value = metrics.get(name)
-        cells.append("-" if value is None else f"{value:.4g}" if key != "wall_time_s" else f"{value:.1f}")
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                      "| " + " | ".join(str(c) for c in cells) + " |"])
+        cells.append(None if value is None else f"{value:.4g}" if key != "wall_time_s" else f"{value:.1f}")
+    return render(head, [cells], "md").rstrip("\n")
 
 
 def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:

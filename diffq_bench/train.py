@@ -245,12 +245,6 @@ class Trainer:
             bar.close()
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
 
-    def _is_better(self, value: float) -> bool:
-        best = self.best["value"]
-        if best is None:
-            return True
-        return value < best if self.task.lower_is_better else value > best
-
     def fit(self) -> None:
         """Train all epochs (resuming from the checkpoint if there is one)."""
         self._t0 = self._last_save = time.monotonic()
@@ -280,7 +274,7 @@ class Trainer:
                     valid = self.task.evaluate(self.model, "valid")
                 entry["valid"] = valid
                 entry["true_size_mb"] = self.quantizer.true_model_size()
-                if self._is_better(float(valid[metric])):
+                if self.task.is_better(float(valid[metric]), self.best["value"]):
                     self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
                     ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
                                **self.best}, self.xp.best_path)

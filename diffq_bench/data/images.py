@@ -23,8 +23,6 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from .errors import DataCorruptError, DataMissingError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------ ImageFolder

@@ -77,11 +77,6 @@ class Dictionary:
         """Id of ``word`` (``<unk>``'s id when unknown)."""
         return self.indices.get(word, UNK_ID)
 
-    def encode_line(self, line: str) -> torch.Tensor:
-        """Ids of one line's words followed by ``<eos>`` (int64)."""
-        ids = [self.index(w) for w in line.split()] + [EOS_ID]
-        return torch.tensor(ids, dtype=torch.long)
-
     def decode(self, ids: tp.Iterable[int]) -> str:
         """Space-joined words of ``ids`` (for inspection and tests)."""
         return " ".join(self.symbols[int(i)] for i in ids)

@@ -22,11 +22,6 @@ LIVE_STATES = frozenset({
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
     "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT",
 })
-# Finished states; anything else unknown is reported as is.
-ENDED_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-    "BOOT_FAIL", "DEADLINE", "REVOKED",
-})
 _ARRAY_RE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 _JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 _TIMEOUT_S = 30
@@ -148,28 +143,3 @@ def requeue(job_id: str) -> None:
     _run(["scontrol", "requeue", str(job_id)])
 
 
-def job_details(job_ids: tp.Iterable[str]) -> tp.Dict[str, tp.Dict[str, str]]:
-    """``sacct`` fields of each job: JobIDRaw, JobID, State, ExitCode, Elapsed, NodeList, Partition.
-
-    Args:
-        job_ids: ids as recorded by the run store.
-    """
-    wanted = sorted({str(j) for j in job_ids if j and _JOB_ID_RE.match(str(j))})
-    if not wanted or not available():
-        return {}
-    fields = ["JobIDRaw", "JobID", "State", "ExitCode", "Elapsed", "NodeList", "Partition"]
-    bases = sorted({j.split("_")[0] for j in wanted})
-    out: tp.Dict[str, tp.Dict[str, str]] = {}
-    text = _run(["sacct", "-n", "-P", "-X", "-o", ",".join(fields), "-j", ",".join(bases)])
-    for line in text.splitlines():
-        values = line.split("|")
-        if len(values) != len(fields):
-            continue
-        row = dict(zip(fields, values))
-        row["State"] = row["State"].split(" ")[0].rstrip("+")
-        ids = expand_job_ids(row["JobID"])
-        for jid in ids:
-            out[jid] = row
-        if len(ids) == 1:
-            out[row["JobIDRaw"]] = row
-    return {j: out[j] for j in wanted if j in out}

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ..config import compose, find_conf_dir
 from ..io import LoadError
-from ..tasks import TASKS
+from ..tasks import TASKS, Task
 from ..xp import Xp
 from . import plan, slurm
 
@@ -44,13 +44,12 @@ def format_age(seconds: tp.Optional[float]) -> str:
     return f"{int(seconds)}s"
 
 
-def _metric_of(xp: Xp) -> tp.Tuple[tp.Optional[str], bool]:
-    """(metric name, lower_is_better) of the run's task, from its config.yaml and the registry."""
+def task_of(xp: Xp) -> tp.Optional[tp.Type[Task]]:
+    """The run's task class, from its config.yaml and the registry (None when unknown)."""
     try:
-        cls = TASKS[(xp.read_config() or {})["task"]["name"]]
+        return TASKS[(xp.read_config() or {})["task"]["name"]]
     except Exception:  # noqa: BLE001 - unknown task / unreadable config: no metric column
-        return None, True
-    return cls.metric, cls.lower_is_better
+        return None
 
 
 def best_metric(folder: Path) -> str:
@@ -66,15 +65,15 @@ def best_metric(folder: Path) -> str:
         history = xp.read_history()
     except ValueError:
         return "-"
-    metric, lower = _metric_of(xp)
+    task = task_of(xp)
+    if task is None:
+        return "-"
     best: tp.Optional[tp.Tuple[float, int]] = None
     for entry in history:
-        value = (entry.get("valid") or {}).get(metric) if metric else None
-        if value is None:
-            continue
-        if best is None or (value < best[0] if lower else value > best[0]):
+        value = (entry.get("valid") or {}).get(task.metric)
+        if value is not None and task.is_better(value, None if best is None else best[0]):
             best = (float(value), int(entry.get("epoch", 0)))
-    return "-" if best is None else f"valid_{metric}={best[0]:.4g}@e{best[1]}"
+    return "-" if best is None else f"valid_{task.metric}={best[0]:.4g}@e{best[1]}"
 
 
 def run_row(folder: Path, job_state: tp.Mapping[str, str], label: str = "",

@@ -293,13 +293,6 @@ class DiffQuantizer(BaseQuantizer):
         n = qp.param.numel()
         return 1 if self.group_size == 0 else -(-n // self.group_size)
 
-    def _group_lengths(self, qp: QParam) -> torch.Tensor:
-        n, groups = qp.param.numel(), self._num_groups(qp)
-        g = self.group_size or n
-        lengths = torch.full((groups,), float(g), device=qp.param.device)
-        lengths[-1] = n - g * (groups - 1)
-        return lengths
-
     def _logit(self, qp: QParam) -> nn.Parameter:
         logit = self.logits[qp.name]
         if logit.device != qp.param.device:  # model moved after the quantizer was built

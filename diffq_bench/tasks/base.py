@@ -92,6 +92,13 @@ class Task:
         self.num_workers = 0
         self.seed = 0
 
+    @classmethod
+    def is_better(cls, value: float, best: tp.Optional[float]) -> bool:
+        """Whether ``value`` of :attr:`metric` beats ``best`` (None: anything does)."""
+        if best is None:
+            return True
+        return value < best if cls.lower_is_better else value > best
+
     def _int_field(self, name: str, minimum: int = 1) -> None:
         """Check that field ``name`` is an integer >= ``minimum`` (``task.<name>`` in the message)."""
         setattr(self, name, int(check_number(f"task.{name}", getattr(self, name), minimum, integer=True)))

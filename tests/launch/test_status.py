@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from diffq_bench.cli import status_main
 from diffq_bench.launch import status
+from diffq_bench.tasks import Task
 from diffq_bench.xp import Xp
 
 
@@ -65,9 +66,10 @@ def test_best_metric_uses_history_direction(tmp_path, monkeypatch):
     xp = _run(tmp_path, 0, "RUNNING")
     xp.write_history([{"epoch": 1, "valid": {"ppl": 30.0}}, {"epoch": 2, "valid": {"ppl": 20.0}},
                       {"epoch": 3, "valid": {"ppl": 25.0}}])
-    monkeypatch.setattr(status, "_metric_of", lambda folder: ("ppl", True))
+    monkeypatch.setattr(status, "task_of", lambda xp: type("PplTask", (Task,), {"metric": "ppl"}))
     assert status.best_metric(xp.folder) == "valid_ppl=20@e2"
-    monkeypatch.setattr(status, "_metric_of", lambda folder: ("ppl", False))
+    monkeypatch.setattr(status, "task_of", lambda xp: type("Higher", (Task,), {"metric": "ppl",
+                                                                             "lower_is_better": False}))
     assert status.best_metric(xp.folder) == "valid_ppl=30@e1"
 
 

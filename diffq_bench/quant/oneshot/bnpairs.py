@@ -138,11 +138,3 @@ def plain_buffers(model: nn.Module) -> tp.Dict[str, torch.Tensor]:
     return out
 
 
-def plain_numel(model: nn.Module) -> int:
-    """Parameters the plain model has: each :class:`SwitchableBN` counts one copy."""
-    total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        if isinstance(module, SwitchableBN):
-            total -= sum(p.numel() for p in module.parameters())
-            total += sum(p.numel() for p in module.active.parameters())
-    return total
