@@ -1,6 +1,6 @@
 """DiffQ (Défossez et al. 2022): pseudo quantization noise with a learnable bit width per group.
 
-Faithful to REFERENCE.md §1. Per quantized tensor ``w`` (flattened, ``N`` entries):
+Faithful to the paper and the official ``diffq`` package (docs/quantizers.md). Per quantized tensor ``w`` (flattened, ``N`` entries):
 
 - range ``scale = max(w) - min(w)`` over the whole tensor (not detached);
 - one logit per group of ``group_size`` contiguous entries (0: one group for the tensor);

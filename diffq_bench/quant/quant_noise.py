@@ -5,7 +5,7 @@ quantized value ``Q(w)``; the others stay float. The gradient flows to every wei
 through: ``w + mask·(Q(w) − w).detach()``). At eval the model is fully quantized (p = 1), and the
 export is the packed integer levels plus one (scale, zero point) per tensor or per output channel.
 
-Differences from the official fairseq code, on purpose (see REFERENCE.md §3):
+Differences from the official fairseq code, on purpose (docs/quantizers.md):
 
 - the float weight is never overwritten (the official hook writes into ``weight.data``);
 - the observer's range is computed for the real bit width (``2^bits − 1`` steps): the official
