@@ -158,6 +158,9 @@ def validate(cfg: DictConfig) -> None:
         _number("train.steps_per_epoch", train["steps_per_epoch"], 1, integer=True)
     _number("train.grad_accum", train.get("grad_accum"), 1, integer=True)
     _number("train.clip_grad", train.get("clip_grad"), 0.0)
+    if not isinstance(train.get("clip_quantizer_params", True), bool):
+        raise ConfigError(f"train.clip_quantizer_params must be true or false, "
+                          f"got {train.get('clip_quantizer_params')!r}")
     _number("train.warmup_steps", train.get("warmup_steps"), 0, integer=True)
     _number("train.min_lr_ratio", train.get("min_lr_ratio"), 0.0, high=1.0)
     _number("train.eval_every", train.get("eval_every"), 1, integer=True)

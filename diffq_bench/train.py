@@ -179,7 +179,7 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
         if tcfg["clip_grad"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg["clip_grad"])
+            torch.nn.utils.clip_grad_norm_(self.clipped_parameters(), tcfg["clip_grad"])
         for opt in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(opt)
@@ -190,6 +190,16 @@ class Trainer:
             self.scaler.update()
         self.global_step += 1
         self.step_in_epoch += 1
+
+    def clipped_parameters(self) -> tp.List[torch.Tensor]:
+        """What ``train.clip_grad`` clips together, by one global norm: the model's parameters and,
+        with ``train.clip_quantizer_params`` (default), the quantizer's learnable parameters (DiffQ
+        bit logits, LSQ/DSQ steps and bounds, one-shot MPQ steps), as the official diffq package
+        does by registering them on the model (its CIFAR recipe clips ``model.parameters()``)."""
+        params = list(self.model.parameters())
+        if self.train_cfg.get("clip_quantizer_params", True):
+            params += self.quantizer.quantizer_parameters()
+        return params
 
     def _next_batch(self, iterator: tp.Iterator[tp.Any], steps: int) -> tp.Any:
         try:

@@ -168,8 +168,8 @@ def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
     unpack_s, unpack_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
     packed = sum(e["levels"].numel() + e["bits"].numel() for e in state["quantized"].values())
     info_bits = sum(float(quantizer._param_bits(qp, rounded=True)) for qp in quantizer.qparams)
-    weight_bits = sum(float((quantizer._group_lengths(qp) * quantizer.eval_bits(qp).float()).sum())
-                      for qp in quantizer.qparams)
+    weight_bits = sum(float((_group_lengths(qp.param.numel(), quantizer.group_size)
+                             * quantizer.eval_bits(qp).float()).sum()) for qp in quantizer.qparams)
     float_bytes = sum(p.numel() * 4 for _, p in quantizer._float_params)
     ideal = info_bits / 8 + float_bytes
     return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "params": params,
@@ -184,6 +184,14 @@ def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
             "true_size_bytes": true_bytes, "ideal_bytes": ideal,
             "bytes_over_ideal": true_bytes / ideal,
             "bytes_over_pure_bits": true_bytes / (weight_bits / 8 + float_bytes)}
+
+
+def _group_lengths(n: int, group_size: int) -> torch.Tensor:
+    """Entries per group of a tensor of ``n`` entries (the last group may be shorter)."""
+    g = group_size or n
+    lengths = torch.full((-(-n // g),), float(g))
+    lengths[-1] = n - g * (len(lengths) - 1)
+    return lengths
 
 
 def bench_raw_packing(count: int = 10_000_000) -> tp.Dict[str, tp.Any]:

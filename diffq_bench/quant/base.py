@@ -96,7 +96,8 @@ class BaseQuantizer:
         model: the model to quantize (modified only by registering hooks).
         min_size: parameters of at most this many MiB (as float32) are left in float.
         float16: store (and evaluate) the parameters left in float as float16.
-        exclude: fnmatch patterns on parameter names that are never quantized.
+        exclude: fnmatch patterns of parameters never quantized, matched against the full name and
+            the attribute name (``"bias"`` excludes every bias, ``"head.*"`` one module).
     """
     name: str = "base"
     #: how tables and plots show the method
@@ -125,10 +126,15 @@ class BaseQuantizer:
 
     # ----------------------------------------------------------------------------- discovery
     def _accepts(self, name: str, module: nn.Module, attr: str, param: nn.Parameter) -> bool:
-        """Whether ``param`` is quantized: big enough and not excluded. Subclasses may narrow."""
+        """Whether ``param`` is quantized: big enough and not excluded. Subclasses may narrow.
+
+        As in the official ``diffq`` package, a pattern of ``exclude`` matches the full dotted name
+        (``layers.0.fc1.bias``) or the bare attribute name (``bias``), so ``exclude=["bias"]``
+        keeps every bias in float.
+        """
         if param.numel() * 4 <= self.min_size * MB:
             return False
-        return not any(fnmatch.fnmatch(name, pat) for pat in self.exclude)
+        return not any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(attr, pat) for pat in self.exclude)
 
     def _find_params(self) -> None:
         seen: tp.Dict[int, tp.Union[QParam, str]] = {}

@@ -167,6 +167,10 @@ class DSQQuantizer(BaseQuantizer):
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
         return list(self._wstate.values()) + list(self._astate.values())
 
+    def bit_widths(self) -> tp.Dict[str, int]:
+        """Weight bit width per quantized parameter name."""
+        return dict(self._wbits)
+
     def detach(self) -> None:
         super().detach()
         for handle in self._act_handles:
