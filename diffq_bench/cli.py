@@ -103,6 +103,7 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             raise
         result = {"sig": xp.sig, "task": plain["task"]["name"], "quant": plain["quant"]["name"],
                   "metric": task.metric, "lower_is_better": task.lower_is_better, "axes": axes(cfg),
+                  "penalty": {"scale": task.penalty_scale, "convention": task.penalty_convention()},
                   "metrics": metrics, "grids": (xp.read_status() or {}).get("grids", grids),
                   "finished": now_iso()}
         xp.write_result(result)

@@ -157,7 +157,7 @@ class Trainer:
     def _micro_step(self, batch: tp.Any, accum: int) -> None:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             loss, metrics = self.quantizer.train_step(self.task, self.model, batch)
-        penalty = self.quantizer.penalty_term()
+        penalty = self.task.penalty_scale * self.quantizer.penalty_term()
         total = loss.float() + penalty
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(f"non-finite loss {float(total):.4g} at epoch {self.epoch + 1}, "

@@ -1,6 +1,7 @@
 """DiffQ (Défossez et al. 2022): pseudo quantization noise with a learnable bit width per group.
 
-Faithful to the paper and the official ``diffq`` package (docs/quantizers.md). Per quantized tensor ``w`` (flattened, ``N`` entries):
+Faithful to the paper and the official ``diffq`` package (docs/quantizers.md). Per quantized
+tensor ``w`` (flattened, ``N`` entries):
 
 - range ``scale = max(w) - min(w)`` over the whole tensor (not detached);
 - one logit per group of ``group_size`` contiguous entries (0: one group for the tensor);
@@ -9,8 +10,10 @@ Faithful to the paper and the official ``diffq`` package (docs/quantizers.md). P
   ``Δ = scale / (2**bits - 1)`` per group; the stored float weight is never written;
 - eval forward and export: ``round(bits)`` per group, asymmetric min-max levels (see
   :mod:`diffq_bench.quant.uniform`);
-- size (bits): ``Σ_groups len_g · bits_g + 2·32 + 8 + bits_bits · n_groups`` with
-  ``bits_bits = ceil(log2(1 + round(max_bits) - round(min_bits)))``.
+- size (bits): ``Σ_groups len_g · bits_g + 2·32 + 8 + bits_bits · n_groups`` with, per tensor,
+  ``bits_bits = ceil(log2(1 + round(max(bits of this tensor now)) - min_bits))``, the official
+  package's rule (the storage of the bit widths follows the widths actually learnt, not the
+  configured ``max_bits``); the export stores the widths at that per-tensor width.
 
 Remainder rule: when ``group_size`` does not divide ``N``, the last group is shorter
 (``N mod group_size`` entries); it has its own logit and counts ``len_g · bits_g`` in the size.
@@ -58,6 +61,11 @@ def _argminmax(flat: torch.Tensor) -> tp.Tuple[int, int, torch.Tensor, torch.Ten
         if tail[tmax] > flat[imax]:
             imax = rows * _BLOCK + tmax
     return imin, imax, flat[imin], flat[imax]
+
+
+def _code_width(max_code: int) -> int:
+    """Bits needed to store the integers 0..``max_code``."""
+    return max_code.bit_length()
 
 
 def _grouped(flat: torch.Tensor, group_size: int) -> tp.List[tp.Tuple[torch.Tensor, slice]]:
@@ -285,8 +293,6 @@ class DiffQuantizer(BaseQuantizer):
         self._pools = {qp.name: _NoisePool() for qp in self.qparams}
         self._bits_lo = int(round(min_bits))
         self._bits_hi = int(round(max_bits))
-        codes = self._bits_hi - self._bits_lo + 1
-        self.bits_bits = math.ceil(math.log2(codes)) if codes > 1 else 0
 
     # ------------------------------------------------------------------------------ helpers
     def _num_groups(self, qp: QParam) -> int:
@@ -340,11 +346,12 @@ class DiffQuantizer(BaseQuantizer):
         levels, bits = levels.cpu(), bits.cpu()
         chunks = [pack_uint(values, width) for width, values in _by_width(levels, bits, self.group_size)]
         codes = bits - self._bits_lo
+        # the width of the codes of this tensor: its largest code fits (= bits_bits(...) of the
+        # size accounting for an integer min_bits; one more bit at most for a fractional one)
+        width = _code_width(int(codes.max()))
         return {"shape": list(qp.param.shape), "min": low, "max": high,
-                "group_size": self.group_size, "bits_lo": self._bits_lo,
-                "bits_bits": self.bits_bits,
-                "bits": pack_uint(codes, self.bits_bits) if self.bits_bits else
-                torch.zeros(0, dtype=torch.uint8),
+                "group_size": self.group_size, "bits_lo": self._bits_lo, "bits_bits": width,
+                "bits": pack_uint(codes, width) if width else torch.zeros(0, dtype=torch.uint8),
                 "levels": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}
 
     @classmethod
@@ -379,7 +386,20 @@ class DiffQuantizer(BaseQuantizer):
         g = self.group_size or n
         last = n - g * (groups - 1)  # the remainder group counts only its own entries
         weights = bits.sum() * g if last == g else bits.sum() * g + (last - g) * bits[-1]
-        return weights + (64 + 8 + self.bits_bits * groups)
+        return weights + (64 + 8 + self.bits_bits(qp, bits) * groups)
+
+    def bits_bits(self, qp: QParam, bits: tp.Optional[torch.Tensor] = None) -> int:
+        """Bits storing each group's width in ``qp``'s export: as the official package,
+        ``ceil(log2(1 + round(max(bits)) - min_bits))`` over the tensor's current bits (0 when a
+        single width is possible). A constant of the size (no gradient).
+
+        Args:
+            qp: the parameter.
+            bits: its bits per group (default: the current continuous ones).
+        """
+        bits = self.get_bits(qp) if bits is None else bits
+        codes = 1 + round(float(bits.detach().max())) - self.min_bits
+        return max(0, math.ceil(math.log2(codes))) if codes > 1 else 0
 
     def true_model_size(self) -> float:
         """Analytic size (MiB) with the exported (rounded) bit widths."""

@@ -9,7 +9,7 @@ import io
 import math
 import typing as tp
 
-from .table import Section, format_axis, format_published, order_key
+from .table import Section, format_axis, format_published, method_axes, order_key
 
 FORMATS = ("md", "csv", "latex")
 MISSING = "—"
@@ -191,6 +191,9 @@ def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional
                  "bytes of the packed quantized model / 2^20; bits/w = mean stored bits per "
                  "quantized weight; Δ = ours − paper; "
                  f"{MISSING} = missing (bits/w: nothing quantized)."] + [f"Source: {s}" for s in sources]
+        conventions = sorted({run["penalty"]["convention"] for row in section.rows for run in row.runs
+                              if "lambda" in method_axes(row.quant) and "penalty" in run})
+        notes += [f"λ convention: {c}" for c in conventions]
         notes += [f"Not matched to a row: {n}" for n in section.notes]
         notes += [f"Measured: {n}" for n in trade_off_notes(section)]
         if fmt == "md":

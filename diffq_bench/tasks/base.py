@@ -75,6 +75,13 @@ class Task:
         metric: key of the paper's metric in :meth:`evaluate`'s dict (``ppl``, ``top1``, ``nsdr``).
         lower_is_better: direction of ``metric`` (best checkpoint selection, Pareto fronts).
 
+    Fields:
+        penalty_scale: how the size penalty meets this task's loss: the loop minimises
+            ``loss + penalty_scale · λ · size_MiB``, so that the ``lambda`` a user types is the
+            paper's λ for the benchmark (1.0 when the official recipe adds λ·size to a mean loss;
+            1/3072 for the WikiText-103 LM, whose fairseq recipe adds it to the NLL summed over
+            each 3072-token micro-batch).
+
     Instance attributes set by the runner before use:
         device: ``torch.device`` the model and batches live on.
         data_root: folder with the dataset (official layout), or where embedded data is written.
@@ -84,13 +91,23 @@ class Task:
     metric: tp.ClassVar[str] = "loss"
     lower_is_better: tp.ClassVar[bool] = True
 
+    penalty_scale: float = 1.0
+
     def __post_init__(self) -> None:
         """Check the options (subclasses extend this; no data is touched before :meth:`setup`)."""
+        check_number("task.penalty_scale", self.penalty_scale, 0.0)
         self.device = torch.device("cpu")
         self.data_root: Path = Path(".")
         self.cache_dir: Path = Path(".cache")
         self.num_workers = 0
         self.seed = 0
+
+    def penalty_convention(self) -> str:
+        """How λ is applied, in words (result.json and the tables show it)."""
+        if self.penalty_scale == 1.0:
+            return "lambda*size_MiB added to the mean loss"
+        return (f"lambda*size_MiB added once per {1 / self.penalty_scale:g} summed loss terms "
+                f"(= {self.penalty_scale:.4g}*lambda*size on the mean loss)")
 
     @classmethod
     def is_better(cls, value: float, best: tp.Optional[float]) -> bool:

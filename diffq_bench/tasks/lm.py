@@ -46,6 +46,8 @@ class LanguageModelingTask(Task):
         eval_tokens_per_sample: tokens scored per evaluation forward.
         eval_batch_size: evaluation windows per forward.
         pad_to_multiple: dictionary size padded to a multiple of this (fairseq: 8).
+        penalty_scale: 1/3072, the paper's λ: fairseq's DiffQ patch adds λ·size to the NLL summed
+            over each 3072-token micro-batch and divides gradients by the token count.
         model: the architecture (:class:`~diffq_bench.models.transformer_lm.TransformerLMConfig`
             fields except ``vocab_size`` and ``padding_idx``, which come from the dictionary).
     """
@@ -59,6 +61,7 @@ class LanguageModelingTask(Task):
     eval_batch_size: int = 4
     pad_to_multiple: int = 8
     model: TransformerLMConfig = dataclasses.field(default_factory=TransformerLMConfig)
+    penalty_scale: float = 1 / 3072
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,6 +210,7 @@ class WikiTextMiniTask(LanguageModelingTask):
     eval_batch_size: int = 32
     model: TransformerLMConfig = dataclasses.field(
         default_factory=lambda: TransformerLMConfig(**MINI_MODEL))
+    penalty_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

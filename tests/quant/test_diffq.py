@@ -75,13 +75,45 @@ def test_model_size_hand_computed():
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     q = get_quantizer("diffq", model, group_size=16)
     assert [qp.name for qp in q.qparams] == ["0.weight"]
-    bits_bits = 4  # ceil(log2(1 + 15 - 2))
+    bits_bits = 3  # per tensor, as the official package: ceil(log2(1 + round(max bits = 8) - 2))
     expected = 8192 * 8 + 2 * 32 + 8 + bits_bits * 512 + 32 * (64 + 640 + 10)
     assert float(q.model_size().detach()) == pytest.approx(expected / 8 / MB, rel=1e-6)
     assert q.true_model_size() == pytest.approx(expected / 8 / MB, rel=1e-9)
     q16 = get_quantizer("diffq", model, group_size=16, float16=True)
     expected16 = expected - 16 * (64 + 640 + 10)
     assert q16.true_model_size() == pytest.approx(expected16 / 8 / MB, rel=1e-9)
+
+
+@pytest.mark.parametrize("group_size", [0, 1, 8, 16])
+def test_model_size_uses_the_per_tensor_bits_of_bits_rule(group_size):
+    """Size as the official package computes it: the bits storing each group's width follow the
+    largest width the tensor has now, ``ceil(log2(1 + round(max bits) - min_bits))``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 8))  # 768 and 192 weights
+    q = get_quantizer("diffq", model, group_size=group_size, min_size=0, exclude=["bias"])
+    tops = {"0.weight": 5.0, "1.weight": 12.6}  # round(max bits): 5 and 13
+    expected = 32 * (24 + 8)  # the float biases
+    expected_exact = expected
+    for qp in q.qparams:
+        logit = q.logits[qp.name]
+        n, groups = qp.param.numel(), len(logit)
+        g = group_size or n
+        with torch.no_grad():  # bits from the tensor's top down to 2.5, as logits
+            bits = torch.linspace(tops[qp.name], 2.5, groups)
+            logit.copy_(torch.logit((bits - 2) / 13))
+        bits = q.get_bits(qp).detach()
+        assert round(float(bits.max())) == round(tops[qp.name])
+        bits_bits = math.ceil(math.log2(1 + round(float(bits.max())) - 2))  # 3 and 4
+        lengths = torch.full((groups,), float(g))
+        lengths[-1] = n - g * (groups - 1)
+        expected += float((lengths * bits).sum()) + 64 + 8 + bits_bits * groups
+        expected_exact += float((lengths * bits.round()).sum()) + 64 + 8 + bits_bits * groups
+        assert q.bits_bits(qp) == bits_bits
+        # the export stores the widths at that per-tensor width
+        entry = q.export()["quantized"][qp.name]
+        assert entry["bits_bits"] == bits_bits and entry["bits"].numel() == math.ceil(groups * bits_bits / 8)
+    assert float(q.model_size().detach()) == pytest.approx(expected / 8 / MB, rel=1e-6)
+    assert q.true_model_size() == pytest.approx(expected_exact / 8 / MB, rel=1e-9)
 
 
 def test_model_size_gradient_is_analytic_with_remainder_group():

@@ -167,3 +167,31 @@ def test_mini_task_builds_embedded_corpus(tmp_path):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="source"):
         get_task("wikitext_mini", source="internet")
+
+
+def test_lambda_is_the_papers_on_the_lm(task):
+    """The gradient on DiffQ's bit logits equals fairseq's construction: the NLL summed over each
+    micro-batch of M tokens plus λ·size per micro-batch, divided by the number of tokens."""
+    from diffq_bench.quant import get_quantizer
+    lam, m_tokens = 7.0, 8  # M = task.tokens_per_sample: one block per fairseq micro-batch here
+    task.penalty_scale = 1 / m_tokens
+    torch.manual_seed(0)
+    model = task.build_model()
+    q = get_quantizer("diffq", model, min_size=0, group_size=8, penalty=lam)
+    inputs, targets = next(iter(task.train_batches(0)))  # 4 blocks of 8 tokens
+    model.eval()  # no dropout/noise: both sides see the same forward, so the logits' gradient
+    # is the size term's, whose scale relative to the NLL is what λ's convention decides
+
+    def logit_grads(loss):
+        for p in q.quantizer_parameters():
+            p.grad = None
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in q.quantizer_parameters()])
+
+    ours = logit_grads(task.step(model, (inputs, targets))[0] + task.penalty_scale * q.penalty_term())
+    fairseq = sum(model(inputs[i:i + 1], targets[i:i + 1]).sum() + lam * q.model_size()
+                  for i in range(len(inputs)))  # one micro-batch of M tokens per block
+    theirs = logit_grads(fairseq / inputs.numel())
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-9)
+    assert get_task("wikitext103").penalty_scale == 1 / 3072  # the paper's micro-batch
