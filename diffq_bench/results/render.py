@@ -125,11 +125,11 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
     if fmt == "csv":
         header = ["runs", "task", "quant", "model", "method"] + section.extra_axes + [
             f"{section.metric}_mean", f"{section.metric}_std", "n_seeds", "true_size_mb",
-            "compression", "bits_per_weight", f"paper_{section.metric}", f"delta_{section.metric}",
-            "paper_size_mb", "paper_source"]
+            "compressed_size_mb", "compression", "bits_per_weight", f"paper_{section.metric}",
+            f"delta_{section.metric}", "paper_size_mb", "paper_source"]
     else:
         header = ["Method"] + section.extra_axes + [f"{section.metric} {arrow}"] + (
-            ["seeds"] if seeds else []) + ["size MB", "compr.", "bits/w",
+            ["seeds"] if seeds else []) + ["size MiB", "zlib MiB", "compr.", "bits/w",
                                            f"paper {section.metric}", "Δ", "paper MB"]
     cells = []
     for row in section.rows:
@@ -147,8 +147,8 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
                   for k in section.extra_axes]
         if fmt == "csv":
             vals = [mean, row.std(key), len(row.runs), row.mean("true_size_mb"),
-                    row.mean("compression"), row.mean("bits_per_weight"), ref_value, delta,
-                    None if ref is None else ref.size_mb]
+                    row.mean("compressed_size_mb"), row.mean("compression"), row.mean("bits_per_weight"),
+                    ref_value, delta, None if ref is None else ref.size_mb]
             cells.append([" ".join(str(r.get("sig")) for r in row.runs), section.task, row.quant,
                           section.model or "", row.label] + extras +
                          ["" if v is None else _raw(v) for v in vals] + [ref.source if ref else ""])
@@ -160,7 +160,8 @@ def section_table(section: Section, fmt: str) -> tp.Tuple[tp.List[str], tp.List[
         if ref is not None and ref_value is not None and ref.metric != section.metric:
             paper += f" ({ref.metric})"
         cells.append([row.label] + extras + [metric] + ([str(len(row.runs))] if seeds else []) + [
-            _size(row.mean("true_size_mb")), MISSING if compr is None else f"{compr:.1f}×",
+            _size(row.mean("true_size_mb")), _size(row.mean("compressed_size_mb")),
+            MISSING if compr is None else f"{compr:.1f}×",
             _bits(row.mean("bits_per_weight")), paper,
             MISSING if delta is None else f"{delta:+.2f}",
             MISSING if ref is None or ref.size_mb is None else format_published(ref.size_mb)])
@@ -187,8 +188,10 @@ def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional
         direction = "lower" if section.lower_is_better else "higher"
         sources = sorted({r.reference.source + (f" ({r.reference.note})" if r.reference.note else "")
                           for r in section.rows if r.reference is not None})
-        notes = [f"test {section.metric} ({direction} is better), mean ± std over seeds; size MB = "
-                 "bytes of the packed quantized model / 2^20; bits/w = mean stored bits per "
+        notes = [f"test {section.metric} ({direction} is better), mean ± std over seeds; size MiB = "
+                 "bytes of the packed quantized model (quantized.th) / 2^20; zlib MiB = the same bytes "
+                 "compressed by zlib (default level), as the official package reports a compressed "
+                 "size; compr. = float32 size / size; bits/w = mean stored bits per "
                  "quantized weight; Δ = ours − paper; "
                  f"{MISSING} = missing (bits/w: nothing quantized)."] + [f"Source: {s}" for s in sources]
         conventions = sorted({run["penalty"]["convention"] for row in section.rows for run in row.runs

@@ -77,7 +77,7 @@ def test_rows_grouped_ordered_and_referenced(store):
     assert lsq["ppl ↓"] == MISSING and lsq["paper ppl"] == "19.5" and lsq["paper MB"] == "120.0"
     qat = dict(zip(header, cells[labels.index("QAT 4 bits")]))
     assert qat["paper ppl"] == MISSING and qat["Δ"] == MISSING
-    assert qat["size MB"] == "12.5" and qat["compr."] == "8.0×" and qat["seeds"] == "1"
+    assert qat["size MiB"] == "12.5" and qat["compr."] == "8.0×" and qat["seeds"] == "1"
     assert qat["bits/w"] == "4.00"
     float_row = dict(zip(header, cells[labels.index("Float")]))
     assert float_row["bits/w"] == MISSING  # nothing quantized: no bit width, not "0.00"
@@ -100,7 +100,7 @@ def test_markdown_latex_csv_byte_stable(store, tmp_path):
     assert "Not matched to a row: DSQ: ppl 30.0; bits not stated (other; test)" in md and "cifar10" not in md
     latex = outs["latex"].decode()
     assert "DiffQ ($\\lambda$=1, g=16)" in latex and "18.20 $\\pm$ 0.28" in latex
-    assert "\\begin{tabular}{lrrrrrrrr}" in latex
+    assert "\\begin{tabular}{lrrrrrrrrr}" in latex
     parsed = list(csv.DictReader(io.StringIO(outs["csv"].decode())))
     assert len(parsed) == 7
     diffq = [p for p in parsed if p["method"] == "DiffQ (λ=1, g=16)"][0]
