@@ -15,9 +15,11 @@ from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from . import init
 from .checks import check_number
 from .optim import OPTIMIZERS
 from .quant import QUANTIZERS, QuantizerError, get_quantizer
@@ -51,12 +53,17 @@ def find_conf_dir() -> Path:
 
 
 def compose(overrides: tp.Sequence[str] = (), conf_dir: tp.Optional[Path] = None) -> DictConfig:
-    """Compose the config like the command line would (for tests and scripts).
+    """Compose the config like the command line would (tests, scripts, parent runs of ``init``).
+
+    Inside a running Hydra app (the CLI, a sweep, a launched job) the app's own search path is
+    used; elsewhere the ``conf/`` folder.
 
     Args:
         overrides: Hydra overrides, e.g. ``["task=wikitext_mini", "lambda=1"]``.
         conf_dir: config folder (default: :func:`find_conf_dir`).
     """
+    if conf_dir is None and GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=list(overrides))
     conf_dir = conf_dir or find_conf_dir()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
@@ -143,6 +150,17 @@ def validate(cfg: DictConfig) -> None:
         _number("quant.penalty", quant_kw["penalty"], 0.0)
     if "group_size" in quant_kw:
         _number("quant.group_size", quant_kw["group_size"], 0, integer=True)
+
+    try:
+        spec = init.parse(plain.get("init"))
+    except init.InitError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec is not None and spec.is_run:
+        try:
+            compose(list(spec.overrides))
+        except Exception as exc:  # noqa: BLE001 - a bad parent spec is a config error
+            raise ConfigError(f"init=run:{' '.join(spec.overrides)} does not compose: "
+                              f"{str(exc).splitlines()[0]}") from None
 
     _try_build(plain["task"]["name"], TASKS[plain["task"]["name"]], task_kw, quant_kw, plain["quant"]["name"])
 

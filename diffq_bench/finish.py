@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import io
 from .quant import Calibration, deserialize, restore, serialize
-from .train import Trainer, unique_params
+from .train import Trainer, check_finite_metrics, unique_params
 
 logger = logging.getLogger(__name__)
 MB = 2 ** 20
@@ -53,6 +53,7 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
     model.eval()
     with torch.no_grad():
         test = task.evaluate(model, "test")
+    check_finite_metrics(test, "test")
     packed = serialize(quantizer.export())
     io.write_bytes(xp.quantized_path, packed)
     # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
@@ -71,6 +72,7 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
     fresh.eval()
     with torch.no_grad():
         restored = task.evaluate(fresh, "test")
+    check_finite_metrics(restored, "test of the restored quantized.th")
     true_bytes = len(packed)
     float_mb = float_params * 4 / MB
     metrics: tp.Dict[str, tp.Any] = {f"test_{k}": float(v) for k, v in test.items()}

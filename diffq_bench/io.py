@@ -78,13 +78,22 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 def write_json(path: PathLike, data: tp.Any, indent: tp.Optional[int] = 2) -> None:
-    """Atomically write ``data`` as JSON (sorted keys, trailing newline)."""
-    write_text(path, json.dumps(data, indent=indent, sort_keys=True) + "\n")
+    """Atomically write ``data`` as strict JSON (sorted keys, trailing newline; NaN/inf refused:
+    a ValueError naming the file, the file left as it was)."""
+    write_text(path, _strict_json(path, data, indent) + "\n")
 
 
 def write_lines(path: PathLike, records: tp.Iterable[tp.Any]) -> None:
-    """Atomically write one JSON object per line (JSON Lines), rewriting the file whole."""
-    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    """Atomically write one strict JSON object per line (JSON Lines), rewriting the file whole."""
+    write_text(path, "".join(_strict_json(path, r, None) + "\n" for r in records))
+
+
+def _strict_json(path: PathLike, data: tp.Any, indent: tp.Optional[int]) -> str:
+    try:
+        return json.dumps(data, indent=indent, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"refusing to write {path}: a value is NaN or infinite ({exc}); "
+                         "the run diverged") from None
 
 
 def copy_file(source: tp.Union[PathLike, tp.BinaryIO], path: PathLike) -> None:

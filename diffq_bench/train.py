@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import init
 from .optim import OPTIMIZERS, lr_factor
 from .quant import BaseQuantizer, get_quantizer
 from .tasks import Task
-from .xp import Xp
+from .xp import Xp, parent_config
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ def unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
 
 
+def check_finite_metrics(metrics: tp.Mapping[str, tp.Any], where: str) -> None:
+    """FloatingPointError naming the first NaN/inf metric of an evaluation (never a DONE with NaN)."""
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"{where}: {key} is {value}: the model diverged (lower the lr "
+                                     "or enable train.clip_grad)")
+
+
 class Trainer:
     """Train, validate, select the best epoch, test with true quantization, export.
 
@@ -61,7 +70,10 @@ class Trainer:
         self.train_cfg = cfg["train"]
         self.runtime = {"progress": True, "checkpoint_every_steps": 0, "checkpoint_every_s": 0,
                         **(runtime or {})}
-        self.model = task.build_model().to(device)
+        self.model = task.build_model()
+        if not xp.checkpoint_path.exists():  # a resumed run gets everything from its checkpoint
+            self._load_initial_weights()
+        self.model.to(device)
         quant_kw = {k: v for k, v in cfg["quant"].items() if k != "name"}
         self.quantizer: BaseQuantizer = get_quantizer(cfg["quant"]["name"], self.model, **quant_kw)
         self.amp = bool(self.train_cfg["amp"]) and device.type == "cuda"
@@ -77,6 +89,24 @@ class Trainer:
         self.count = 0
         self.epoch_rng: tp.Optional[tp.Dict[str, tp.Any]] = None
         self.optimizers: tp.List[torch.optim.Optimizer] = []
+
+    def _load_initial_weights(self) -> None:
+        """``init``: the weights of a file or of a finished parent run (:mod:`diffq_bench.init`)."""
+        spec = init.parse(self.cfg.get("init"))
+        if spec is None:
+            return
+        path = spec.path
+        if spec.is_run:
+            parent = Xp(self.xp.folder.parent.parent, parent_config(self.cfg, spec))
+            state = (parent.read_status() or {}).get("state", "NEW")
+            if not parent.is_done():
+                raise init.InitError(
+                    f"init run {parent.sig} ({' '.join(spec.overrides)}) is {state}, not DONE: run it "
+                    "first (a grid that lists it runs it before this one)")
+            path = parent.best_path
+        init.load_into(self.model, init.read_state_dict(path), init.describe(spec))
+        logger.info("initial weights from %s", init.describe(spec))
+        self.xp.log(f"initial weights from {init.describe(spec)}")
 
     # ------------------------------------------------------------------------- optimizers
     def _build_optimizers(self) -> None:
@@ -191,6 +221,17 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
 
+    def _check_finite_weights(self) -> None:
+        """A diverged run fails here (before it is validated, selected or exported as DONE)."""
+        named = list(self.model.named_parameters()) + [
+            (f"quantizer parameter #{i}", p) for i, p in enumerate(self.quantizer.quantizer_parameters())]
+        norms = torch._foreach_norm([p.detach() for _, p in named]) if named else []
+        for (name, _), norm in zip(named, norms):
+            if not bool(torch.isfinite(norm)):
+                raise FloatingPointError(
+                    f"non-finite weights ({name}) after epoch {self.epoch + 1}: the run diverged; "
+                    "lower the lr (optim.lr) or enable train.clip_grad")
+
     def clipped_parameters(self) -> tp.List[torch.Tensor]:
         """What ``train.clip_grad`` clips together, by one global norm: the model's parameters and,
         with ``train.clip_quantizer_params`` (default), the quantizer's learnable parameters (DiffQ
@@ -273,6 +314,7 @@ class Trainer:
         while self.epoch < epochs:
             start = time.monotonic()
             train_metrics = self._train_epoch(steps, total_steps)
+            self._check_finite_weights()
             if self.quantizer.on_epoch_end(self.epoch, epochs):
                 self._build_optimizers()  # new trainable set: momentum restarts, as in iPQ
             entry: tp.Dict[str, tp.Any] = {"epoch": self.epoch + 1, "train": train_metrics,
@@ -282,6 +324,7 @@ class Trainer:
                 self.model.eval()
                 with torch.no_grad():
                     valid = self.task.evaluate(self.model, "valid")
+                check_finite_metrics(valid, f"valid (epoch {self.epoch + 1})")
                 entry["valid"] = valid
                 entry["true_size_mb"] = self.quantizer.true_model_size()
                 if self.task.is_better(float(valid[metric]), self.best["value"]):

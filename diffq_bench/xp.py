@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import io
-from .config import to_container
+from . import init, io
+from .config import compose, to_container
 
 #: top-level keys that never enter the signature.
 EXCLUDED = ("paths", "device", "num_workers", "runtime", "grid", "hydra", "launcher")
@@ -35,11 +35,38 @@ STATES = ("QUEUED", "RUNNING", "DONE", "FAILED")
 
 
 def semantic_config(cfg: tp.Any) -> tp.Dict[str, tp.Any]:
-    """The resolved config minus :data:`EXCLUDED` keys, as plain containers."""
+    """The resolved config minus :data:`EXCLUDED` keys, as plain containers.
+
+    ``init`` enters by content (:func:`init_identity`), never by path.
+    """
     plain = to_container(cfg)
     if not isinstance(plain, dict):
         raise TypeError(f"expected a mapping config, got {type(plain).__name__}")
-    return {k: v for k, v in plain.items() if k not in EXCLUDED and k not in ALIASES}
+    sem = {k: v for k, v in plain.items() if k not in EXCLUDED and k not in ALIASES}
+    if sem.get("init") is not None:
+        sem["init"] = init_identity(plain)
+    return sem
+
+
+def parent_config(plain: tp.Mapping[str, tp.Any], spec: init.InitSpec) -> tp.Any:
+    """The composed config of the parent run of ``init=run:...``, in the child's run store."""
+    paths = plain.get("paths", {})
+    context = [f"paths.{key}={paths[key]}" for key in ("root", "data", "cache") if key in paths]
+    try:
+        return compose(list(spec.overrides) + context)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors become one clear line
+        raise init.InitError(f"init=run:{' '.join(spec.overrides)} does not compose "
+                             f"({str(exc).splitlines()[0]})") from None
+
+
+def init_identity(plain: tp.Mapping[str, tp.Any]) -> tp.Dict[str, str]:
+    """What a run's ``init`` contributes to its identity: the weights file's SHA-256, or the
+    parent run's signature (its weights are a function of it)."""
+    spec = init.parse(plain.get("init"))
+    assert spec is not None
+    if spec.is_run:
+        return {"run": signature(parent_config(plain, spec))}
+    return {"sha256": init.file_digest(spec.path)}
 
 
 def _canonical(value: tp.Any) -> tp.Any:

@@ -31,11 +31,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..xp import Xp
+from .. import init
+from ..config import to_container
+from ..xp import Xp, parent_config, signature
 from . import slurm
 
 logger = logging.getLogger(__name__)
-ACTIONS = ("launch", "done", "live")
+ACTIONS = ("launch", "done", "live", "blocked")
 
 
 class GridError(ValueError):
@@ -52,6 +54,9 @@ def _format_value(key: str, value: tp.Any, where: str) -> str:
         return "true" if value else "false"
     if value is None:
         return "null"
+    if isinstance(value, str) and (" " in value or "=" in value):
+        # one value holding spaces or '=' (init='run:task=x quant=none'): quoted, never swept
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if isinstance(value, (int, float, str)):
         return str(value)
     raise GridError(f"{where}: value of {key!r} must be a scalar or a comma-separated string "
@@ -132,6 +137,16 @@ class PlannedRun:
     action: str = "launch"          # one of ACTIONS
     reason: str = ""
     job_id: tp.Optional[str] = None
+    parent: tp.Optional[str] = None  # signature of its init run (init=run:...), if any
+
+
+@dataclasses.dataclass(frozen=True)
+class Dependency:
+    """What a launched run waits for: its init run launched in the same call (its overrides), or
+    that run's job still queued or running from an earlier sweep (its job id)."""
+    overrides: tp.Optional[tp.Tuple[str, ...]] = None
+    job_id: tp.Optional[str] = None
+    sig: str = ""
 
 
 def _local_process_alive(status: tp.Mapping[str, tp.Any]) -> bool:
@@ -174,7 +189,7 @@ def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
             logger.info("same run as %s (signature %s): %s", " ".join(by_sig[xp.sig].overrides),
                         xp.sig, " ".join(overrides))
             continue
-        item = PlannedRun(list(overrides), xp.sig, xp.folder)
+        item = PlannedRun(list(overrides), xp.sig, xp.folder, parent=_parent_sig(cfg))
         by_sig[xp.sig] = item
         planned.append(item)
         status = xp.read_status() or {}
@@ -202,18 +217,73 @@ def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
             status = statuses[item.sig]
             if status.get("state") == "RUNNING" and not status.get("job_id") and _local_process_alive(status):
                 item.action, item.reason = "live", f"running locally (pid {status['pid']})"
+    for item in planned:  # an init run must be DONE, or launched (or queued) before its children
+        if item.action != "launch" or item.parent is None:
+            continue
+        parent = by_sig.get(item.parent)
+        if parent is not None and parent.action in ("launch", "live"):
+            continue
+        if parent is None and not Xp(item.folder.parent.parent, sig=item.parent).is_done():
+            item.action = "blocked"
+            item.reason = (f"its init run {item.parent} is not DONE and not part of this sweep: add "
+                           "that run to the sweep (or grid), or run it first")
     return planned
 
 
-#: run folder of each planned override list, filled by the sweeper so the launcher can record
-#: submissions without composing every config a second time.
+def _parent_sig(cfg: tp.Any) -> tp.Optional[str]:
+    spec = init.parse(OmegaConf.select(cfg, "init", default=None))
+    if spec is None or not spec.is_run:
+        return None
+    return signature(parent_config(to_container(without_hydra(cfg)), spec))
+
+
+#: run folder and dependency of each planned override list, filled by the sweeper so the
+#: launcher records submissions and orders runs without composing every config a second time.
 _FOLDERS: tp.Dict[tp.Tuple[str, ...], Path] = {}
+_DEPENDS: tp.Dict[tp.Tuple[str, ...], Dependency] = {}
 
 
-def remember_folders(planned: tp.Sequence[PlannedRun]) -> None:
-    """Cache ``overrides -> run folder`` for :func:`run_folder` (called by the sweeper)."""
+def remember(planned: tp.Sequence[PlannedRun]) -> None:
+    """Cache each planned run's folder (:func:`run_folder`) and what it waits for
+    (:func:`dependency`); called by the sweeper before it calls the launcher."""
+    by_sig = {item.sig: item for item in planned}
     for item in planned:
-        _FOLDERS[tuple(item.overrides)] = item.folder
+        key = tuple(item.overrides)
+        _FOLDERS[key] = item.folder
+        parent = by_sig.get(item.parent) if item.parent else None
+        if parent is not None and parent.action == "launch":
+            _DEPENDS[key] = Dependency(overrides=tuple(parent.overrides), sig=parent.sig)
+        elif parent is not None and parent.action == "live":
+            _DEPENDS[key] = Dependency(job_id=parent.job_id, sig=parent.sig)
+        else:
+            _DEPENDS.pop(key, None)
+
+
+def dependency(overrides: tp.Sequence[str]) -> tp.Optional[Dependency]:
+    """What the run of ``overrides`` must wait for before it starts (None: nothing)."""
+    return _DEPENDS.get(tuple(overrides))
+
+
+def in_dependency_order(jobs: tp.Sequence[tp.Sequence[str]]) -> tp.List[tp.List[tp.List[str]]]:
+    """``jobs`` in waves: each wave's runs wait only for runs of earlier waves (or outside jobs).
+
+    Raises:
+        GridError: runs waiting for each other in a cycle.
+    """
+    todo = [list(job) for job in jobs]
+    keys = {tuple(job) for job in todo}
+    done: tp.Set[tp.Tuple[str, ...]] = set()
+    waves = []
+    while todo:
+        wave = [job for job in todo if (dep := dependency(job)) is None or dep.overrides is None
+                or dep.overrides not in keys or dep.overrides in done]
+        if not wave:
+            raise GridError("these runs wait for each other's init runs in a cycle: "
+                            + "; ".join(" ".join(job) for job in todo))
+        waves.append(wave)
+        done |= {tuple(job) for job in wave}
+        todo = [job for job in todo if tuple(job) not in done]
+    return waves
 
 
 def run_folder(overrides: tp.Sequence[str], compose: tp.Callable[[tp.List[str]], tp.Any]) -> Path:
@@ -249,5 +319,6 @@ def summary(planned: tp.Sequence[PlannedRun]) -> str:
              for p in planned if p.action != "launch"]
     counts = collections.Counter(p.action for p in planned)
     lines.append(f"{len(planned)} runs: {counts['launch']} to launch, {counts['done']} done, "
-                 f"{counts['live']} queued/running")
+                 f"{counts['live']} queued/running"
+                 + (f", {counts['blocked']} blocked" if counts["blocked"] else ""))
     return "\n".join(lines)

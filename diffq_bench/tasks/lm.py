@@ -170,7 +170,8 @@ class LanguageModelingTask(Task):
         finally:
             model.train(was_training)
         mean = total / max(count, 1)
-        return {"nll": mean, "ppl": math.exp(mean), "tokens": float(count)}
+        # exp overflows past ~709 nats: a diverged model's perplexity is inf (the loop then fails it)
+        return {"nll": mean, "ppl": math.exp(mean) if mean < 709 else math.inf, "tokens": float(count)}
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

@@ -87,8 +87,12 @@ class GridSweeper(Sweeper):
         composed = [(job, self._compose(job)) for job in jobs]
         force = bool(OmegaConf.select(self.config, "runtime.force", default=False))
         planned = plan.plan(composed, force=force)
-        plan.remember_folders(planned)
+        plan.remember(planned)
         log.info("%s", plan.summary(planned))
+        blocked = [p for p in planned if p.action == "blocked"]
+        if blocked:
+            raise HydraException(f"{len(blocked)} run(s) cannot start; nothing was launched:\n" + "\n".join(
+                f"  {' '.join(p.overrides)}\n    {p.reason}" for p in blocked))
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

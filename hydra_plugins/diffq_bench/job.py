@@ -120,6 +120,28 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
     raise SystemExit(-1)
 
 
+def fail_unstarted(launcher: BaseSubmititLauncher, overrides: tp.List[str], parent: str) -> JobReturn:
+    """A run that never started because its init run ``parent`` failed: FAILED in its status.json
+    (with the reason) and as the sweep's result."""
+    error = RuntimeError(f"init run {parent} FAILED, so this run was not started; fix that run and "
+                         "launch the sweep again")
+    folder = plan.run_folder(overrides, lambda o: compose(launcher, o))
+    xp = Xp.at(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    xp.write_status("FAILED", traceback=f"{type(error).__name__}: {error}")
+    xp.log(f"FAILED: {error}")
+    log.error("not started (%s): %s", " ".join(overrides), error)
+    return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
+
+
+def cancel(job: tp.Any) -> None:
+    """Cancel a submitted job that must not run (its dependency failed); ignore one that ended."""
+    try:
+        job.cancel(check=False)
+    except Exception as exc:  # noqa: BLE001 - best effort: SLURM may have cancelled it already
+        log.warning("could not cancel job %s: %s", job.job_id, exc)
+
+
 def outcome(job: tp.Any, overrides: tp.List[str]) -> JobReturn:
     """The ``JobReturn`` of a finished submitit job; a failed job becomes a FAILED return naming
     its exception line."""

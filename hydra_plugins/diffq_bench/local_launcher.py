@@ -18,9 +18,10 @@ import typing as tp
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
 from diffq_bench.checks import check_number
+from diffq_bench.launch import plan
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from . import job
@@ -62,13 +63,30 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         executor = self._executor()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         todo = list(enumerate(job_overrides))
+        position = {tuple(o): pos for pos, o in todo}
         running: tp.Dict[int, tp.Any] = {}
         results: tp.List[tp.Optional[JobReturn]] = [None] * len(job_overrides)
         log.info("running %d job(s) locally, at most %d at a time, %d CPU thread(s) each",
                  len(todo), self.max_parallel, self.threads_per_job)
+
+        def waiting(overrides: tp.Sequence[str]) -> tp.Optional[int]:
+            """Position of the unfinished init run this job waits for (None: ready)."""
+            dep = plan.dependency(overrides)
+            parent = position.get(dep.overrides) if dep is not None and dep.overrides else None
+            return parent if parent is not None and results[parent] is None else None
+
         while todo or running:
-            while todo and len(running) < self.max_parallel:
-                pos, overrides = todo.pop(0)
+            for pos, overrides in list(todo):  # children of a failed init run fail without starting
+                dep = plan.dependency(overrides)
+                parent = position.get(dep.overrides) if dep is not None and dep.overrides else None
+                if parent is not None and results[parent] is not None and \
+                        results[parent].status == JobStatus.FAILED:
+                    todo.remove((pos, overrides))
+                    results[pos] = job.fail_unstarted(self, list(overrides), dep.sig)
+            ready = [item for item in todo if waiting(item[1]) is None]
+            while ready and len(running) < self.max_parallel:
+                pos, overrides = ready.pop(0)
+                todo.remove((pos, overrides))
                 idx = initial_job_idx + pos
                 log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
                 with _thread_env(self.threads_per_job):  # submitit copies os.environ at submit
@@ -78,7 +96,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
                 if submitted.done():
                     results[pos] = job.outcome(submitted, list(job_overrides[pos]))
                     del running[pos]
-            if running:
+            if running or todo:
                 time.sleep(self.poll_s)
         return tp.cast(tp.List[JobReturn], results)
 

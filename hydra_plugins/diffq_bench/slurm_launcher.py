@@ -48,7 +48,9 @@ class SlurmLauncher(BaseSubmititLauncher):
         self.wait = bool(wait)
 
     # ---------------------------------------------------------------- submitting side
-    def _executor(self) -> tp.Any:
+    def _executor(self, after: tp.Optional[str] = None) -> tp.Any:
+        """A submitit SLURM executor; ``after``: a job id these jobs wait for (``afterok``), and
+        are cancelled by SLURM if it fails (``--kill-on-invalid-dep``)."""
         import submitit
         params = dict(self.params)
         folder = params.pop("submitit_folder")
@@ -57,6 +59,8 @@ class SlurmLauncher(BaseSubmititLauncher):
                              f"got {params.get('timeout_min')!r}")
         extra = dict(params.pop("additional_parameters", None) or {})
         extra.setdefault("requeue", True)  # some clusters default to JobRequeue=0
+        if after is not None:
+            extra.update(dependency=f"afterok:{after}", kill_on_invalid_dep="yes")
         params["additional_parameters"] = extra
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor = submitit.AutoExecutor(folder=folder, cluster=self._EXECUTOR)
@@ -65,28 +69,55 @@ class SlurmLauncher(BaseSubmititLauncher):
         return executor
 
     def launch(self, job_overrides: tp.Sequence[tp.Sequence[str]], initial_job_idx: int) -> tp.Sequence[JobReturn]:
+        """Submit the runs as job arrays: runs without a pending init run in one array, runs
+        fine-tuned from a run of this launch (or from a queued one) in one array per such run,
+        ``afterok`` on its job."""
         assert self.config is not None and len(job_overrides) > 0
-        executor = self._executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         grid = OmegaConf.select(self.config, "grid.name", default=None)
-        job_params = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
-                               Singleton.get_state()))
-        jobs = executor.map_array(self, *zip(*job_params))
-        for submitted, overrides in zip(jobs, job_overrides):
-            folder = plan.run_folder(overrides, lambda o: job.compose(self, o))
-            Xp.at(folder).record_submission(submitted.job_id, sweep_dir=str(sweep_dir), grid=grid,
-                                            cluster="slurm",
-                                            submitit_folder=str(submitted.paths.folder))
-        array_id = jobs[0].job_id.split("_")[0]
-        log.info("submitted %d run(s) as SLURM job array %s (logs: %s)", len(jobs), array_id,
-                 jobs[0].paths.folder.parent)
+        index = {tuple(o): idx for idx, o in enumerate(job_overrides, start=initial_job_idx)}
+        submitted: tp.Dict[tp.Tuple[str, ...], tp.Any] = {}
+        for wave in plan.in_dependency_order(job_overrides):
+            groups: tp.Dict[tp.Optional[str], tp.List[tp.List[str]]] = {}
+            for overrides in wave:
+                dep = plan.dependency(overrides)
+                after = None
+                if dep is not None:
+                    parent = submitted.get(dep.overrides) if dep.overrides else None
+                    after = parent.job_id if parent is not None else dep.job_id
+                groups.setdefault(after, []).append(overrides)
+            for after, group in groups.items():
+                params = []
+                for overrides in group:
+                    idx = index[tuple(overrides)]
+                    log.info("\t#%d : %s%s", idx, " ".join(filter_overrides(overrides)),
+                             f" (after job {after})" if after else "")
+                    params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                                   Singleton.get_state()))
+                jobs = self._executor(after).map_array(self, *zip(*params))
+                for submitted_job, overrides in zip(jobs, group):
+                    submitted[tuple(overrides)] = submitted_job
+                    folder = plan.run_folder(overrides, lambda o: job.compose(self, o))
+                    Xp.at(folder).record_submission(
+                        submitted_job.job_id, sweep_dir=str(sweep_dir), grid=grid, cluster="slurm",
+                        submitit_folder=str(submitted_job.paths.folder), after=after)
+                log.info("submitted %d run(s) as SLURM job array %s%s (logs: %s)", len(jobs),
+                         jobs[0].job_id.split("_")[0], f", afterok:{after}" if after else "",
+                         jobs[0].paths.folder.parent)
         if not self.wait:
             return [JobReturn(overrides=list(o), status=JobStatus.UNKNOWN) for o in job_overrides]
-        return [job.outcome(j, list(o)) for j, o in zip(jobs, job_overrides)]
+        returns: tp.Dict[tp.Tuple[str, ...], JobReturn] = {}
+        for overrides in (o for wave in plan.in_dependency_order(job_overrides) for o in wave):
+            dep = plan.dependency(overrides)
+            parent = returns.get(dep.overrides) if dep is not None and dep.overrides else None
+            if parent is not None and parent.status == JobStatus.FAILED:
+                # SLURM cancels it (kill-on-invalid-dep): record why, everywhere
+                job.cancel(submitted[tuple(overrides)])
+                returns[tuple(overrides)] = job.fail_unstarted(self, list(overrides), dep.sig)
+            else:
+                returns[tuple(overrides)] = job.outcome(submitted[tuple(overrides)], list(overrides))
+        return [returns[tuple(o)] for o in job_overrides]
 
     # ---------------------------------------------------------------- job side
     def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,

@@ -195,3 +195,11 @@ def test_lambda_is_the_papers_on_the_lm(task):
     assert ours.abs().sum() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-9)
     assert get_task("wikitext103").penalty_scale == 1 / 3072  # the paper's micro-batch
+
+
+def test_diverged_model_has_infinite_perplexity_not_an_overflow(task):
+    class Huge(torch.nn.Module):
+        def forward(self, inputs, targets):
+            return torch.full(targets.shape, 1e4)  # NLL per token far past exp's range
+    metrics = task.evaluate(Huge(), "test")
+    assert metrics["nll"] == pytest.approx(1e4) and metrics["ppl"] == math.inf
