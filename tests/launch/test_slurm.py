@@ -80,6 +80,17 @@ grid:
     - {quant: none, seed: "0,1"}
     - {quant: qat, quant.bits: "4,8"}
 """
+# Fine-tuning on SLURM: a float run and two runs initialised from it (afterok on its job); the
+# same with a parent that fails in its first step.
+FT_GRID = """\
+# @package _global_
+grid:
+  name: {name}
+  runs:
+    - {{task: {task}, quant: none, {tiny}}}
+    - {{task: {task}, quant: "qat,lsq", init: "run:task={task} quant=none {spec}", {tiny}}}
+"""
+FT_TINY = {"task.n_train": 32, "task.hidden": 16, "train.epochs": 1}
 # The grid: the embedded WikiText LM at debug size (1 layer, d=32, 2 epochs x 3 steps).
 LM_DEBUG = ["task=wikitext_mini", "task.source=pydoc", "task.model.d_model=32", "task.model.ffn_dim=64",
             "task.model.n_layers=1", "train.epochs=2", "train.steps_per_epoch=3", "train.warmup_steps=0"]
@@ -147,6 +158,10 @@ class Bench:
         (self.conf / "task" / "toy_exploding.yaml").write_text(TOY_YAML.replace("name: toy", "name: toy_exploding"))
         if not (self.conf / "task" / "wikitext_mini.yaml").exists():  # config.yaml's default task
             (self.conf / "task" / "wikitext_mini.yaml").write_text(TOY_YAML)
+        for name, task in (("slurmft", "toy"), ("slurmftfail", "toy_exploding")):
+            (self.conf / "grid" / f"{name}.yaml").write_text(FT_GRID.format(
+                name=name, task=task, tiny=", ".join(f"{k}: {v}" for k, v in FT_TINY.items()),
+                spec=" ".join(f"{k}={v}" for k, v in FT_TINY.items())))
         (base / "app.py").write_text(APP)
         # TOY_TASK_DELAY: seconds of sleep per step (not part of the run identity); SLURM passes the
         # submitting environment to the jobs
@@ -344,3 +359,31 @@ def test_failing_run_is_failed_in_sacct_and_status(bench, failing_sweep):
     job = Xp.at(folder).read_submissions()[-1]["job_id"]
     wait_for(lambda: _sacct([job]).get(job) == "FAILED", 60, f"sacct to show {job} FAILED")
     assert "FAILED" in bench.status("failing")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_fine_tuned_runs_wait_for_their_float_run(bench):
+    proc = bench.launch("ft", "+grid=slurmft", timeout=300)
+    assert proc.returncode == 0, _output(proc)[-3000:]
+    runs = bench.runs("ft")
+    assert sorted(r["quant"] for _, r in runs.values()) == ["lsq", "none", "qat"]
+    parent = next(sig for sig, (_, r) in runs.items() if r["quant"] == "none")
+    parent_job = Xp.at(bench.base / "ft" / "xps" / parent).read_submissions()[-1]["job_id"]
+    for sig, (status, result) in runs.items():
+        if sig == parent:
+            continue
+        sub = Xp.at(bench.base / "ft" / "xps" / sig).read_submissions()[-1]
+        assert sub["after"] == parent_job and result["axes"]["init.run"] == parent
+        assert status["state"] == "DONE"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_failed_float_run_fails_its_fine_tuned_runs(bench):
+    proc = bench.launch("ftfail", "+grid=slurmftfail", timeout=300)
+    assert proc.returncode != 0
+    assert "3 of 3 run(s) FAILED" in _output(proc), _output(proc)[-3000:]
+    statuses = [status for status, _ in bench.runs("ftfail").values()]
+    assert {s["state"] for s in statuses} == {"FAILED"}
+    assert sum("FAILED, so this run was not started" in s["traceback"] for s in statuses) == 2
