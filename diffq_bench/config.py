@@ -21,12 +21,11 @@ from torch import nn
 
 from . import init
 from .checks import check_number
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, SCHEDULES
 from .quant import QUANTIZERS, QuantizerError, get_quantizer
 from .tasks import TASKS
 
 CONF_ENV = "DIFFQ_BENCH_CONF"
-SCHEDULES = ("cosine", "constant")
 AMP_DTYPES = ("bfloat16", "float16")
 
 
@@ -181,6 +180,12 @@ def validate(cfg: DictConfig) -> None:
                           f"got {train.get('clip_quantizer_params')!r}")
     _number("train.warmup_steps", train.get("warmup_steps"), 0, integer=True)
     _number("train.min_lr_ratio", train.get("min_lr_ratio"), 0.0, high=1.0)
+    _number("train.warmup_init_ratio", train.get("warmup_init_ratio", 0.0), 0.0, high=1.0)
+    _number("train.step_epochs", train.get("step_epochs", 1), 1, integer=True)
+    _number("train.step_gamma", train.get("step_gamma", 1.0), 0.0, high=1.0)
+    _number("train.period_steps", train.get("period_steps", 1), 1, integer=True)
+    _number("train.t_mult", train.get("t_mult", 1.0), 1.0)
+    _number("train.lr_shrink", train.get("lr_shrink", 1.0), 0.0, high=1.0)
     _number("train.eval_every", train.get("eval_every"), 1, integer=True)
     if train.get("schedule") not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, "

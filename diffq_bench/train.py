@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import init
-from .optim import OPTIMIZERS, lr_factor
+from .optim import OPTIMIZERS, Schedule
 from .quant import BaseQuantizer, get_quantizer
 from .tasks import Task
 from .xp import Xp, parent_config
@@ -89,6 +89,7 @@ class Trainer:
         self.count = 0
         self.epoch_rng: tp.Optional[tp.Dict[str, tp.Any]] = None
         self.optimizers: tp.List[torch.optim.Optimizer] = []
+        self.schedule = Schedule("constant", 1)  # the run's, once fit() knows its length
 
     def _load_initial_weights(self) -> None:
         """``init``: the weights of a file or of a finished parent run (:mod:`diffq_bench.init`)."""
@@ -201,8 +202,7 @@ class Trainer:
 
     def _optimizer_step(self, total_steps: int) -> None:
         tcfg = self.train_cfg
-        factor = lr_factor(self.global_step, total_steps, tcfg["warmup_steps"], tcfg["schedule"],
-                           tcfg["min_lr_ratio"])
+        factor = self.schedule.factor(self.global_step)
         for group in self.optimizers[0].param_groups:
             group["lr"] = group["initial_lr"] * factor
         if self.scaler is not None:
@@ -310,6 +310,7 @@ class Trainer:
                         self.step_in_epoch)
             self.xp.log(f"resumed at epoch {self.epoch + 1} step {self.step_in_epoch}")
         total_steps = steps * epochs
+        self.schedule = Schedule.from_config(self.train_cfg, total_steps, steps)
         metric = self.task.metric
         while self.epoch < epochs:
             start = time.monotonic()

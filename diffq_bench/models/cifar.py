@@ -8,6 +8,9 @@
 - ``wrn28_10``: Wide-ResNet-28-10 (pre-activation blocks, widths 160/320/640, 4 blocks per
   group, dropout between the two convolutions, convolutions with biases as in the implementation
   the DiffQ recipes used): 36,489,290 parameters with 10 classes.
+- ``resnet20``: He et al.'s CIFAR ResNet-20 (3 stages of 3 BasicBlocks, widths 16/32/64,
+  parameter-free zero-padding shortcuts), the official diffq ResNet-20 preset's model: 269,722
+  parameters with 10 classes.
 - ``resnet``: the same ResNet family with configurable ``blocks`` and ``widths`` (used, small,
   by the embedded digits task).
 
@@ -23,17 +26,32 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
+class _PadShortcut(nn.Module):
+    """He et al.'s option A shortcut: stride-2 subsampling and zero channels, no parameters."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, extra: int):
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut, or a 1x1 projection (``projection``) or
+    zero-padding (``pad``, He et al.'s option A) one where the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or in_planes != planes:
+        if (stride != 1 or in_planes != planes) and shortcut == "pad":
+            self.shortcut = _PadShortcut(planes - in_planes)
+        elif stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
                                           nn.BatchNorm2d(planes))
 
@@ -53,12 +71,15 @@ class ResNet(nn.Module):
         in_channels: channels of the input images.
         stem_stride: stride of the 3x3 stem (1 for CIFAR; 2 quarters the compute on inputs
             upsampled from a lower resolution, like the embedded digits).
+        shortcut: ``projection`` (1x1 conv + BN) or ``pad`` (option A, the CIFAR ResNet-20).
     """
 
     def __init__(self, num_classes: int = 10, blocks: tp.Sequence[int] = (2, 2, 2, 2),
                  widths: tp.Sequence[int] = (64, 128, 256, 512), in_channels: int = 3,
-                 stem_stride: int = 1):
+                 stem_stride: int = 1, shortcut: str = "projection"):
         super().__init__()
+        if shortcut not in ("projection", "pad"):
+            raise ValueError(f"shortcut must be projection or pad, got {shortcut!r}")
         if len(blocks) != len(widths) or not blocks:
             raise ValueError(f"blocks and widths must be non-empty and of the same length, "
                              f"got blocks={list(blocks)} widths={list(widths)}")
@@ -74,7 +95,7 @@ class ResNet(nn.Module):
             layers = []
             for block in range(int(count)):
                 stride = 2 if index > 0 and block == 0 else 1
-                layers.append(BasicBlock(in_planes, int(width), stride))
+                layers.append(BasicBlock(in_planes, int(width), stride, shortcut))
                 in_planes = int(width)
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
@@ -199,6 +220,16 @@ def _resnet18(num_classes: int, **kwargs: tp.Any) -> nn.Module:
     return ResNet(num_classes, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), **kwargs)
 
 
+def _resnet20(num_classes: int, **kwargs: tp.Any) -> nn.Module:
+    # The ResNet-20 of the official diffq CIFAR preset (res20.yaml): 3 stages of 3 blocks, widths
+    # 16/32/64, option-A shortcuts, Kaiming-normal convolutions and linear layer.
+    model = ResNet(num_classes, blocks=(3, 3, 3), widths=(16, 32, 64), shortcut="pad", **kwargs)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight)
+    return model
+
+
 def _wrn28_10(num_classes: int, **kwargs: tp.Any) -> nn.Module:
     return WideResNet(num_classes, depth=28, widen=10, **kwargs)
 
@@ -206,6 +237,7 @@ def _wrn28_10(num_classes: int, **kwargs: tp.Any) -> nn.Module:
 #: name -> constructor(num_classes, **kwargs); the CIFAR models of the paper and the small ResNet.
 CIFAR_MODELS: tp.Dict[str, tp.Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
+    "resnet20": _resnet20,
     "mobilenet": MobileNet,
     "wrn28_10": _wrn28_10,
     "resnet": ResNet,

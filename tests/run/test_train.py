@@ -17,7 +17,7 @@ import torch
 from diffq_bench import cli, train
 from diffq_bench.config import find_conf_dir
 from diffq_bench.io import LoadError
-from diffq_bench.optim import lr_factor
+from diffq_bench.optim import Schedule
 from diffq_bench.quant import deserialize
 from diffq_bench.train import PREEMPT, Preempted
 from diffq_bench.xp import RunLockedError, Xp
@@ -38,12 +38,40 @@ def _stable(result):
 
 
 def test_lr_factor():
+    def lr_factor(step, total, warmup, name, floor):
+        return Schedule(name, total, warmup_steps=warmup, min_lr_ratio=floor).factor(step)
     assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
     assert lr_factor(10, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(70, 100, 0, "constant", 0.0) == 1.0
+
+
+def test_step_schedule_is_torch_steplr_per_epoch():
+    """The official CIFAR recipe: StepLR(step_size=60, gamma=0.2), stepped once per epoch."""
+    sched = Schedule("step", 200 * 7, steps_per_epoch=7, step_epochs=60, step_gamma=0.2)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    steplr = torch.optim.lr_scheduler.StepLR(opt, step_size=60, gamma=0.2)
+    for epoch in range(200):
+        for step in range(epoch * 7, epoch * 7 + 7):
+            assert sched.factor(step) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        steplr.step()
+
+
+def test_cosine_restarts_is_fairseqs_cosine():
+    """fairseq's cosine with warmup-init 1e-7, warmup 16k, period 270k, t-mult 2, shrink 0.75,
+    min-lr 1e-4 (lr 1.0): hand values at the warmup's start/end and along the periods."""
+    sched = Schedule("cosine_restarts", 10 ** 6, warmup_steps=16000, warmup_init_ratio=1e-7,
+                     min_lr_ratio=1e-4, period_steps=270000, t_mult=2.0, lr_shrink=0.75)
+    assert sched.factor(0) == pytest.approx(1e-7 + (1 - 1e-7) / 16000)
+    assert sched.factor(15999) == pytest.approx(1.0)
+    assert sched.factor(16000) == pytest.approx(1.0)                      # period 0 starts
+    assert sched.factor(16000 + 135000) == pytest.approx((1 + 1e-4) / 2)  # its middle
+    assert sched.factor(16000 + 270000) == pytest.approx(0.75)             # period 1, shrunk
+    mid = 16000 + 270000 + 270000                                          # middle of 540k
+    assert sched.factor(mid) == pytest.approx(0.75 * (1 + 1e-4) / 2)
 
 
 def test_run_writes_the_run_folder(compose_toy, capsys):

@@ -8,7 +8,21 @@ torch.set_num_threads(1)
 
 # Counts of the DiffQ paper's CIFAR models, obtained by arithmetic on the architectures.
 EXPECTED = {("resnet18", 10): 11_173_962, ("mobilenet", 10): 3_217_226, ("wrn28_10", 10): 36_489_290,
-            ("resnet18", 100): 11_220_132, ("mobilenet", 100): 3_309_476, ("wrn28_10", 100): 36_546_980}
+            ("resnet18", 100): 11_220_132, ("mobilenet", 100): 3_309_476, ("wrn28_10", 100): 36_546_980,
+            # ResNet-20 (He et al. 2016, option A): 0.27M
+            ("resnet20", 10): 269_722}
+
+
+def test_resnet20_count_by_arithmetic():
+    conv = 3 * 3
+    total = 3 * 16 * conv + 2 * 16  # stem conv + BN
+    cin = 16
+    for width in (16, 32, 64):
+        for _ in range(3):
+            total += cin * width * conv + 2 * width + width * width * conv + 2 * width
+            cin = width
+    total += 64 * 10 + 10
+    assert total == EXPECTED[("resnet20", 10)]
 
 
 def count(model):
