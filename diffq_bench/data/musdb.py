@@ -12,6 +12,8 @@ folder. Training reads random-access segments straight from the WAVs (no decodin
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import math
 import importlib.util
 import typing as tp
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 
 from ..models.demucs import SOURCES
 from .errors import DataMissingError
@@ -192,13 +195,60 @@ class SegmentDataset(torch.utils.data.Dataset):
         return self.db.read(track, offset, self.length, stems=SOURCES)
 
 
+def change_pitch_tempo(audio: torch.Tensor, semitones: int, tempo: float,
+                       n_fft: int = 2048) -> torch.Tensor:
+    """``audio`` ``[..., T]`` with its pitch moved by ``semitones`` and its tempo multiplied by
+    ``tempo`` (output ``~T / tempo`` samples): a phase-vocoder time stretch then a resampling,
+    in place of Demucs' soundstretch (which needs an external binary).
+    """
+    ratio = 2 ** (semitones / 12)
+    hop = n_fft // 4
+    shape = audio.shape
+    flat = audio.reshape(-1, shape[-1])
+    window = torch.hann_window(n_fft, device=audio.device)
+    spec = torch.stft(flat, n_fft, hop, window=window, return_complex=True)
+    advance = torch.linspace(0, math.pi * hop, spec.size(-2), device=audio.device)[..., None]
+    stretched = torchaudio.functional.phase_vocoder(spec, tempo / ratio, advance)
+    length = int(round(shape[-1] * ratio / tempo))
+    out = torch.istft(stretched, n_fft, hop, window=window, length=length)
+    if semitones:  # played ratio times faster: resample by ratio (a small fraction: fast kernels)
+        frac = fractions.Fraction(ratio).limit_denominator(64)
+        out = torchaudio.functional.resample(out, frac.numerator, frac.denominator)
+    return out.reshape(*shape[:-1], out.size(-1))
+
+
+def repitch(sources: torch.Tensor, generator: torch.Generator, proba: float,
+            max_pitch: int = 2, max_tempo: float = 12.0, tempo_std: float = 5.0) -> torch.Tensor:
+    """Demucs v2's repitch augmentation on ``[B, S, C, T]``: each source of each item, with
+    probability ``proba``, gets its pitch moved by an integer number of semitones in
+    ``[-max_pitch, max_pitch]`` and its tempo changed by ``N(0, tempo_std)`` percent clipped to
+    ``±max_tempo``; every source is then cut to ``(1 - max_tempo/100)·T`` samples.
+    """
+    batch, num, channels, time = sources.shape
+    out_len = int((1 - max_tempo / 100) * time)
+    out = sources[..., :out_len].clone()
+    draws = torch.rand(batch, num, generator=generator)
+    pitches = torch.randint(-max_pitch, max_pitch + 1, (batch, num), generator=generator)
+    tempos = (torch.randn(batch, num, generator=generator) * tempo_std).clamp(-max_tempo, max_tempo)
+    for b in range(batch):
+        for s in range(num):
+            if draws[b, s] < proba:
+                moved = change_pitch_tempo(sources[b, s], int(pitches[b, s]),
+                                           1 + float(tempos[b, s]) / 100)
+                out[b, s] = moved[..., :out_len] if moved.size(-1) >= out_len else \
+                    torch.nn.functional.pad(moved, (0, out_len - moved.size(-1)))
+    return out
+
+
 def augment(sources: torch.Tensor, generator: torch.Generator, shift: int = 0,
-            flip: bool = True, remix_group: int = 4) -> torch.Tensor:
+            flip: bool = True, remix_group: int = 4,
+            scale: tp.Optional[tp.Sequence[float]] = None) -> torch.Tensor:
     """Demucs' data augmentation on a batch of sources ``[B, S, C, T]``.
 
     - random time shift: each source of each item is cropped at its own offset in ``[0, shift)``
       (the output is ``shift`` samples shorter), so sources are re-aligned at random;
     - channel swap and sign flip, independently per source and item (``flip``);
+    - volume: each source of each item scaled by a factor uniform in ``scale = [low, high]``;
     - remixing: within groups of ``remix_group`` items, each source is permuted across items, so a
       mixture combines sources from different tracks (0 or 1 disables it).
 
@@ -208,6 +258,7 @@ def augment(sources: torch.Tensor, generator: torch.Generator, shift: int = 0,
         shift: maximum shift in samples (0 disables it).
         flip: enable channel swaps and sign flips.
         remix_group: group size for remixing.
+        scale: volume range (None disables it; Demucs v2: [0.25, 1.25]).
     """
     batch, num, channels, time = sources.shape
     if shift:
@@ -224,6 +275,10 @@ def augment(sources: torch.Tensor, generator: torch.Generator, shift: int = 0,
             sources = sources.gather(2, order)
         signs = torch.randint(2, (batch, num, 1, 1), generator=generator) * 2 - 1
         sources = sources * signs.to(sources.dtype)
+    if scale is not None:
+        low, high = scale
+        gains = low + (high - low) * torch.rand(batch, num, 1, 1, generator=generator)
+        sources = sources * gains.to(sources.dtype)
     if remix_group > 1 and batch >= remix_group:
         groups = batch // remix_group
         head = sources[:groups * remix_group].view(groups, remix_group, num, channels, -1)

@@ -24,6 +24,9 @@ from ..models.demucs import Demucs, center_trim
 from . import separation_metrics as metrics
 from .base import Task
 
+#: the largest tempo change of the repitch augmentation, in percent (Demucs v2)
+MAX_TEMPO = 12.0
+
 LOSSES: tp.Dict[str, tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": F.l1_loss,
     "mse": F.mse_loss,
@@ -49,6 +52,10 @@ class MusdbDemucsTask(Task):
         shift: seconds of the random per-source shift augmentation (0 disables it).
         flip: random channel swap and sign flip per source.
         remix_group: remix sources across groups of this many batch items (0/1 disables it).
+        scale: per-source volume range of the scale augmentation (null disables it).
+        repitch: probability of the pitch/tempo augmentation per source (0 disables it; pitch
+            ±2 semitones, tempo N(0, 5%) clipped to ±12%, as Demucs v2).
+        repeat: passes over the training segments per epoch (Demucs v2's --repeat).
         batch_size: training segments per batch.
         loss: ``l1`` (Demucs) or ``mse``.
         eval_segment: seconds per chunk when separating full tracks.
@@ -80,6 +87,9 @@ class MusdbDemucsTask(Task):
     shift: float = 1.0
     flip: bool = True
     remix_group: int = 4
+    scale: tp.Optional[tp.List[float]] = dataclasses.field(default_factory=lambda: [0.25, 1.25])
+    repitch: float = 0.2
+    repeat: int = 2
     batch_size: int = 64
     loss: str = "l1"
     eval_segment: float = 10.0
@@ -93,6 +103,11 @@ class MusdbDemucsTask(Task):
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(sorted(LOSSES))}")
         self._int_field("samplerate")
         self._int_field("batch_size")
+        self._int_field("repeat")
+        if not 0 <= self.repitch <= 1:
+            raise ValueError(f"repitch is a probability in [0, 1], got {self.repitch!r}")
+        if self.scale is not None and (len(self.scale) != 2 or not 0 <= self.scale[0] <= self.scale[1]):
+            raise ValueError(f"scale must be null or [low, high] with 0 <= low <= high, got {self.scale!r}")
         for key in ("segment", "segment_stride", "eval_segment"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0 seconds, got {getattr(self, key)!r}")
@@ -126,6 +141,8 @@ class MusdbDemucsTask(Task):
         super().setup(data_root, cache_dir, device, num_workers, seed)
         self.db = self._open()
         length = self._geometry.valid_length(self.segment_samples) + self.shift_samples
+        if self.repitch > 0:  # repitch cuts every source to (1 - max tempo) of its length
+            length = int(length / (1 - MAX_TEMPO / 100))
         self.train_set = mdb.SegmentDataset(self.db, "train", length, self.stride_samples)
 
     def build_model(self) -> nn.Module:
@@ -137,18 +154,22 @@ class MusdbDemucsTask(Task):
         if self.db is None:
             raise RuntimeError("call setup() before train_batches()")
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
-        order = torch.randperm(len(self.train_set), generator=gen).tolist()
+        order = torch.cat([torch.randperm(len(self.train_set), generator=gen)
+                           for _ in range(self.repeat)]).tolist()
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size,
                                              sampler=order, num_workers=self.num_workers,
                                              drop_last=len(order) >= self.batch_size)
         for sources in loader:
-            yield mdb.augment(sources, gen, self.shift_samples, self.flip, self.remix_group)
+            if self.repitch > 0:
+                sources = mdb.repitch(sources, gen, self.repitch, max_tempo=MAX_TEMPO)
+            yield mdb.augment(sources, gen, self.shift_samples, self.flip, self.remix_group,
+                              self.scale)
 
     def num_train_batches(self) -> int:
         """Batches per epoch (the loop's epoch length; :meth:`train_batches` is a generator)."""
         if self.db is None:
             raise RuntimeError("call setup() before num_train_batches()")
-        return max(1, len(self.train_set) // self.batch_size)
+        return max(1, self.repeat * len(self.train_set) // self.batch_size)
 
     def step(self, model: nn.Module, batch: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Dict[str, float]]:
         """Mix the sources, separate, L1 (or MSE) against the center-trimmed sources."""
@@ -234,6 +255,9 @@ class SfmixTask(MusdbDemucsTask):
     shift: float = 0.25
     batch_size: int = 4
     eval_segment: float = 4.0
+    scale: tp.Optional[tp.List[float]] = None
+    repitch: float = 0.0
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()

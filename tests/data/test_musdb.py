@@ -113,3 +113,29 @@ def test_augment_shift_flip_remix():
     assert torch.equal(again, mdb.augment(batch, torch.Generator().manual_seed(1), 10, True, 4))
     with pytest.raises(ValueError, match="shorter than the segment"):
         mdb.augment(batch, torch.Generator(), shift=50)
+
+
+@pytest.mark.parametrize("semitones, tempo", [(0, 1.1), (2, 1.0), (-2, 0.92)])
+def test_pitch_and_tempo_change(semitones, tempo):
+    import math
+    sr = 16000
+    sine = torch.sin(2 * math.pi * 440 * torch.arange(2 * sr) / sr)[None]
+    out = mdb.change_pitch_tempo(sine, semitones, tempo)
+    assert abs(out.size(-1) - 2 * sr / tempo) <= 2  # tempo: duration / tempo
+    peak = float(torch.fft.rfft(out[0]).abs().argmax()) * sr / out.size(-1)
+    assert peak == pytest.approx(440 * 2 ** (semitones / 12), abs=1.5)  # pitch: x 2^(s/12)
+
+
+def test_repitch_and_scale_augmentations():
+    gen = torch.Generator().manual_seed(0)
+    sources = torch.randn(3, 4, 2, 8000)
+    out = mdb.repitch(sources, gen, proba=0.0)
+    assert torch.equal(out, sources[..., :7040])  # cut to (1 - 12%) of the length, untouched
+    moved = mdb.repitch(sources, gen, proba=1.0)
+    assert moved.shape == (3, 4, 2, 7040) and not torch.allclose(moved, out)
+    ones = torch.ones(64, 4, 2, 10)
+    gains = mdb.augment(ones, gen, flip=False, remix_group=0, scale=[0.25, 1.25])[..., 0, 0]
+    assert 0.25 <= float(gains.min()) < 0.4 and 1.1 < float(gains.max()) <= 1.25
+    assert torch.equal(gains[..., None, None].expand_as(ones), mdb.augment(
+        ones, torch.Generator().manual_seed(0).manual_seed(1), flip=False, remix_group=0, scale=None)
+        * gains[..., None, None])
