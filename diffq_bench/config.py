@@ -175,6 +175,9 @@ def validate(cfg: DictConfig) -> None:
         _number("train.steps_per_epoch", train["steps_per_epoch"], 1, integer=True)
     _number("train.grad_accum", train.get("grad_accum"), 1, integer=True)
     _number("train.clip_grad", train.get("clip_grad"), 0.0)
+    _number("train.clip_grad_value", train.get("clip_grad_value", 0.0), 0.0)
+    if train.get("best_max_size_mb") is not None:
+        _number("train.best_max_size_mb", train["best_max_size_mb"], 0.0)
     if not isinstance(train.get("clip_quantizer_params", True), bool):
         raise ConfigError(f"train.clip_quantizer_params must be true or false, "
                           f"got {train.get('clip_quantizer_params')!r}")

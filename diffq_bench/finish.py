@@ -45,6 +45,11 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
         the run's metrics (``result.json``'s ``metrics``; schema in docs/INTERFACES.md).
     """
     task, model, quantizer, xp = trainer.task, trainer.model, trainer.quantizer, trainer.xp
+    if trainer.best["value"] is None:
+        raise RuntimeError(f"no validated epoch was small enough to be the best: train.best_max_size_mb="
+                           f"{trainer.train_cfg.get('best_max_size_mb')} MiB; smallest seen "
+                           f"{min(h['true_size_mb'] for h in trainer.history if 'true_size_mb' in h):.4g} "
+                           "MiB (raise lambda or the target)")
     best = ckpt.load(xp.best_path)
     model.load_state_dict(best["model"])
     quantizer.load_state_dict(best["quantizer"])

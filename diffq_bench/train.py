@@ -210,6 +210,8 @@ class Trainer:
                 self.scaler.unscale_(opt)
         if tcfg["clip_grad"] > 0:
             torch.nn.utils.clip_grad_norm_(self.clipped_parameters(), tcfg["clip_grad"])
+        if tcfg.get("clip_grad_value", 0) > 0:
+            torch.nn.utils.clip_grad_value_(self.clipped_parameters(), tcfg["clip_grad_value"])
         for opt in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(opt)
@@ -328,7 +330,9 @@ class Trainer:
                 check_finite_metrics(valid, f"valid (epoch {self.epoch + 1})")
                 entry["valid"] = valid
                 entry["true_size_mb"] = self.quantizer.true_model_size()
-                if self.task.is_better(float(valid[metric]), self.best["value"]):
+                target = self.train_cfg.get("best_max_size_mb")
+                small = target is None or entry["true_size_mb"] <= target
+                if small and self.task.is_better(float(valid[metric]), self.best["value"]):
                     self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
                     ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
                                **self.best}, self.xp.best_path)

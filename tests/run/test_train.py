@@ -282,3 +282,30 @@ def test_resume_is_exact_for_every_quantizer(compose_toy, toy_task, monkeypatch,
     PREEMPT.clear()
     monkeypatch.setattr(toy_task, "step", original)
     assert _stable(cli.run(cfg)) == _stable(reference)
+
+
+def test_best_epoch_respects_the_size_target(compose_toy):
+    """demucs v2's --ms-target: an epoch is the best only if its quantized size is small enough."""
+    run = ("quant=diffq", "lambda=20", "quant.min_size=0", "optim.quant_lr=0.05", "train.epochs=3")
+    free = cli.run(compose_toy(*run))
+    root = compose_toy().paths.root
+    sizes = [h["true_size_mb"] for h in Xp(root, sig=free["sig"]).read_history()]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # the penalty shrinks it
+    with pytest.raises(RuntimeError, match="no validated epoch was small enough.*smallest seen"):
+        cli.run(compose_toy(*run, f"train.best_max_size_mb={sizes[-1] * 0.99}"))
+    only_last = cli.run(compose_toy(*run, f"train.best_max_size_mb={sizes[-1]}"))
+    assert only_last["metrics"]["best_epoch"] == 3
+
+
+def test_gradient_value_clipping(compose_toy):
+    """train.clip_grad_value clips every gradient entry: at 1e-12 SGD at lr 1 leaves the weights
+    where they started."""
+    from diffq_bench.checkpoint import seed_all
+    from diffq_bench.tasks import TASKS
+    cfg = compose_toy("optim=sgd", "optim.lr=1.0", "optim.momentum=0", "optim.weight_decay=0",
+                      "train.clip_grad_value=1e-12", "train.epochs=1")
+    cli.run(cfg)
+    seed_all(0)
+    start = TASKS["toy"]().build_model().state_dict()
+    best = torch.load(Xp(cfg.paths.root, cfg).best_path, weights_only=True)["model"]
+    assert max(float((best[k] - v).abs().max()) for k, v in start.items()) < 1e-9
