@@ -142,17 +142,19 @@ class SeededDataset(Dataset):
     sees exactly the same images.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, repeats: int = 1):
         self.dataset = dataset
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.repeats = int(repeats)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset) * self.repeats  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tp.Any:
+        # occurrence ``index`` of image ``index // repeats``: each copy its own augmentation
         with seeded_rng(self.seed, self.epoch, int(index)):
-            return self.dataset[index]
+            return self.dataset[int(index) // self.repeats]
 
 
 @contextlib.contextmanager
@@ -181,7 +183,7 @@ def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch: int = 0,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, repeats: int = 1) -> DataLoader:
     """A CPU-safe DataLoader; training order and augmentation depend only on (seed, epoch).
 
     Args:
@@ -191,11 +193,18 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
         seed: run seed.
         epoch: epoch index (changes the order and the augmentation).
         num_workers: worker processes (0: in the main process).
+        repeats: repeated augmentation (DeiT's RASampler): each image of the shuffled order
+            appears ``repeats`` times in a row, each copy differently augmented, and an epoch
+            still holds ``len(dataset)`` images (so ``1/repeats`` of them are seen per epoch).
     """
     if not train:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
-    seeded = SeededDataset(dataset, seed, epoch)
-    return DataLoader(seeded, batch_size=batch_size, sampler=RandomSampler(seeded, generator=generator),
-                      num_workers=num_workers, drop_last=len(seeded) > batch_size,
-                      generator=generator)
+    seeded = SeededDataset(dataset, seed, epoch, repeats)
+    if repeats == 1:
+        sampler: tp.Iterable[int] = RandomSampler(seeded, generator=generator)
+    else:
+        order = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
+        sampler = (order[:, None] * repeats + torch.arange(repeats)).reshape(-1)[:len(dataset)].tolist()
+    return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=len(dataset) > batch_size, generator=generator)

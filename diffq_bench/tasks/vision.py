@@ -110,6 +110,8 @@ class ImageClassificationTask(Task):
             ``label_smoothing``...); empty/None disables it.
         train_subset: use a fixed random subset of this many training images (0: all); for debug runs.
         eval_subset: same for the validation and test sets.
+        repeated_aug: each image appears this many times in a row per epoch, differently
+            augmented (DeiT's repeated augmentation: 3); 1 disables it.
     """
     metric: tp.ClassVar[str] = "top1"
     lower_is_better: tp.ClassVar[bool] = False
@@ -123,9 +125,11 @@ class ImageClassificationTask(Task):
     mixup: tp.Optional[tp.Dict[str, tp.Any]] = None
     train_subset: int = 0
     eval_subset: int = 0
+    repeated_aug: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._int_field("repeated_aug")
         self._int_field("batch_size")
         self._int_field("eval_batch_size")
         self._int_field("train_subset", 0)
@@ -169,7 +173,7 @@ class ImageClassificationTask(Task):
 
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
         loader = make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
-                             self.num_workers)
+                             self.num_workers, self.repeated_aug)
         if self._mixup is not None:
             return _MixedBatches(loader, self._mixup, self.seed, epoch)
         return loader

@@ -168,3 +168,20 @@ def test_digits_split_and_formats(tmp_path):
     corr = np.corrcoef(small.ravel(), split["train"][0][:50].ravel().astype(float))[0, 1]
     assert corr > 0.9
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left over
+
+
+def test_repeated_augmentation_sampler():
+    class Count(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.rand(()), i  # the augmentation: a draw of the seeded RNG
+
+    batches = list(images.make_loader(Count(), 6, True, seed=0, epoch=0, repeats=3))
+    values = torch.cat([b[0] for b in batches])
+    ids = torch.cat([b[1] for b in batches]).tolist()
+    assert len(ids) == 12 and all(ids[i] == ids[i + 1] == ids[i + 2] for i in range(0, 12, 3))
+    assert len(set(ids)) == 4 and len(set(values.tolist())) == 12  # 4 images x 3 distinct copies
+    again = torch.cat([b[0] for b in images.make_loader(Count(), 6, True, seed=0, epoch=0, repeats=3)])
+    assert torch.equal(values, again)
