@@ -157,6 +157,8 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         model: the model to quantize.
         p: block drop probability during noise training, in [0, 1) (paper: 0.05–0.2).
         block_size: PQ block length for Linear-like weights (conv k×k blocks are kernels).
+        block_sizes: per-parameter block lengths, ``{fnmatch pattern: length}``, first match wins
+            (e.g. fairseq's LM: ``{"*fc*": 8, "*attn*": 4, "*embed*": 4}``); others: block_size.
         n_centroids: K, centroids per layer, 2..65536 (capped at the layer's number of blocks).
         n_iter: k-means iterations.
         init: k-means init, ``kmeans++`` or ``random``.
@@ -172,16 +174,19 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
     name = "quant_noise_ipq"
     display = Display("Quant-Noise iPQ", color="tab:brown", axes=(
         ("quant.n_centroids", "K={}"), ("quant.block_size", "block {}"), ("quant.p", "p={}")))
-    config_keys = ("p", "block_size", "n_centroids", "n_iter", "init", "stages", "noise_frac",
+    config_keys = ("p", "block_size", "block_sizes", "n_centroids", "n_iter", "init", "stages", "noise_frac",
                    "int8_centroids", "seed", "min_size", "float16", "exclude")
 
     def __init__(self, model: nn.Module, p: float = 0.1, block_size: int = 8,
-                 n_centroids: int = 256, n_iter: int = 20, init: str = "kmeans++",
+                 block_sizes: tp.Optional[tp.Mapping[str, int]] = None, n_centroids: int = 256, n_iter: int = 20, init: str = "kmeans++",
                  stages: tp.Sequence[tp.Any] = (("*",),), noise_frac: float = 0.5,
                  int8_centroids: bool = False, seed: int = 0, min_size: float = 0.01,
                  float16: bool = False, exclude: tp.Sequence[str] = ()):
         check_range("p", p, 0.0, 0.999)
         check_range("block_size", block_size, 1, 4096, integer=True)
+        self.block_sizes = {str(pat): int(size) for pat, size in (block_sizes or {}).items()}
+        for pat, size in self.block_sizes.items():
+            check_range(f"block_sizes[{pat!r}]", size, 1, 4096, integer=True)
         check_range("n_centroids", n_centroids, 2, 2 ** 16, integer=True)
         check_range("n_iter", n_iter, 0, 10 ** 4, integer=True)
         check_range("noise_frac", noise_frac, 0.0, 1.0)
@@ -216,15 +221,23 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
             return False
         if param.dim() < 2:  # biases, norms: no blocks, and tiny; float like min_size ones
             return False
-        if block_dim(param.shape, self.block_size) is None:
+        if block_dim(param.shape, self.block_size_of(name)) is None:
             self.skipped[name] = (f"shape {tuple(param.shape)}: input size {param.shape[1]} not "
-                                  f"divisible by block_size={self.block_size}")
+                                  f"divisible by its block_size {self.block_size_of(name)}")
             return False
         return True
 
+    def block_size_of(self, name: str) -> int:
+        """The block length of parameter ``name``: the first ``block_sizes`` pattern it matches
+        (fairseq's per-layer sizes: FFN 8, attention 4, embeddings 4), else ``block_size``."""
+        for pattern, size in self.block_sizes.items():
+            if fnmatch.fnmatch(name, pattern):
+                return size
+        return self.block_size
+
     def _k(self, qp: QParam) -> tp.Tuple[int, int, int]:
         """(block length D, number of blocks N, effective K = min(n_centroids, N))."""
-        dim = block_dim(qp.param.shape, self.block_size)
+        dim = block_dim(qp.param.shape, self.block_size_of(qp.name))
         assert dim is not None
         count = qp.param.numel() // dim
         return dim, count, min(self.n_centroids, count)

@@ -316,3 +316,22 @@ def test_centroid_gradient_is_the_mean_over_its_blocks():
         blocks = grad_w.reshape(-1, 8)
         expected = torch.stack([blocks[assign == k].mean(0) for k in range(4)])
     assert torch.allclose(centroids.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_block_sizes_as_fairseq():
+    """fairseq's LM iPQ config: FFN blocks of 8, attention and embedding projections of 4."""
+    model = nn.ModuleDict({"fc1": nn.Linear(16, 32), "attn": nn.Linear(16, 16), "embed": nn.Linear(16, 16)})
+    q = get_quantizer("quant_noise_ipq", model, min_size=0, n_centroids=4, n_iter=2,
+                      block_sizes={"*fc*": 8, "*attn*": 4, "*embed*": 4})
+    assert {qp.name: q.block_size_of(qp.name) for qp in q.qparams} == {
+        "fc1.weight": 8, "attn.weight": 4, "embed.weight": 4}
+    state = q.export()
+    model.eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = {k: m(x) for k, m in model.items()}
+    q.detach()
+    fresh = nn.ModuleDict({"fc1": nn.Linear(16, 32), "attn": nn.Linear(16, 16), "embed": nn.Linear(16, 16)})
+    restore(fresh, state)
+    with torch.no_grad():
+        assert all(torch.equal(fresh[k](x), v) for k, v in expected.items())
