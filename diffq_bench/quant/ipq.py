@@ -178,7 +178,8 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
                    "int8_centroids", "seed", "min_size", "float16", "exclude")
 
     def __init__(self, model: nn.Module, p: float = 0.1, block_size: int = 8,
-                 block_sizes: tp.Optional[tp.Mapping[str, int]] = None, n_centroids: int = 256, n_iter: int = 20, init: str = "kmeans++",
+                 block_sizes: tp.Optional[tp.Mapping[str, int]] = None, n_centroids: int = 256,
+                 n_iter: int = 20, init: str = "kmeans++",
                  stages: tp.Sequence[tp.Any] = (("*",),), noise_frac: float = 0.5,
                  int8_centroids: bool = False, seed: int = 0, min_size: float = 0.01,
                  float16: bool = False, exclude: tp.Sequence[str] = ()):
