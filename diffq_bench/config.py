@@ -176,6 +176,7 @@ def validate(cfg: DictConfig) -> None:
     _number("train.grad_accum", train.get("grad_accum"), 1, integer=True)
     _number("train.clip_grad", train.get("clip_grad"), 0.0)
     _number("train.clip_grad_value", train.get("clip_grad_value", 0.0), 0.0)
+    _number("train.ema_decay", train.get("ema_decay", 0.0), 0.0, high=0.999999)
     if train.get("best_max_size_mb") is not None:
         _number("train.best_max_size_mb", train["best_max_size_mb"], 0.0)
     if not isinstance(train.get("clip_quantizer_params", True), bool):

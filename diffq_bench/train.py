@@ -9,6 +9,7 @@ rebuild the same batch order), step counters, running train metrics, history and
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import init
+from .ema import WeightEMA
 from .optim import OPTIMIZERS, Schedule
 from .quant import BaseQuantizer, get_quantizer
 from .tasks import Task
@@ -90,6 +92,7 @@ class Trainer:
         self.epoch_rng: tp.Optional[tp.Dict[str, tp.Any]] = None
         self.optimizers: tp.List[torch.optim.Optimizer] = []
         self.schedule = Schedule("constant", 1)  # the run's, once fit() knows its length
+        self.ema: tp.Optional[WeightEMA] = None
 
     def _load_initial_weights(self) -> None:
         """``init``: the weights of a file or of a finished parent run (:mod:`diffq_bench.init`)."""
@@ -119,6 +122,14 @@ class Trainer:
         for group in main.param_groups:  # the schedule scales each group from its own peak lr
             group.setdefault("initial_lr", group["lr"])
         self.optimizers = [main] + list(extra)
+        decay = float(self.train_cfg.get("ema_decay", 0.0))
+        averaged = list(self.model.parameters()) + self.quantizer.quantizer_parameters()
+        if decay > 0 and (self.ema is None or not self.ema.matches(averaged)):
+            self.ema = WeightEMA(averaged, decay)
+
+    def _averaged(self) -> tp.ContextManager[None]:
+        """The EMA weights in place (``train.ema_decay``) for evaluation and the best state."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: full micro-batch groups, capped by ``train.steps_per_epoch``.
@@ -151,7 +162,8 @@ class Trainer:
                 "rng": ckpt.rng_state(), "epoch_rng": self.epoch_rng, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "history": self.history, "best": self.best, "wall_time": self.wall_seconds(),
-                "sums": self.sums, "count": self.count}
+                "sums": self.sums, "count": self.count,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def save_checkpoint(self) -> None:
         ckpt.save(self._state(), self.xp.checkpoint_path)
@@ -174,6 +186,8 @@ class Trainer:
             opt.load_state_dict(opt_state)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         for key in ("epoch", "step_in_epoch", "global_step", "history", "best", "sums", "count",
                     "epoch_rng"):
             setattr(self, key, state[key])
@@ -220,6 +234,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
         self.global_step += 1
         self.step_in_epoch += 1
 
@@ -298,6 +314,22 @@ class Trainer:
             bar.close()
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
 
+    def _validate(self, entry: tp.Dict[str, tp.Any], metric: str) -> None:
+        """Validate (the EMA weights, if any), record it in ``entry`` and keep the best state."""
+        with self._averaged():
+            self.model.eval()
+            with torch.no_grad():
+                valid = self.task.evaluate(self.model, "valid")
+            check_finite_metrics(valid, f"valid (epoch {self.epoch + 1})")
+            entry["valid"] = valid
+            entry["true_size_mb"] = self.quantizer.true_model_size()
+            target = self.train_cfg.get("best_max_size_mb")
+            small = target is None or entry["true_size_mb"] <= target
+            if small and self.task.is_better(float(valid[metric]), self.best["value"]):
+                self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
+                ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
+                           **self.best}, self.xp.best_path)
+
     def fit(self) -> None:
         """Train all epochs (resuming from the checkpoint if there is one)."""
         self._t0 = self._last_save = time.monotonic()
@@ -324,18 +356,7 @@ class Trainer:
                                            "phase": self.quantizer.phase}
             last = self.epoch + 1 == epochs
             if last or (self.epoch + 1) % self.train_cfg["eval_every"] == 0:
-                self.model.eval()
-                with torch.no_grad():
-                    valid = self.task.evaluate(self.model, "valid")
-                check_finite_metrics(valid, f"valid (epoch {self.epoch + 1})")
-                entry["valid"] = valid
-                entry["true_size_mb"] = self.quantizer.true_model_size()
-                target = self.train_cfg.get("best_max_size_mb")
-                small = target is None or entry["true_size_mb"] <= target
-                if small and self.task.is_better(float(valid[metric]), self.best["value"]):
-                    self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
-                    ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
-                               **self.best}, self.xp.best_path)
+                self._validate(entry, metric)
             entry["time"] = time.monotonic() - start
             self.history.append(entry)
             self.epoch += 1

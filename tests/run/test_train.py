@@ -135,6 +135,7 @@ def _preempt_after(monkeypatch, task_cls, n_calls):
     (("train.grad_accum=2", "train.warmup_steps=3", "train.clip_grad=0.5",
       "optim=sgd", "optim.momentum=0.9", "runtime.checkpoint_every_steps=2"), 17),  # mid 2nd epoch
     (("train.epochs=3",), 24),                                        # on an epoch boundary
+    (("quant=lsq", "train.ema_decay=0.9"), 17),                       # EMA weights in the state
 ])
 def test_resume_after_preemption_is_exact(compose_toy, toy_task, monkeypatch, tmp_path, overrides, stop_at):
     reference = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'ref'}"))
@@ -309,3 +310,15 @@ def test_gradient_value_clipping(compose_toy):
     start = TASKS["toy"]().build_model().state_dict()
     best = torch.load(Xp(cfg.paths.root, cfg).best_path, weights_only=True)["model"]
     assert max(float((best[k] - v).abs().max()) for k, v in start.items()) < 1e-9
+
+
+def test_ema_weights_are_validated_and_exported(compose_toy, toy_task):
+    cfg = compose_toy("train.ema_decay=0.9", "train.epochs=1")
+    cli.run(cfg)
+    xp = Xp(cfg.paths.root, cfg)
+    trained = torch.load(xp.checkpoint_path, weights_only=True)
+    best = torch.load(xp.best_path, weights_only=True)["model"]
+    names = [n for n, _ in toy_task().build_model().named_parameters()]
+    shadow = dict(zip(names, trained["ema"]))
+    assert all(torch.equal(best[n], shadow[n]) for n in names)  # the best state is the average
+    assert any(not torch.equal(best[n], trained["model"][n]) for n in names)  # not the last step
