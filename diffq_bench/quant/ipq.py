@@ -157,8 +157,9 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         model: the model to quantize.
         p: block drop probability during noise training, in [0, 1) (paper: 0.05–0.2).
         block_size: PQ block length for Linear-like weights (conv k×k blocks are kernels).
-        block_sizes: per-parameter block lengths, ``{fnmatch pattern: length}``, first match wins
-            (e.g. fairseq's LM: ``{"*fc*": 8, "*attn*": 4, "*embed*": 4}``); others: block_size.
+        block_sizes: per-parameter block lengths, ``{name part: length}``: the first key contained in
+            the parameter's name wins, as fairseq's ``fuzzy_name`` (its LM: ``{fc: 8, attn: 4,
+            embed: 4}``); others: block_size.
         n_centroids: K, centroids per layer, 2..65536 (capped at the layer's number of blocks).
         n_iter: k-means iterations.
         init: k-means init, ``kmeans++`` or ``random``.
@@ -229,10 +230,10 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         return True
 
     def block_size_of(self, name: str) -> int:
-        """The block length of parameter ``name``: the first ``block_sizes`` pattern it matches
+        """The block length of parameter ``name``: the first ``block_sizes`` key it contains
         (fairseq's per-layer sizes: FFN 8, attention 4, embeddings 4), else ``block_size``."""
-        for pattern, size in self.block_sizes.items():
-            if fnmatch.fnmatch(name, pattern):
+        for part, size in self.block_sizes.items():
+            if part in name:
                 return size
         return self.block_size
 

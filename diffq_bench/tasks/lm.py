@@ -55,7 +55,7 @@ class LanguageModelingTask(Task):
     lower_is_better: tp.ClassVar[bool] = True
 
     tokens_per_sample: int = 3072
-    batch_size: int = 8
+    batch_size: int = 24
     context_window: int = 2560
     eval_tokens_per_sample: int = 512
     eval_batch_size: int = 4

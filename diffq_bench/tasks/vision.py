@@ -314,7 +314,9 @@ class Cifar10Task(ImageClassificationTask):
 
     model: str = "resnet18"
     eval_batch_size: int = 500
-    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=lambda: {"padding": 4, "hflip": 0.5})
+    # the official diffq CIFAR example's normalisation (examples/cifar/src/data.py)
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=lambda: {
+        "padding": 4, "hflip": 0.5, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]})
     verify_checksums: bool = True
     valid_size: int = 0
 
@@ -333,6 +335,9 @@ class Cifar100Task(Cifar10Task):
     """CIFAR-100 (fine labels) from the official python batches; options as :class:`Cifar10Task`."""
     name: tp.ClassVar[str] = "cifar100"
     variant: tp.ClassVar[str] = "cifar100"
+
+    augment: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=lambda: {
+        "padding": 4, "hflip": 0.5, "mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2671]})
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

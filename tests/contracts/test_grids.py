@@ -1,4 +1,5 @@
-"""Every grid file (conf/grid/*.yaml) loads as `+grid=NAME` and each of its runs composes and validates.
+"""Every grid file (conf/grid/*.yaml) loads as `+grid=NAME` and each of its runs composes and validates;
+every official value a paper grid documents (``grid.recipe``: key, value, source) is what its runs get.
 
 A run whose task, quantizer or optimizer config file does not exist fails the test with its name.
 """
@@ -12,7 +13,24 @@ from diffq_bench.launch import plan as sweep
 
 CONF = find_conf_dir()
 GRIDS = sorted(p.stem for p in (CONF / "grid").glob("*.yaml"))
-PAPER_GRIDS = ("table_lm", "table_imagenet", "table_cifar", "table_musdb")
+PAPER_GRIDS = ("table_lm", "table_imagenet", "table_cifar", "table_cifar_res20", "table_musdb",
+               "table_oneshot")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A data folder holding the pretrained weights some grids fine-tune from (their content does not
+    matter to composition and validation)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "pretrained").mkdir()
+    for name in ("resnet18", "mobilenetv2_100"):
+        (root / "pretrained" / f"{name}.pth").write_bytes(b"weights")
+    return root
+
+
+def _jobs(name):
+    cfg = compose([f"+grid={name}"])
+    return cfg, sweep.expand_grid(OmegaConf.to_container(cfg.grid.runs, resolve=False), [f"+grid={name}"], name)
 
 
 def _missing_group_file(overrides):
@@ -30,12 +48,10 @@ def test_grid_files_present():
 
 
 @pytest.mark.parametrize("name", GRIDS)
-def test_grid_runs_compose_and_validate(name, capsys):
+def test_grid_runs_compose_and_validate(name, capsys, data):
     start = time.time()
-    cfg = compose([f"+grid={name}"])
+    cfg, jobs = _jobs(name)
     assert cfg.grid.name == name, f"conf/grid/{name}.yaml must set grid.name: {name}"
-    runs = OmegaConf.to_container(cfg.grid.runs, resolve=False)
-    jobs = sweep.expand_grid(runs, [f"+grid={name}"], name)
     assert jobs, f"grid {name} expands to no run"
     # One composition per (quantizer, override keys) and per task checks every key and config file
     # the grid names; composing all ~150 paper runs would cost minutes on 2 cores.
@@ -50,7 +66,7 @@ def test_grid_runs_compose_and_validate(name, capsys):
     for job in picked:
         reason = _missing_group_file(job)
         assert reason is None, f"grid {name}: {' '.join(job)}: {reason}"
-        run_cfg = compose(job)
+        run_cfg = compose(job + [f"paths.data={data}"])
         # the grid's values must land where they were meant to (no silent typo in a key)
         plain = to_container(run_cfg)
         for ovr in job:
@@ -78,3 +94,23 @@ def test_mini_grid_covers_the_issue_methods():
                 ("quant_noise_ipq", None), ("dsq", None), ("oneshot_mpq", None)} <= methods, task
         diffq = {(j["lambda"], j["group_size"]) for j in mine if j["quant"] == "diffq"}
         assert len({lam for lam, _ in diffq}) == 3 and {g for _, g in diffq} == {"8", "16"}, task
+
+
+@pytest.mark.parametrize("name", [g for g in PAPER_GRIDS])
+def test_paper_grid_has_the_documented_official_values(name, data):
+    cfg, jobs = _jobs(name)
+    recipe = OmegaConf.to_container(cfg.grid.recipe, resolve=False)
+    assert recipe, f"conf/grid/{name}.yaml documents no official value (grid.recipe)"
+    composed = {}
+    for item in recipe:
+        assert set(item) == {"runs", "key", "value", "source"} and item["source"], item
+        wanted = item["runs"].split()
+        matching = [job for job in jobs if all(w in job for w in wanted)]
+        assert matching, f"{name}: no run matches {item['runs']!r}"
+        for job in matching[:3]:
+            key = tuple(job)
+            if key not in composed:
+                composed[key] = to_container(compose(job + [f"paths.data={data}"]))
+            got = OmegaConf.select(OmegaConf.create(composed[key]), item["key"])
+            assert got == item["value"], (f"{name}: {item['key']} is {got!r} in {' '.join(job)}, "
+                                          f"not {item['value']!r} ({item['source']})")

@@ -74,8 +74,8 @@ class OneShotMPQQuantizer(BaseQuantizer):
     default_lr = 1e-3
 
     def __init__(self, model: nn.Module, bits: tp.Sequence[int] = (2, 3, 4, 5, 6),
-                 act_bits: tp.Sequence[int] = (2, 3, 4, 5, 6), subnets: int = 2, kd_weight: float = 0.5,
-                 bn_align: float = 0.1, sched_every: int = 50, sched_frac: float = 0.2,
+                 act_bits: tp.Sequence[int] = (2, 3, 4, 5, 6), subnets: int = 3, kd_weight: float = 0.5,
+                 bn_align: float = 0.01, sched_every: int = 50, sched_frac: float = 0.2,
                  turbulence_eps: float = 0.05, budget_kind: str = "avg_bits", budget: float = 4.0,
                  calib_batches: int = 4, min_size: float = 0.01, float16: bool = False,
                  exclude: tp.Sequence[str] = ()):
