@@ -114,3 +114,13 @@ def test_paper_grid_has_the_documented_official_values(name, data):
             got = OmegaConf.select(OmegaConf.create(composed[key]), item["key"])
             assert got == item["value"], (f"{name}: {item['key']} is {got!r} in {' '.join(job)}, "
                                           f"not {item['value']!r} ({item['source']})")
+
+
+def test_docs_list_the_recipes_the_tests_check():
+    """docs/tables.md's "Official recipes" section is generated from the grids: it must be current."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "scripts" / "recipes_md.py"
+    out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr or out.stdout
