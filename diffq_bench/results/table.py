@@ -42,7 +42,9 @@ def format_axis(value: tp.Any) -> str:
 
 
 def format_published(value: float) -> str:
-    """A published number as printed in its source: 18.0 stays 18.0, 91.72 stays 91.72."""
+    """A published number as printed in its source: 18 stays 18, 18.0 stays 18.0, 91.72 stays 91.72."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     value = float(value)
     return f"{value:.1f}" if value == int(value) else f"{value:g}"
 

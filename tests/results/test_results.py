@@ -199,3 +199,13 @@ def test_trade_off_notes_report_what_was_measured(store):
     write_run(root, "d20", "diffq", 25.0, 11.0, **{"lambda": 20.0, "group_size": 16})
     (section,) = build_sections(load_results(root, grid="table_lm"))
     assert "does NOT decrease monotonically" in trade_off_notes(section)[0]
+
+
+def test_published_numbers_state_their_provenance():
+    refs = load_references(DEFAULT_REFERENCE_DIR)
+    assert {r.provenance for r in refs} <= {"papers-with-code", "abstract", "readme", "seed", "derived"}
+    pwc = {(r.task, r.metric): r.value for r in refs if r.provenance == "papers-with-code"}
+    assert pwc == {("wikitext103", "ppl"): 18, ("imagenet", "top1"): 82}  # integers, as printed there
+    assert all("REFERENCE.md" not in r.source for r in refs)  # not a file of this repository
+    demucs = {(r.quant, r.metric): (r.value, r.size_mb) for r in refs if r.task == "musdb_demucs"}
+    assert demucs[("none", "sdr")] == (6.3, None) and demucs[("diffq", "sdr")] == (None, 150.0)
