@@ -10,7 +10,8 @@ Number = tp.Union[int, float]
 
 def check_number(name: str, value: tp.Any, low: float = -math.inf, high: float = math.inf, *,
                  integer: bool = False, error: tp.Type[Exception] = ValueError) -> Number:
-    """``value`` if it is a number (not a bool, not NaN) in ``[low, high]``, integral if asked.
+    """``value`` if it is a finite number (not a bool, NaN or inf) in ``[low, high]``, integral if
+    asked.
 
     Args:
         name: the option's name as the user spells it (``lambda``, ``quant.bits``...).
@@ -20,11 +21,11 @@ def check_number(name: str, value: tp.Any, low: float = -math.inf, high: float =
         integer: also require an integral value.
         error: the exception raised, with ``"<name> must be <kind> <range>, got <value>"``.
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and integer and int(value) != value:
         ok = False
     if not ok or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number"
         bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise error(f"{name} must be {kind} {bound}, got {value!r}")
     return value

@@ -8,19 +8,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 import typing as tp
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from . import io
 from .checkpoint import seed_all
 from .config import ConfigError, find_conf_dir, to_container, validate
-from .data.errors import DataMissingError
+from .data import fingerprint
+from .data.errors import DataChangedError, DataCorruptError, DataMissingError
 from .finish import finish
+from .init import InitError
+from .io import LoadError
 from .launch import slurm
 from .launch import status as status_view
 from .results.load import DEFAULT_REFERENCE_DIR, load_references, load_results
@@ -28,8 +33,8 @@ from .results.plots import plot_sections
 from .results.render import FORMATS, render, render_sections
 from .results.table import build_sections, build_table
 from .tasks import get_task
-from .train import Preempted, Trainer, resolve_device
-from .xp import Xp, axes, now_iso
+from .train import PREEMPT, Preempted, Trainer, resolve_device
+from .xp import RunLockedError, Xp, axes, now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -52,54 +57,126 @@ def format_row(result: tp.Dict[str, tp.Any]) -> str:
     return render(head, [cells], "md").rstrip("\n")
 
 
+class Interrupt:
+    """SIGINT/SIGTERM to a run started from a shell: checkpoint at the next step boundary, then
+    stop with status INTERRUPTED (resumable), instead of dying mid-step. A second signal stops at
+    once (the run is still marked INTERRUPTED and resumes from its last checkpoint)."""
+
+    def __init__(self) -> None:
+        self.signum: tp.Optional[int] = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: tp.Any) -> None:
+        if self.signum is not None:  # second signal: no more waiting
+            raise KeyboardInterrupt
+        self.signum = signum
+        PREEMPT.set()
+        print(f"\ndiffq-bench: {signal.Signals(signum).name}: checkpointing at the next step "
+              "(signal again to stop now)", file=sys.stderr, flush=True)
+
+
+INTERRUPT = Interrupt()
+
+
+def execution_env(device: torch.device) -> tp.Dict[str, tp.Any]:
+    """What changes a run's numbers without changing its identity: recorded per attempt in
+    status.json, compared when a run resumes."""
+    return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "cuda": torch.version.cuda if device.type == "cuda" else None}
+
+
+def _check_env(xp: Xp, env: tp.Dict[str, tp.Any], status: tp.Mapping[str, tp.Any]) -> None:
+    before = status.get("env")
+    if before and before != env and xp.checkpoint_path.exists():
+        changed = ", ".join(f"{k} {before.get(k)} -> {env.get(k)}" for k in env if before.get(k) != env.get(k))
+        message = (f"resuming run {xp.sig} in another execution environment ({changed}): its numbers may "
+                   "differ slightly from an uninterrupted run")
+        logger.warning(message)
+        xp.log(f"warning: {message}")
+
+
+def _check_data(xp: Xp, task: tp.Any) -> tp.Optional[tp.Dict[str, tp.Any]]:
+    """Refuse to reuse or resume a run trained on other data (data.json vs the files now)."""
+    now = task.data_fingerprint()
+    recorded = xp.read_data()
+    if now is not None and recorded is not None:
+        changed = fingerprint.differences(recorded, now)
+        if changed:
+            raise DataChangedError(
+                f"run {xp.sig} was trained on other data than {task.data_dir} holds now ({changed}); "
+                "use another paths.root, restore the data, or runtime.force=true to train it again")
+    return now
+
+
 def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     """Run (or resume, or just report) the experiment described by ``cfg``; returns result.json's dict.
+
+    A finished run is reported without writing anything (a read-only store works); its data is
+    checked first. Failure is truthful: status.json says FAILED with the traceback (INTERRUPTED
+    after a signal, QUEUED after a preemption) and the exception propagates.
 
     Args:
         cfg: the composed config.
     Raises:
         ConfigError: invalid config (raised before any folder or data is touched).
+        RunLockedError: another live process runs this config.
+        DataChangedError: the run's data changed since it was trained.
     """
     validate(cfg)
     plain = to_container(cfg)
+    runtime = plain.get("runtime", {})
     xp = Xp(plain["paths"]["root"], cfg)
+    device = resolve_device(str(plain.get("device", "auto")))
+    task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
+    task = get_task(plain["task"]["name"], **task_kw)
+    if xp.is_done() and not runtime.get("force"):
+        task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
+                   num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+        _check_data(xp, task)
+        result = xp.read_result()
+        if result is None:  # is_done() checked the file exists: it vanished in between
+            raise RuntimeError(f"{xp.result_path} disappeared while reading it")
+        print(f"run {xp.sig} already finished ({xp.folder}); not training again", flush=True)
+        print(format_row(result), flush=True)
+        return result
     xp.create()
     xp.lock()
     try:
-        runtime = plain.get("runtime", {})
         grids = [plain["grid"]["name"]] if isinstance(plain.get("grid"), dict) and "name" in plain["grid"] else []
-        if xp.is_done() and not runtime.get("force"):
-            result = xp.read_result()
-            if result is None:  # is_done() checked the file exists: it vanished in between
-                raise RuntimeError(f"{xp.result_path} disappeared while reading it")
-            print(f"run {xp.sig} already finished ({xp.folder}); not training again", flush=True)
-            print(format_row(result), flush=True)
-            return result
         if runtime.get("force"):
-            for path in (xp.checkpoint_path, xp.best_path, xp.result_path):
+            for path in (xp.checkpoint_path, xp.best_path, xp.result_path, xp.data_path):
                 path.unlink(missing_ok=True)
-        status = xp.start_attempt(grids, slurm.current_job_id())
+        previous = xp.read_status() or {}
+        env = execution_env(device)
+        status = xp.start_attempt(grids, slurm.current_job_id(), env)
         xp.log(f"attempt {status['attempt']} started on {status['host']} (pid {status['pid']})")
         logger.info("run %s -> %s (attempt %d)", xp.sig, xp.folder, status["attempt"])
         try:
-            device = resolve_device(str(plain.get("device", "auto")))
+            _check_env(xp, env, previous)
             seed_all(int(plain["seed"]))
-            task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
-            task = get_task(plain["task"]["name"], **task_kw)
             task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
                        num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+            data = _check_data(xp, task)
+            if data is not None:
+                xp.write_data(data)
             trainer = Trainer(plain, task, xp, device, runtime)
             trainer.fit()
             metrics = finish(trainer)
-        except Preempted as exc:
-            status = xp.read_status() or {}
-            xp.write_status("QUEUED", requeues=int(status.get("requeues", 0)) + 1, traceback=None)
-            xp.log(str(exc))
+        except (Preempted, KeyboardInterrupt) as exc:
+            where = str(exc) if isinstance(exc, Preempted) else "interrupted"
+            if INTERRUPT.signum is not None or isinstance(exc, KeyboardInterrupt):
+                xp.write_status("INTERRUPTED", traceback=None)
+                xp.log(f"INTERRUPTED: {where}")
+            else:  # a scheduler's preemption: the job is requeued
+                xp.write_status("QUEUED", requeues=int(previous.get("requeues", 0)) + 1, traceback=None)
+                xp.log(where)
             raise
         except BaseException:
             tb = traceback.format_exc()
-            xp.write_status("FAILED", traceback=tb)
-            xp.log("FAILED\n" + tb)
+            record_failure(xp, tb)
             raise
         result = {"sig": xp.sig, "task": plain["task"]["name"], "quant": plain["quant"]["name"],
                   "metric": task.metric, "lower_is_better": task.lower_is_better, "axes": axes(cfg),
@@ -115,17 +192,49 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         xp.unlock()
 
 
+def record_failure(xp: Xp, tb: str) -> None:
+    """status.json FAILED with the traceback, even on a full disk (the run folder's reserve is
+    released first if the write fails, then the write is tried again)."""
+    try:
+        xp.write_status("FAILED", traceback=tb)
+    except OSError:
+        xp.release_reserve()
+        xp.write_status("FAILED", traceback=tb)
+    try:
+        xp.log("FAILED\n" + tb)
+    except OSError:
+        pass  # the status holds the traceback; the log line is a convenience
+
+
+#: exit codes of ``diffq-bench`` (docs/INTERFACES.md)
+EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 3, 4
+
+
 def _hydra_task(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as exc:
         # Bad config: a one-line message, no traceback, non-zero exit (SystemExit passes Hydra).
         print(f"diffq-bench: config error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except DataMissingError as exc:
+        raise SystemExit(EXIT_CONFIG) from None
+    except RunLockedError as exc:
+        print(f"diffq-bench: {exc}; wait for it (diffq-bench-status) or stop it", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_LOCKED) from None
+    except (Preempted, KeyboardInterrupt) as exc:
+        if INTERRUPT.signum is None and not isinstance(exc, KeyboardInterrupt):
+            raise  # a scheduler's preemption: the launcher's job side handles it
+        where = str(exc).split(";")[0] if isinstance(exc, Preempted) else "interrupted"
+        print(f"diffq-bench: {where}; rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except (DataMissingError, DataCorruptError, DataChangedError, LoadError, InitError) as exc:
         # The run is recorded FAILED (traceback in status.json); the user needs the path, not a stack.
-        print(f"diffq-bench: data missing: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        label = _ERROR_LABELS.get(type(exc), type(exc).__name__)
+        print(f"diffq-bench: {label}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+_ERROR_LABELS = {DataMissingError: "data missing", DataCorruptError: "data corrupt",
+                 DataChangedError: "data changed", LoadError: "cannot load", InitError: "init error"}
 
 
 def main() -> None:
@@ -135,6 +244,7 @@ def main() -> None:
     except ConfigError as exc:
         print(f"diffq-bench: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    INTERRUPT.install()
     hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_hydra_task)()
 
 
@@ -200,4 +310,8 @@ def status_main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this __main__ copy: launchers pickle the task function, and a
+    # by-reference pickle of diffq_bench.cli does not drag the signal handler's Event along.
+    from diffq_bench import cli as _cli  # start-up: the module itself, imported by name
+
+    _cli.main()

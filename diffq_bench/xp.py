@@ -11,6 +11,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -23,6 +24,8 @@ from omegaconf import OmegaConf
 from . import init, io
 from .config import compose, to_container
 
+logger = logging.getLogger(__name__)
+
 #: top-level keys that never enter the signature.
 EXCLUDED = ("paths", "device", "num_workers", "runtime", "grid", "hydra", "launcher")
 #: top-level aliases -> the quant key they feed by interpolation (conf/quant/*.yaml). They are not
@@ -31,7 +34,10 @@ EXCLUDED = ("paths", "device", "num_workers", "runtime", "grid", "hydra", "launc
 ALIASES = {"lambda": "penalty", "group_size": "group_size"}
 SIG_VERSION = 1
 SIG_LENGTH = 12
-STATES = ("QUEUED", "RUNNING", "DONE", "FAILED")
+#: run states in status.json; INTERRUPTED (a signal) and CANCELLED (by the scheduler) resume
+STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "INTERRUPTED", "CANCELLED")
+#: keys every result.json has (a file without them is not a diffq-bench result)
+RESULT_KEYS = ("sig", "task", "quant", "metric", "metrics")
 
 
 def semantic_config(cfg: tp.Any) -> tp.Dict[str, tp.Any]:
@@ -148,12 +154,18 @@ class Xp:
     quantized_path = property(lambda self: self.folder / "quantized.th")
     result_path = property(lambda self: self.folder / "result.json")
     submissions_path = property(lambda self: self.folder / "submissions.jsonl")
+    data_path = property(lambda self: self.folder / "data.json")
 
     def create(self) -> None:
-        """Create the folder and write the semantic config that was hashed (idempotent)."""
+        """Create the folder, remove what writers killed mid-write left there (``.X.tmp<pid>``
+        of dead processes) and write the semantic config that was hashed (only when it changed)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        for path in io.remove_stale_temps(self.folder):
+            logger.warning("removed %s, left by a writer that died mid-write", path)
         text = OmegaConf.to_yaml(OmegaConf.create(semantic_config(self.cfg)))
-        io.write_text(self.config_path, f"# run {self.sig}: the semantic config that was hashed\n{text}")
+        text = f"# run {self.sig}: the semantic config that was hashed\n{text}"
+        if not self.config_path.is_file() or self.config_path.read_text() != text:
+            io.write_text(self.config_path, text)
 
     # locking: two launches never share a folder by accident ---------------------------------
     def lock(self) -> None:
@@ -199,18 +211,37 @@ class Xp:
                                          "started": now_iso(), "epoch": 0, "traceback": None,
                                          "grids": []}
         status.update(fields)
-        status.update(state=state, host=socket.gethostname(), pid=os.getpid(), updated=now_iso())
+        status.update(state=state, host=socket.gethostname(), pid=os.getpid(), updated=now_iso(),
+                      heartbeat=now_iso())
         io.write_json(self.status_path, status)
         return status
 
-    def start_attempt(self, grids: tp.Sequence[str] = (), job_id: tp.Optional[str] = None
-                      ) -> tp.Dict[str, tp.Any]:
-        """Mark the run RUNNING with attempt + 1, the grids it belongs to and its scheduler job."""
+    def start_attempt(self, grids: tp.Sequence[str] = (), job_id: tp.Optional[str] = None,
+                      env: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+        """Mark the run RUNNING with attempt + 1, the grids it belongs to, its scheduler job and
+        the execution environment of this attempt; reserve room for a FAILED status."""
         status = self.read_status() or {}
         known = list(status.get("grids") or [])
         known += [g for g in grids if g not in known]
+        self._reserve()
         return self.write_status("RUNNING", attempt=int(status.get("attempt", 0)) + 1,
-                                 started=now_iso(), traceback=None, grids=known, job_id=job_id)
+                                 started=now_iso(), traceback=None, grids=known, job_id=job_id,
+                                 env=env)
+
+    reserve_path = property(lambda self: self.folder / ".reserve")
+
+    def _reserve(self, size: int = 1 << 16) -> None:
+        # A full disk must not keep the run from recording why it failed: this file holds room
+        # for status.json and log.txt, released by release_reserve() when a write fails.
+        if not self.reserve_path.exists():
+            try:
+                self.reserve_path.write_bytes(b"\0" * size)
+            except OSError:
+                self.reserve_path.unlink(missing_ok=True)
+
+    def release_reserve(self) -> None:
+        """Free the reserved room (the next small write succeeds on a full disk)."""
+        self.reserve_path.unlink(missing_ok=True)
 
     # history / log / result -----------------------------------------------------------------
     def read_history(self) -> tp.List[tp.Dict[str, tp.Any]]:
@@ -233,9 +264,14 @@ class Xp:
             diffq_bench.io.LoadError: the file is not valid JSON (the message names it).
         """
         try:
-            return io.read_json(self.result_path, "run result")
+            result = io.read_json(self.result_path, "run result")
         except FileNotFoundError:
             return None
+        if not isinstance(result, dict) or any(k not in result for k in RESULT_KEYS) or \
+                not isinstance(result["metrics"], dict):
+            raise io.LoadError(f"{self.result_path} is not a diffq-bench result (needs "
+                               f"{', '.join(RESULT_KEYS)}); delete it and run again (or runtime.force=true)")
+        return result
 
     def write_result(self, result: tp.Dict[str, tp.Any]) -> None:
         io.write_json(self.result_path, result)
@@ -243,6 +279,24 @@ class Xp:
     def is_done(self) -> bool:
         status = self.read_status() or {}
         return status.get("state") == "DONE" and self.result_path.exists()
+
+    def heartbeat(self) -> None:
+        """Record that the run is alive (status.json ``heartbeat``; the status view shows a
+        RUNNING run without a recent heartbeat or a live process as STALE)."""
+        status = self.read_status() or {}
+        if status.get("state") == "RUNNING":
+            status["heartbeat"] = now_iso()
+            io.write_json(self.status_path, status)
+
+    def read_data(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """The fingerprint of the data the run read (data.json), None before its first start."""
+        try:
+            return io.read_json(self.data_path, "data fingerprint")
+        except FileNotFoundError:
+            return None
+
+    def write_data(self, fingerprint: tp.Dict[str, tp.Any]) -> None:
+        io.write_json(self.data_path, fingerprint)
 
     def read_config(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
         """The semantic config written by :meth:`create` (None when not written yet)."""

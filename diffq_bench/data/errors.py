@@ -10,3 +10,7 @@ class DataMissingError(FileNotFoundError):
 
 class DataCorruptError(ValueError):
     """A dataset file exists but is not what it should be (checksum, format, shape, encoding)."""
+
+
+class DataChangedError(ValueError):
+    """A run's data changed since it was trained: its result or checkpoint is not reused."""

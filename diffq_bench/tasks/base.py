@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checks import check_number
+from ..data.fingerprint import fingerprint
 
 T = tp.TypeVar("T")
 
@@ -101,6 +102,7 @@ class Task:
         self.cache_dir: Path = Path(".cache")
         self.num_workers = 0
         self.seed = 0
+        self.data_dir: tp.Optional[Path] = None  # the folder setup() read the data from
 
     def penalty_convention(self) -> str:
         """How λ is applied, in words (result.json and the tables show it)."""
@@ -144,6 +146,19 @@ class Task:
     def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
         """The paper's evaluation on ``split`` (``valid`` or ``test``); includes :attr:`metric`."""
         raise NotImplementedError
+
+    #: path components naming a group of files in :meth:`data_fingerprint` (1: a split or a file)
+    fingerprint_depth: tp.ClassVar[int] = 1
+
+    def data_fingerprint(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
+        """The fingerprint of the files under :attr:`data_dir` (set by :meth:`setup`; None when
+        the task reads no folder): recorded with the run, compared before reusing or resuming it."""
+        if self.data_dir is None:
+            return None
+        root = Path(self.data_dir)
+        files = [p for p in root.rglob("*") if p.is_file() and
+                 not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        return fingerprint(root, files, self.cache_dir, self.fingerprint_depth)
 
     # ---------------------------------------------------------------- optional hooks
     def num_train_batches(self) -> tp.Optional[int]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data.embedded import ensure_embedded_wikitext
-from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, load_corpus
+from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, find_layout, load_corpus
 from ..models.transformer_lm import TransformerLM, TransformerLMConfig
 from .base import Task, field_default, typed_node
 
@@ -83,7 +83,9 @@ class LanguageModelingTask(Task):
     def setup(self, data_root: tp.Union[str, Path], cache_dir: tp.Union[str, Path],
               device: tp.Union[str, torch.device], num_workers: int = 0, seed: int = 0) -> None:
         super().setup(data_root, cache_dir, device, num_workers, seed)
-        self.corpus = load_corpus(self.corpus_root(), self.cache_dir, self.pad_to_multiple)
+        root = self.corpus_root()
+        self.corpus = load_corpus(root, self.cache_dir, self.pad_to_multiple)
+        self.data_dir = find_layout(root)[1]["train"][0].parent
 
     def _require_corpus(self) -> LMCorpus:
         if self.corpus is None:

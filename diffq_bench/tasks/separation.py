@@ -68,6 +68,7 @@ class MusdbDemucsTask(Task):
     metric: tp.ClassVar[str] = "nsdr"
     lower_is_better: tp.ClassVar[bool] = False
     data_subdir: tp.ClassVar[str] = "musdb18hq"
+    fingerprint_depth: tp.ClassVar[int] = 2  # split/track
 
     samplerate: int = 44100
     audio_channels: int = 2
@@ -140,6 +141,7 @@ class MusdbDemucsTask(Task):
         """Index the dataset and check its format (sample rate, channels, stems)."""
         super().setup(data_root, cache_dir, device, num_workers, seed)
         self.db = self._open()
+        self.data_dir = self.db.root
         length = self._geometry.valid_length(self.segment_samples) + self.shift_samples
         if self.repitch > 0:  # repitch cuts every source to (1 - max tempo) of its length
             length = int(length / (1 - MAX_TEMPO / 100))

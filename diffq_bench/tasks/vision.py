@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..data import digits as digits_data
-from ..data.cifar import CIFAR_SPECS, read_cifar
+from ..data.cifar import CIFAR_SPECS, find_cifar_folder, read_cifar
 from ..data.errors import DataMissingError
 from ..data.images import (
     ArrayImageDataset,
@@ -272,6 +272,7 @@ class ImageNetTask(ImageClassificationTask):
         other: see :class:`ImageClassificationTask`.
     """
     name: tp.ClassVar[str] = "imagenet"
+    fingerprint_depth: tp.ClassVar[int] = 2  # train/<class>: a changed class folder is named
 
     model: str = "resnet50"
     folder: str = "imagenet"
@@ -293,6 +294,7 @@ class ImageNetTask(ImageClassificationTask):
                 f"ImageNet not found: expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG "
                 f"(set paths.data or DIFFQ_BENCH_DATA to the folder holding '{self.folder}/'; "
                 "see scripts/prepare_imagenet.md to lay out the official archives)")
+        self.data_dir = root
         return _imagefolder_datasets(root, self.img_size, self.augment, _eval_options(self.augment))
 
 
@@ -326,6 +328,7 @@ class Cifar10Task(ImageClassificationTask):
         self.verify_checksums = bool(self.verify_checksums)
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+        self.data_dir = find_cifar_folder(self.data_root, self.variant)
         return _cifar_datasets(self.data_root, self.variant, self.augment, self.verify_checksums,
                                self.valid_size)
 
@@ -377,8 +380,10 @@ class DigitsTask(ImageClassificationTask):
         root = self.data_root / "digits"
         if self.format == "imagefolder":
             folder = digits_data.ensure_imagefolder(root)
+            self.data_dir = folder
             return _imagefolder_datasets(folder, self.img_size, self.augment, _eval_options(self.augment))
         folder = digits_data.ensure_cifar(root)
+        self.data_dir = folder
         # Checksums are verified against the manifest written with the files.
         return _cifar_datasets(folder, "cifar10", self.augment, True, digits_data.SPLIT_SIZES["val"])
 

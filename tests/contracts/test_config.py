@@ -111,5 +111,5 @@ def test_config_error_exits_before_any_work(toy_task, toy_conf, tmp_path, monkey
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == 2
-    assert "lambda must be a number >= 0.0, got -2" in capsys.readouterr().err
+    assert "lambda must be a finite number >= 0.0, got -2" in capsys.readouterr().err
     assert not root.exists()  # nothing was created

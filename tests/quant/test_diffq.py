@@ -228,8 +228,8 @@ def test_eval_weight_is_truly_quantized():
     (dict(group_size=7), "divides none"),
     (dict(penalty=-1), "penalty"),
     (dict(min_bits=8, max_bits=8), "min_bits must be < max_bits"),
-    (dict(min_bits=0), r"min_bits must be a number in \[1, 16\]"),
-    (dict(max_bits=17), r"max_bits must be a number in \[1, 16\]"),
+    (dict(min_bits=0), r"min_bits must be a finite number in \[1, 16\]"),
+    (dict(max_bits=17), r"max_bits must be a finite number in \[1, 16\]"),
     (dict(init_bits=15), "strictly between"),
     (dict(noise="laplace"), "gaussian"),
 ])
