@@ -9,6 +9,12 @@ runner adds the DiffQ penalty ``lambda * size_MiB`` to that mean. The paper's fa
 penalty to a *summed* loss (before fairseq divides gradients by the token count), so a given lambda
 weighs the size term differently here than in the paper: lambda values are not directly comparable.
 
+Data checks (:meth:`LanguageModelingTask.setup`): a split file that is empty, holds blank lines
+only or is not UTF-8 is a :class:`~diffq_bench.data.errors.DataCorruptError` naming the file; so is a
+train split shorter than one training block (``tokens_per_sample`` tokens) and a valid or test split
+shorter than one evaluation block (``eval_tokens_per_sample`` tokens): a metric over less than that is
+not the benchmark's.
+
 Evaluation follows fairseq's ``eval_lm --context-window``: the split is cut into blocks of
 ``eval_tokens_per_sample`` tokens; each block is scored once, with up to ``context_window``
 preceding tokens fed as (unscored) context. Perplexity = exp(mean NLL per token), ``<eos>`` tokens
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data.embedded import ensure_embedded_wikitext
-from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, find_layout, load_corpus
+from ..data.wikitext import EOS_ID, PAD_ID, LMCorpus, find_layout, load_corpus, require_tokens
 from ..models.transformer_lm import TransformerLM, TransformerLMConfig
 from .base import Task, field_default, typed_node
 
@@ -86,6 +92,13 @@ class LanguageModelingTask(Task):
         root = self.corpus_root()
         self.corpus = load_corpus(root, self.cache_dir, self.pad_to_multiple)
         self.data_dir = find_layout(root)[1]["train"][0].parent
+        # Too small to use is corrupt, never a silent number (an empty test set once gave PPL 1.0):
+        # train needs one training block, valid and test one full evaluation block each.
+        require_tokens(self.corpus, "train", self.tokens_per_sample,
+                       f"one training block (task.tokens_per_sample={self.tokens_per_sample})")
+        for split in ("valid", "test"):
+            require_tokens(self.corpus, split, self.eval_tokens_per_sample, "one evaluation block "
+                           f"(task.eval_tokens_per_sample={self.eval_tokens_per_sample})")
 
     def _require_corpus(self) -> LMCorpus:
         if self.corpus is None:

@@ -1,12 +1,14 @@
 """WikiText loader: layouts, dictionary, <eos> per line, cache, clear errors."""
+import logging
 import os
 
 import pytest
 import torch
 
+from diffq_bench import io
 from diffq_bench.data import wikitext
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
 from diffq_bench.data.wikitext import EOS_ID, UNK_ID, Dictionary, find_layout, load_corpus
-from diffq_bench.data.errors import DataMissingError
 
 TRAIN = [" \n", " = Title = \n", " \n", " the cat sat on the mat . \n", " the dog @-@ like cat . \n"]
 VALID = [" \n", " the zebra sat . \n"]
@@ -96,3 +98,67 @@ def test_parquet_layout_matches_tokens(tmp_path):
 def test_dictionary_rejects_bad_specials():
     with pytest.raises(ValueError, match="must start with"):
         Dictionary(["a", "<eos>", "<unk>"], [1, 1, 1])
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("content", ["", " \n \n\n"], ids=["empty", "blank-lines"])
+def test_empty_split_is_corrupt_naming_the_file(tmp_path, split, content):
+    root = write_tokens(tmp_path / "d")
+    (root / f"wiki.{split}.tokens").write_text(content)
+    with pytest.raises(DataCorruptError, match=rf"wiki\.{split}\.tokens holds no word"):
+        load_corpus(root, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("encoding,hint", [("latin-1", "invalid continuation byte"),
+                                           ("utf-16", "UTF-16 byte-order mark")])
+def test_non_utf8_tokens_file_is_corrupt_with_offset(tmp_path, encoding, hint):
+    root = write_tokens(tmp_path / "d")
+    data = " \n the caf\u00e9 sat . \n".encode(encoding)
+    (root / "wiki.valid.tokens").write_bytes(data)
+    with pytest.raises(DataCorruptError) as err:
+        load_corpus(root, tmp_path / "cache")
+    msg = str(err.value)
+    assert str(root / "wiki.valid.tokens") in msg and hint in msg and "UTF-8" in msg
+    offset = data.index(b"\xe9") if encoding == "latin-1" else 0  # UTF-16: its first byte, 0xff
+    assert f"invalid byte at offset {offset} " in msg
+
+
+def test_first_bad_utf8_across_block_boundaries(tmp_path):
+    path = tmp_path / "f"
+    good = "a\u00e9\u20ac\U0001f600b".encode()  # 1-, 2-, 3- and 4-byte sequences
+    for block in (1, 2, 3, 5):
+        path.write_bytes(good * 3)
+        assert wikitext.first_bad_utf8(path, block=block) == (-1, "")
+        path.write_bytes(good * 2 + b"\xff" + good)
+        assert wikitext.first_bad_utf8(path, block=block)[0] == 2 * len(good)
+        path.write_bytes(good + good[:2])  # a truncated 2-byte sequence at the end
+        assert wikitext.first_bad_utf8(path, block=block) == (len(good) + 1, "unexpected end of data")
+
+
+def _cache_file(tmp_path):
+    (path,) = (tmp_path / "cache" / "wikitext").glob("*.pt")
+    return path
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.update(train=s["train"] + 1000),            # ids past the dictionary: IndexError in the model
+    lambda s: s.update(valid=s["valid"].long()),            # wrong dtype
+    lambda s: s.update(test=s["test"][None]),                # wrong shape
+    lambda s: s.update(test=s["test"][:0]),                  # empty split
+    lambda s: s.update(symbols=s["symbols"][:-1]),            # counts and symbols disagree
+    lambda s: s.update(key="0" * 20),                        # built from other files
+    lambda s: s.pop("valid"),
+], ids=["ids-out-of-range", "dtype", "shape", "empty", "dictionary", "key", "missing-split"])
+def test_inconsistent_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    root = write_tokens(tmp_path / "d")
+    good = load_corpus(root, tmp_path / "cache")
+    path = _cache_file(tmp_path)
+    state = io.load_torch(path, what="token cache")
+    damage(state)
+    io.save_torch(path, state)
+    with caplog.at_level(logging.WARNING, logger="diffq_bench.data.wikitext"):
+        again = load_corpus(root, tmp_path / "cache")
+    assert "invalid" in caplog.text and "rebuilding" in caplog.text and str(path) in caplog.text
+    for split in ("train", "valid", "test"):
+        assert torch.equal(again.splits[split], good.splits[split])
+    assert io.load_torch(path, what="token cache")["key"] == path.stem  # the rebuilt cache is valid

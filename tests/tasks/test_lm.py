@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffq_bench.data.errors import DataMissingError
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
 from diffq_bench.data.wikitext import EOS_ID
 from diffq_bench.tasks import TASKS, get_task
 from diffq_bench.tasks.lm import LanguageModelingTask
@@ -203,3 +203,23 @@ def test_diverged_model_has_infinite_perplexity_not_an_overflow(task):
             return torch.full(targets.shape, 1e4)  # NLL per token far past exp's range
     metrics = task.evaluate(Huge(), "test")
     assert metrics["nll"] == pytest.approx(1e4) and metrics["ppl"] == math.inf
+
+
+@pytest.mark.parametrize("split,needed", [("train", "tokens_per_sample=8"),
+                                          ("valid", "eval_tokens_per_sample=6"),
+                                          ("test", "eval_tokens_per_sample=6")])
+def test_too_small_split_is_corrupt_not_a_perplexity(tmp_path, split, needed):
+    root = write_corpus(tmp_path / "data" / "wikitext-103")
+    (root / f"wiki.{split}.tokens").write_text(" the cat \n")  # 3 tokens: fewer than one block
+    t = get_task("wikitext103", tokens_per_sample=8, batch_size=4, context_window=5,
+                 eval_tokens_per_sample=6, eval_batch_size=3, model=TINY)
+    with pytest.raises(DataCorruptError, match=rf"wiki\.{split}\.tokens has 3 tokens.*{needed}"):
+        t.setup(tmp_path / "data", tmp_path / "cache", "cpu")
+
+
+def test_empty_test_split_is_corrupt_not_ppl_one(tmp_path):
+    root = write_corpus(tmp_path / "data" / "wikitext-103")
+    (root / "wiki.test.tokens").write_text("")
+    t = get_task("wikitext103", tokens_per_sample=8, eval_tokens_per_sample=6, model=TINY)
+    with pytest.raises(DataCorruptError, match=r"wiki\.test\.tokens holds no word"):
+        t.setup(tmp_path / "data", tmp_path / "cache", "cpu")
