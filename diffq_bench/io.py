@@ -5,7 +5,9 @@ Writing: :func:`write_bytes` / :func:`write_text` / :func:`write_json` / :func:`
 then ``os.replace`` it over the target: a reader sees the old file or the new one, never half of
 one. On any error the temporary file is removed before the error propagates, so a failed or
 interrupted write never leaves a partial file behind (a writer killed by SIGKILL leaves its
-``.tmp<pid>`` file, which :func:`remove_stale_temps` deletes once that pid is dead).
+``.tmp<pid>`` file, which :func:`remove_stale_temps` deletes once that pid is dead). A full disk
+is always reported as an ``OSError(ENOSPC)`` naming the target and saying the disk is full, also
+when torch's C++ writer hides it behind an ``enforce fail ... unexpected pos`` message.
 
 Loading: :func:`load_torch` reads ``torch.save`` files with ``weights_only=True`` (no code is ever
 unpickled), checks an optional format marker and version, and raises :class:`LoadError`, whose
@@ -49,22 +51,63 @@ def _disk_error(exc: OSError, path: Path) -> OSError:
     return exc
 
 
+class _Recorder:
+    """A binary file that remembers the OSError of a failed write: torch's C++ writer reports a
+    full disk as ``[enforce fail at inline_container.cc] unexpected pos``, hiding the cause."""
+
+    def __init__(self, fout: tp.BinaryIO):
+        self.fout = fout
+        self.error: tp.Optional[OSError] = None
+
+    def write(self, data: tp.Any) -> int:
+        try:
+            return self.fout.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fout.flush()
+
+
 def _write(path: PathLike, write: tp.Callable[[tp.BinaryIO], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
+    recorder: tp.Optional[_Recorder] = None
     try:
         with open(tmp, "wb") as fout:
-            write(fout)
+            recorder = _Recorder(fout)
+            write(tp.cast(tp.BinaryIO, recorder))
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(exc, path) from exc
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if recorder is not None and recorder.error is not None and isinstance(exc, Exception):
+            raise _disk_error(recorder.error, path) from exc  # the cause, not the C++ symptom
+        _raise_if_full(exc, path)
         raise
+
+
+def _raise_if_full(exc: BaseException, path: Path) -> None:
+    """Raise the disk-full OSError for ``path`` when ``exc`` is a writer's failure (a C++ enforce
+    message from torch/numpy) on a file system with (almost) no room left."""
+    if not isinstance(exc, (RuntimeError, ValueError)):
+        return
+    try:
+        stats = os.statvfs(path.parent if path.parent.exists() else path.parent.parent)
+    except OSError:
+        return
+    if stats.f_bavail * stats.f_frsize < _FULL_BYTES:
+        raise _disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from exc
+
+
+#: a file system with less room than this is full for a failed writer (torch writes in blocks)
+_FULL_BYTES = 1 << 20
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
@@ -132,6 +175,11 @@ def atomic_dir(path: PathLike, marker: str) -> tp.Iterator[Path]:
         except OSError:
             if not (path / marker).is_file():
                 raise
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
+    except Exception as exc:
+        _raise_if_full(exc, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import typing as tp
 
 # States in which a job will still run (or is running): do not submit the same run again.
@@ -73,20 +74,28 @@ def expand_job_ids(spec: str) -> tp.List[str]:
 
 def _parse_table(text: str) -> tp.Dict[str, str]:
     """Lines ``raw_id|job_id|state`` -> {id: state}, under both spellings of an array task's id."""
-    states: tp.Dict[str, str] = {}
+    return {jid: state for jid, (state, _) in _parse_rows(text).items()}
+
+
+def _parse_rows(text: str) -> tp.Dict[str, tp.Tuple[str, str]]:
+    """Lines ``raw_id|job_id|state[|reason]`` -> {id: (state, reason)} (both spellings of an array
+    task's id; reason ``""`` when the line has none or SLURM says ``None``)."""
+    rows: tp.Dict[str, tp.Tuple[str, str]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             continue
-        raw, job, state = parts
+        raw, job, state = parts[:3]
+        reason = parts[3].strip() if len(parts) == 4 else ""
+        reason = "" if reason in ("None", "(null)") else reason
         # sacct writes "CANCELLED by 0"; keep the state word only
         state = state.strip().split(" ")[0].rstrip("+")
         ids = expand_job_ids(job)
         for jid in ids:
-            states[jid] = state
+            rows[jid] = (state, reason)
         if len(ids) == 1 and raw.strip().isdigit():
-            states[raw.strip()] = state  # array task 12_3 also answers to its own id (SLURM_JOB_ID)
-    return states
+            rows[raw.strip()] = (state, reason)  # array task 12_3 also answers to its own id (SLURM_JOB_ID)
+    return rows
 
 
 def job_states(job_ids: tp.Iterable[str]) -> tp.Dict[str, str]:
@@ -100,6 +109,16 @@ def job_states(job_ids: tp.Iterable[str]) -> tp.Dict[str, str]:
     Raises:
         SlurmError: when the SLURM tools are missing or fail.
     """
+    return {jid: state for jid, (state, _) in job_info(job_ids).items()}
+
+
+def job_info(job_ids: tp.Iterable[str]) -> tp.Dict[str, tp.Tuple[str, str]]:
+    """Like :func:`job_states`, with squeue's reason for each job (``PartitionConfig``,
+    ``Resources``, ``BeginTime``...; ``""`` when it has none or squeue no longer lists it).
+
+    Raises:
+        SlurmError: when the SLURM tools are missing or fail.
+    """
     # ids of other schedulers (or garbage) are not SLURM's: unknown, rather than a failing sacct
     wanted = sorted({str(j) for j in job_ids if j and _JOB_ID_RE.match(str(j))})
     if not wanted:
@@ -109,10 +128,104 @@ def job_states(job_ids: tp.Iterable[str]) -> tp.Dict[str, str]:
     # Both tools accept the array base id and list its tasks; ask by base id so pending array
     # tasks (listed compactly as 12_[0-3]) are found too.
     bases = ",".join(sorted({j.split("_")[0] for j in wanted}))
-    states = _parse_table(_run(["sacct", "-n", "-P", "-X", "-o", "JobIDRaw,JobID,State", "-j", bases]))
-    queued = _parse_table(_run(["squeue", "-h", "-r", "-o", "%A|%i|%T", "-j", bases]))
-    states.update(queued)
-    return {j: states[j] for j in wanted if j in states}
+    rows = {jid: (state, "") for jid, (state, _) in _parse_rows(
+        _run(["sacct", "-n", "-P", "-X", "-o", "JobIDRaw,JobID,State", "-j", bases])).items()}
+    rows.update(_parse_rows(_run(["squeue", "-h", "-r", "-o", "%A|%i|%T|%r", "-j", bases])))
+    return {j: rows[j] for j in wanted if j in rows}
+
+
+#: pending reasons that never resolve by themselves: the job asks for something the cluster cannot
+#: give (more CPUs/memory/GPUs/time than a partition or node has, a node, account, QOS or partition
+#: that does not exist or is not allowed). Each maps to what to change.
+IMPOSSIBLE_REASONS = {
+    "PartitionConfig": "the request exceeds what the partition allows (CPUs, memory, GPUs or nodes): "
+                       "lower hydra.launcher.cpus_per_task / mem_gb / gpus_per_node / nodes, or pick "
+                       "another hydra.launcher.partition",
+    "PartitionNodeLimit": "the partition has fewer nodes than requested: lower hydra.launcher.nodes",
+    "PartitionTimeLimit": "the time limit exceeds the partition's MaxTime: lower hydra.launcher.timeout_min",
+    "PartitionDown": "the partition is down: pick another hydra.launcher.partition",
+    "PartitionInactive": "the partition is inactive: pick another hydra.launcher.partition",
+    "ReqNodeNotAvail": "a requested node does not exist or is unavailable: check the nodelist/exclude "
+                       "in hydra.launcher.additional_parameters",
+    "BadConstraints": "no node satisfies the constraints: check hydra.launcher.constraint / "
+                      "additional_parameters",
+    "InvalidAccount": "the account is invalid: set hydra.launcher.additional_parameters.account",
+    "InvalidQOS": "the QOS is invalid: set hydra.launcher.qos",
+    "QOSJobLimit": "the QOS does not allow this job (time, CPUs or GPUs per job): lower the request "
+                   "or set another hydra.launcher.qos",
+    "AccountNotAllowed": "the account may not use this partition: set hydra.launcher.additional_parameters.account",
+    "QOSNotAllowed": "the QOS may not use this partition: set hydra.launcher.qos",
+    "JobHeldAdmin": "an administrator holds the job: ask them, or scancel it",
+}
+
+
+def impossible_reason(reason: str) -> tp.Optional[str]:
+    """What to change when a PENDING job's ``reason`` can never resolve by itself (None otherwise).
+
+    ``ReqNodeNotAvail`` counts only when it names no node that exists (SLURM writes it both for a
+    node that is down for a while and for one that is not part of the cluster); squeue spells it
+    ``ReqNodeNotAvail, UnavailableNodes:n1,n2`` or ``ReqNodeNotAvail,_May_be_reserved...``.
+    """
+    word = reason.split(",")[0].split(" ")[0].strip()
+    if word == "ReqNodeNotAvail":
+        return IMPOSSIBLE_REASONS[word] if not _names_existing_node(reason) else None
+    return IMPOSSIBLE_REASONS.get(word)
+
+
+def _names_existing_node(reason: str) -> bool:
+    match = re.search(r"UnavailableNodes:([^ ]*)", reason)
+    if not match or not match.group(1):
+        return False  # no node list: a request for nodes that are not in the cluster
+    try:
+        _run(["scontrol", "show", "node", match.group(1)])
+    except SlurmError:
+        return False
+    return True
+
+
+def cancel(job_ids: tp.Iterable[str]) -> None:
+    """``scancel`` the given job ids (array tasks as ``"123_4"``); already ended jobs are ignored.
+
+    Raises:
+        SlurmError: scancel failed.
+    """
+    ids = [str(j) for j in job_ids if j]
+    if ids:
+        _run(["scancel", *ids])
+
+
+def accounting_state(job_id: str) -> tp.Optional[str]:
+    """The job's state in accounting only (``sacct``): while a job is being stopped squeue says
+    COMPLETING for a cancel, a requeue and a preemption alike; sacct already says CANCELLED,
+    REQUEUED or PREEMPTED. None when unknown (no accounting, not a SLURM id)."""
+    if not job_id or not _JOB_ID_RE.match(str(job_id)) or not shutil.which("sacct"):
+        return None
+    try:
+        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobIDRaw,JobID,State", "-j", str(job_id).split("_")[0]])
+    except SlurmError:
+        return None
+    return _parse_table(out).get(str(job_id))
+
+
+def cancelled_reason(job_id: tp.Optional[str] = None, wait_s: float = 3.0) -> tp.Optional[str]:
+    """A one-line reason when SLURM job ``job_id`` (default: this process's job) was cancelled
+    (``scancel``), None when it was not (requeue, preemption, time limit) or outside SLURM.
+
+    Args:
+        job_id: the job (array tasks as ``"123_4"``).
+        wait_s: how long to wait for accounting to record why a RUNNING job is being stopped.
+    """
+    job_id = job_id or current_job_id()
+    if not job_id:
+        return None
+    end = time.monotonic() + wait_s
+    state = accounting_state(job_id)
+    while state == "RUNNING" and time.monotonic() < end:
+        time.sleep(0.25)
+        state = accounting_state(job_id)
+    if state == "CANCELLED":
+        return f"SLURM job {job_id} was cancelled (scancel); the next launch resumes the run from its checkpoint"
+    return None
 
 
 def is_live(state: tp.Optional[str]) -> bool:

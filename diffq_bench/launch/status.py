@@ -2,12 +2,24 @@
 
 Columns: signature, state (status.json; ``NEW`` for a grid run never launched), the scheduler's
 view of its latest job (squeue/sacct), job id, attempt, requeues, epoch, age of the last log line,
-best metric so far (validation, or test once DONE) and the run's overrides or axes.
-A state that contradicts the scheduler is flagged: a run RUNNING/QUEUED in status.json whose job
-ended without finishing it is shown as ``STALE`` (it will be relaunched by the next sweep).
+best metric so far (validation, or test once DONE), the run (task, quantizer and the grid's
+overrides or the run's axes) and a note saying why a run is in its state.
+
+States that the run store alone cannot tell:
+
+- ``STALE``: status.json says RUNNING/QUEUED but nothing is working on the run: its scheduler job
+  ended, or (RUNNING) its process is dead (same host: the recorded pid no longer exists), or its
+  heartbeat (refreshed at least every minute while training, see ``diffq_bench.train``) is older
+  than :data:`STALE_AFTER_S`. A STALE run is relaunched (and resumed) by the next launch.
+- ``CORRUPT``: status.json exists but is not valid JSON; the note names the file.
+- A PENDING job's scheduler reason is in the note (``pending: Resources``); a reason that can
+  never resolve by itself (:func:`diffq_bench.launch.slurm.impossible_reason`) says what to change.
 """
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 import sys
 import time
 import typing as tp
@@ -23,7 +35,12 @@ from . import plan, slurm
 
 #: axes shown in the ``run`` column when the grid's overrides are not known
 LABEL_AXES = ("task.name", "quant.name", "lambda", "group_size", "quant.bits", "seed")
-COLUMNS = ("sig", "state", "slurm", "job", "attempt", "requeues", "epoch", "log age", "best", "run")
+COLUMNS = ("sig", "state", "slurm", "job", "attempt", "requeues", "epoch", "log age", "best", "run",
+           "note")
+#: a RUNNING run whose heartbeat is older than this (seconds) is STALE: ten heartbeats missed
+#: (the loop refreshes it at least once a minute, so only a step or evaluation taking over ten
+#: minutes on another host could be shown STALE while alive; on the run's host the pid decides).
+STALE_AFTER_S = 600.0
 
 
 def _read(read: tp.Callable[[], tp.Optional[tp.Dict[str, tp.Any]]]) -> tp.Optional[tp.Dict[str, tp.Any]]:
@@ -76,34 +93,110 @@ def best_metric(folder: Path) -> str:
     return "-" if best is None else f"valid_{task.metric}={best[0]:.4g}@e{best[1]}"
 
 
+def _age(stamp: tp.Any, now: float) -> tp.Optional[float]:
+    try:
+        parsed = datetime.datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return None
+    return now - parsed.timestamp() if parsed.tzinfo is not None else None
+
+
+def liveness(status: tp.Mapping[str, tp.Any], now: tp.Optional[float] = None) -> tp.Optional[str]:
+    """Why a RUNNING run is not alive (None when it may be): its process is dead (same host) or
+    its heartbeat is older than :data:`STALE_AFTER_S`."""
+    now = time.time() if now is None else now
+    if status.get("host") == socket.gethostname() and status.get("pid"):
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            return f"process {status['pid']} on {status['host']} is dead"
+        except (PermissionError, ValueError):
+            pass
+        else:
+            return None
+    age = _age(status.get("heartbeat") or status.get("updated"), now)
+    if age is not None and age > STALE_AFTER_S:
+        return f"no heartbeat for {format_age(age)} (host {status.get('host')}, pid {status.get('pid')})"
+    return None
+
+
+def _label(xp: Xp) -> str:
+    """task and quantizer of a run (and its varying axes once finished), from its own files."""
+    found = (_read(xp.read_result) or {}).get("axes") or {}
+    if not found:
+        try:
+            config = xp.read_config() or {}
+            found = {"task.name": config["task"]["name"], "quant.name": config["quant"]["name"]}
+        except Exception:  # noqa: BLE001 - config.yaml not written yet or unreadable
+            return ""
+    return " ".join(f"{k}={found[k]}" for k in LABEL_AXES if k in found)
+
+
+def _failure(status: tp.Mapping[str, tp.Any]) -> str:
+    lines = [ln.strip() for ln in str(status.get("traceback") or "").splitlines() if ln.strip()]
+    where = "before training" if not status.get("epoch") else f"in epoch {int(status['epoch']) + 1}"
+    return f"failed {where}" + (f": {lines[-1][:160]}" if lines else "")
+
+
 def run_row(folder: Path, job_state: tp.Mapping[str, str], label: str = "",
-            now: tp.Optional[float] = None) -> tp.Dict[str, str]:
-    """The table row of one run folder (see module docstring for the columns)."""
+            now: tp.Optional[float] = None,
+            reasons: tp.Optional[tp.Mapping[str, str]] = None) -> tp.Dict[str, str]:
+    """The table row of one run folder (see module docstring for the columns).
+
+    Args:
+        folder: the run folder.
+        job_state: job id -> scheduler state.
+        label: the run's overrides (default: its task, quantizer and axes).
+        now: the current time (seconds since the epoch).
+        reasons: job id -> squeue's reason of a PENDING job.
+    """
     xp = Xp.at(folder)
-    status = _read(xp.read_status) or {}
+    note = ""
+    try:
+        status = xp.read_status() or {}
+        corrupt = False
+    except LoadError:
+        status, corrupt = {}, True
     subs = xp.read_submissions()
     job = str(subs[-1]["job_id"]) if subs else (status.get("job_id") or "")
     sched = job_state.get(job, "") if job else ""
     state = status.get("state") or ("QUEUED" if subs else "NEW")
     # status.json written before the latest submission describes an older job
     outdated = bool(subs) and str(status.get("updated", "")) < str(subs[-1].get("submitted", ""))
-    if state in ("RUNNING", "QUEUED") and sched and not slurm.is_live(sched):
-        state = "STALE"
+    if corrupt:
+        state, note = "CORRUPT", f"{xp.status_path} is not valid JSON (delete it: the run resumes)"
+    elif state in ("RUNNING", "QUEUED") and sched and not slurm.is_live(sched):
+        state, note = "STALE", f"its job {job} is {sched}"
     elif (outdated or not status) and slurm.is_live(sched):
         state = "QUEUED" if sched == "PENDING" else "RUNNING"
+    elif state == "RUNNING" and not slurm.is_live(sched):
+        dead = liveness(status, now)
+        if dead:
+            state, note = "STALE", dead
+    if state == "FAILED":
+        note = _failure(status)
+    elif state in ("CANCELLED", "INTERRUPTED") and status.get("reason"):
+        note = str(status["reason"])
+    if sched == "PENDING" and (reasons or {}).get(job):
+        reason = reasons[job]
+        fix = slurm.impossible_reason(reason)
+        note = f"pending: {reason}" + (f" - can never start: {fix}" if fix else "")
     epochs = None
     try:
         epochs = (xp.read_config() or {})["train"]["epochs"]
     except Exception:  # noqa: BLE001 - config.yaml not written yet or unreadable
         pass
     epoch = str(status.get("epoch", 0)) + (f"/{epochs}" if epochs else "") if status else "-"
-    if not label:
-        found = (_read(xp.read_result) or {}).get("axes") or {}
-        label = " ".join(f"{k}={found[k]}" for k in LABEL_AXES if k in found)
+    if not label or label.startswith("("):
+        label = f"{_label(xp)} {label}".strip()
+    else:  # a grid's overrides: name the task and quantizer when they do not
+        own = [part for part in _label(xp).split() if part.startswith(("task.name=", "quant.name="))
+               and f"{part.split('.')[0]}=" not in label]
+        label = " ".join(own + [label])
     return {"sig": folder.name, "state": state, "slurm": sched or "-", "job": job or "-",
             "attempt": str(status.get("attempt", "-")), "requeues": str(status.get("requeues", "-")),
             "epoch": epoch, "log age": format_age(xp.log_age(now)),
-            "best": best_metric(folder), "run": label or "-"}
+            "best": best_metric(folder), "run": label or "-", "note": note or "-"}
 
 
 def grid_runs(grid: str, root: tp.Optional[str] = None,
@@ -154,13 +247,17 @@ def collect(root: Path, grid: tp.Optional[str] = None,
         xp = Xp.at(folder)
         ids.update(xp.known_job_ids(_read(xp.read_status)))
     job_state: tp.Dict[str, str] = {}
+    reasons: tp.Dict[str, str] = {}
     if ids and slurm.available():
         try:
-            job_state = slurm.job_states(ids)
+            info = slurm.job_info(ids)
         except slurm.SlurmError as exc:
             print(f"warning: no scheduler information ({exc})", file=sys.stderr)
+        else:
+            job_state = {jid: state for jid, (state, _) in info.items()}
+            reasons = {jid: reason for jid, (_, reason) in info.items() if reason}
     now = time.time()
-    return [run_row(folder, job_state, label, now) for folder, label in runs]
+    return [run_row(folder, job_state, label, now, reasons) for folder, label in runs]
 
 
 def render(rows: tp.Sequence[tp.Mapping[str, str]]) -> str:

@@ -115,11 +115,20 @@ class GridSweeper(Sweeper):
             results = self.launcher.launch([p.overrides for p in batch], initial_job_idx=start)
             returns.append(results)
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
+        # by name: Hydra's plugin discovery may load the launcher's modules a second time
+        cancelled = [(p, r) for p, r in failed if type(r._return_value).__name__ == "RunCancelled"]
+        failed = [(p, r) for p, r in failed if (p, r) not in cancelled]
+        messages = []
         if failed:
             lines = [f"  {p.sig} ({p.folder}): {' '.join(p.overrides)}\n"
                      f"    {plan.failure_line(r._return_value)}" for p, r in failed]
-            raise HydraException(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each "
-                                 "run's status.json):\n" + "\n".join(lines))
+            messages.append(f"{len(failed)} of {len(todo)} run(s) FAILED (tracebacks in each run's "
+                            "status.json):\n" + "\n".join(lines))
+        if cancelled:  # one line each: a cancel is a decision, not an error with a traceback
+            messages.append(f"{len(cancelled)} of {len(todo)} run(s) CANCELLED (launch again to resume):\n"
+                            + "\n".join(f"  {p.sig}: CANCELLED: {r._return_value}" for p, r in cancelled))
+        if messages:
+            raise HydraException("\n".join(messages))
         return returns
 
     @staticmethod

@@ -18,6 +18,7 @@ hydra-submitit's job:
 import logging
 import signal
 import typing as tp
+from pathlib import Path
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
@@ -99,8 +100,10 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
     if not isinstance(error, Preempted):
         raise error  # non-zero exit: SLURM records FAILED; the traceback is in status.json
     if signals.received == signal.SIGTERM:
+        # scancel: cli.run recorded CANCELLED and the launcher reports it; requeue or preemption:
+        # no result file, so the launcher keeps waiting for the requeued job
         log.warning("stopped by SLURM (requeue, preemption or cancel) after checkpointing")
-        raise SystemExit(-1)  # no result file: the launcher keeps waiting for the requeued job
+        raise SystemExit(-1)
     if restarts >= max_requeues:
         fail_run(launcher, sweep_overrides, singleton_state, RequeueLimitError(
             f"preempted or timed out after {restarts} requeues; max_requeues={max_requeues} "
@@ -134,6 +137,16 @@ def fail_unstarted(launcher: BaseSubmititLauncher, overrides: tp.List[str], pare
     return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
 
 
+def fail_never_started(overrides: tp.List[str], folder: Path, error: Exception) -> JobReturn:
+    """A run whose job was cancelled because it could never start: FAILED in its status.json (with
+    the reason) and as the sweep's result."""
+    xp = Xp.at(folder)
+    xp.write_status("FAILED", traceback=f"{type(error).__name__}: {error}")
+    xp.log(f"FAILED: {error}")
+    log.error("not started (%s): %s", " ".join(overrides), error)
+    return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
+
+
 def cancel(job: tp.Any) -> None:
     """Cancel a submitted job that must not run (its dependency failed); ignore one that ended."""
     try:
@@ -142,11 +155,45 @@ def cancel(job: tp.Any) -> None:
         log.warning("could not cancel job %s: %s", job.job_id, exc)
 
 
-def outcome(job: tp.Any, overrides: tp.List[str]) -> JobReturn:
+class RunCancelled(RuntimeError):
+    """The run's job was cancelled (``scancel``): the run is CANCELLED and resumes at the next launch."""
+
+
+class NeverStarts(RuntimeError):
+    """The run's job was pending for a reason that cannot resolve by itself; it was cancelled."""
+
+
+def outcome(job: tp.Any, overrides: tp.List[str], folder: tp.Optional[Path] = None) -> JobReturn:
     """The ``JobReturn`` of a finished submitit job; a failed job becomes a FAILED return naming
-    its exception line."""
+    its exception line, a cancelled one (``scancel``) a FAILED return holding :class:`RunCancelled`,
+    with its run folder's status.json CANCELLED (written here when the job never got to)."""
     try:
         return job.results()[0]
     except Exception as exc:  # noqa: BLE001 - FailedJobError / UncompletedJobError / pickling
+        cancelled = _cancelled(job, folder)
+        if cancelled is not None:
+            log.error("job %s (%s) was cancelled: %s", job.job_id, " ".join(overrides), cancelled)
+            return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=RunCancelled(cancelled))
         log.error("job %s (%s) failed: %s", job.job_id, " ".join(overrides), plan.failure_line(exc))
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=exc)
+
+
+def _cancelled(job: tp.Any, folder: tp.Optional[Path]) -> tp.Optional[str]:
+    """The one-line reason when ``job`` ended by ``scancel`` (None otherwise); makes the run's
+    status.json say CANCELLED with it."""
+    xp = Xp.at(folder) if folder is not None else None
+    try:
+        status = (xp.read_status() if xp is not None else None) or {}
+    except ValueError:  # a corrupt status.json: decided by the scheduler alone
+        status = {}
+    if status.get("state") == "CANCELLED" and status.get("job_id") == str(job.job_id):
+        return str(status.get("reason") or f"SLURM job {job.job_id} was cancelled")
+    reason = slurm.cancelled_reason(str(job.job_id), wait_s=0)
+    if reason is None:
+        return None
+    if xp is not None and status.get("state") not in ("DONE", "FAILED"):
+        if status.get("state") != "RUNNING":
+            reason = f"SLURM job {job.job_id} was cancelled (scancel) before the run started"
+        xp.write_status("CANCELLED", traceback=None, reason=reason)
+        xp.log(f"CANCELLED: {reason}")
+    return reason

@@ -8,9 +8,14 @@ What this adds to ``hydra_plugins.hydra_submitit_launcher``:
 - The job side of :mod:`.job`: truthful failure (sacct FAILED), checkpoint on USR2/SIGTERM,
   bounded requeues (``max_requeues``).
 - ``wait: false`` returns right after submission (check progress with ``diffq-bench-status``).
+- A job that can never start (pending with ``PartitionConfig``, an invalid account or QOS, a node
+  that does not exist...) is cancelled within seconds and the launch fails with the reason and the
+  ``hydra.launcher`` key to change (also with ``wait: false``, which checks for
+  :data:`WATCH_UNTIL_S` seconds); a job cancelled by ``scancel`` makes its run CANCELLED.
 """
 
 import logging
+import time
 import typing as tp
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
-from diffq_bench.launch import plan
+from diffq_bench.launch import plan, slurm
 from diffq_bench.xp import Xp
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
@@ -26,6 +31,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from . import job
 
 log = logging.getLogger(__name__)
+#: seconds between checks of the submitted jobs' pending reasons
+WATCH_POLL_S = 5.0
+#: with ``wait: false``, how long the launcher checks that the jobs can start before returning
+WATCH_UNTIL_S = 20.0
 
 
 class SlurmLauncher(BaseSubmititLauncher):
@@ -105,19 +114,55 @@ class SlurmLauncher(BaseSubmititLauncher):
                 log.info("submitted %d run(s) as SLURM job array %s%s (logs: %s)", len(jobs),
                          jobs[0].job_id.split("_")[0], f", afterok:{after}" if after else "",
                          jobs[0].paths.folder.parent)
-        if not self.wait:
-            return [JobReturn(overrides=list(o), status=JobStatus.UNKNOWN) for o in job_overrides]
+        folders = {key: plan.run_folder(list(key), lambda o: job.compose(self, o)) for key in submitted}
         returns: tp.Dict[tp.Tuple[str, ...], JobReturn] = {}
+        # a job that can never start (more CPUs than a node has, a missing node, account or QOS...)
+        # is cancelled and fails the launch now, instead of a wait without end
+        self._watch(submitted, folders, returns, WATCH_UNTIL_S if not self.wait else None)
+        if not self.wait:
+            return [returns.get(tuple(o), JobReturn(overrides=list(o), status=JobStatus.UNKNOWN))
+                    for o in job_overrides]
         for overrides in (o for wave in plan.in_dependency_order(job_overrides) for o in wave):
             dep = plan.dependency(overrides)
             parent = returns.get(dep.overrides) if dep is not None and dep.overrides else None
+            if tuple(overrides) in returns:  # never started: decided by _watch
+                continue
             if parent is not None and parent.status == JobStatus.FAILED:
                 # SLURM cancels it (kill-on-invalid-dep): record why, everywhere
                 job.cancel(submitted[tuple(overrides)])
                 returns[tuple(overrides)] = job.fail_unstarted(self, list(overrides), dep.sig)
             else:
-                returns[tuple(overrides)] = job.outcome(submitted[tuple(overrides)], list(overrides))
+                returns[tuple(overrides)] = job.outcome(submitted[tuple(overrides)], list(overrides),
+                                                        folders[tuple(overrides)])
         return [returns[tuple(o)] for o in job_overrides]
+
+    def _watch(self, submitted: tp.Mapping[tp.Tuple[str, ...], tp.Any],
+               folders: tp.Mapping[tp.Tuple[str, ...], Path], returns: tp.Dict[tp.Tuple[str, ...], JobReturn],
+               until_s: tp.Optional[float]) -> None:
+        """Poll the submitted jobs until they all ended (or ``until_s`` seconds passed): those
+        PENDING for a reason that never resolves are cancelled, their runs FAILED with the reason
+        and what to change (:func:`diffq_bench.launch.slurm.impossible_reason`)."""
+        start = time.monotonic()
+        waiting = {key: sub for key, sub in submitted.items()}
+        while waiting and (until_s is None or time.monotonic() - start < until_s):
+            waiting = {key: sub for key, sub in waiting.items() if not sub.done()}
+            try:
+                info = slurm.job_info([sub.job_id for sub in waiting.values()]) if waiting else {}
+            except slurm.SlurmError as exc:
+                log.warning("cannot check the pending jobs (%s)", exc)
+                info = {}
+            for key, sub in list(waiting.items()):
+                state, reason = info.get(str(sub.job_id), ("", ""))
+                fix = slurm.impossible_reason(reason) if state == "PENDING" else None
+                if fix is None:
+                    continue
+                error = job.NeverStarts(f"SLURM job {sub.job_id} can never start (pending, Reason={reason}): "
+                                        f"{fix}; it was cancelled")
+                job.cancel(sub)
+                returns[key] = job.fail_never_started(list(key), folders[key], error)
+                del waiting[key]
+            if waiting:
+                time.sleep(WATCH_POLL_S)
 
     # ---------------------------------------------------------------- job side
     def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,

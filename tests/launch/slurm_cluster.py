@@ -1,14 +1,16 @@
-"""Helpers to run tests against the real one-node SLURM cluster of ``../shared/slurm``.
+"""Helpers to run tests against a real one-node SLURM cluster.
 
-The scripts live next to the repository (``<repo>/../shared/slurm``; ``DIFFQ_BENCH_SLURM_SCRIPTS``
-points elsewhere). :func:`start_cluster` runs ``start-slurm.sh`` (idempotent, ~10 s fresh, needs
-root) and returns a :class:`Cluster`, or raises :class:`ClusterUnavailable` with the reason, which
-the test module turns into a visible skip. A cluster this module started is stopped by
-:meth:`Cluster.stop`; one that was already up is left running.
+The project's own script, ``scripts/slurm_test_cluster.sh``, installs the Debian packages and starts
+the cluster (idempotent; a cluster that is already up is used as it is; needs root).
+:func:`start_cluster` runs it and returns a :class:`Cluster`, or raises :class:`ClusterUnavailable`
+with the reason (not root, not Debian, a daemon that does not start...), which the test module turns
+into a visible skip. A cluster this module started is stopped by :meth:`Cluster.stop`; one that
+was already up is left running.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,10 +24,8 @@ class ClusterUnavailable(RuntimeError):
     """The SLURM scripts are missing or could not start the cluster (message says why)."""
 
 
-def scripts_dir() -> Path:
-    """Where ``start-slurm.sh`` & co. live (``../shared/slurm`` relative to the repository root)."""
-    env = os.environ.get("DIFFQ_BENCH_SLURM_SCRIPTS")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "slurm"
+#: the project's script that installs, starts and stops the test cluster
+SCRIPT = REPO_ROOT / "scripts" / "slurm_test_cluster.sh"
 
 
 def _cluster_up() -> bool:
@@ -39,8 +39,7 @@ def _cluster_up() -> bool:
 class Cluster:
     """A started cluster: job helpers plus :meth:`stop` (only if :func:`start_cluster` started it)."""
 
-    def __init__(self, scripts: Path, started_here: bool):
-        self.scripts = scripts
+    def __init__(self, started_here: bool):
         self.started_here = started_here
         self._bumper: tp.Optional[subprocess.Popen] = None
 
@@ -48,14 +47,13 @@ class Cluster:
         """Stop the bumper and, when this session started the cluster, the cluster."""
         self.stop_bumper()
         if self.started_here:
-            subprocess.run(["bash", str(self.scripts / "stop-slurm.sh")], capture_output=True,
-                           text=True, timeout=180)
+            subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=180)
 
     def start_bumper(self) -> None:
-        """Run ``bump_requeued.sh`` in the background: requeued jobs restart after ~2 s, not 120 s."""
+        """Run the script's ``bump`` in the background: requeued jobs restart after ~2 s, not 120 s."""
         if self._bumper is None:
             self._bumper = subprocess.Popen(
-                ["bash", str(self.scripts / "bump_requeued.sh")], stdout=subprocess.DEVNULL,
+                ["bash", str(SCRIPT), "bump"], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
 
     def stop_bumper(self) -> None:
@@ -69,28 +67,27 @@ class Cluster:
             self._bumper = None
 
 
-def start_cluster(timeout: float = 240.0) -> Cluster:
+def start_cluster(timeout: float = 300.0) -> Cluster:
     """Start (or reuse) the one-node cluster; :class:`ClusterUnavailable` says why it cannot run.
 
     Args:
-        timeout: seconds allowed for ``start-slurm.sh`` (a fresh install takes ~15 s).
+        timeout: seconds allowed for the script (a fresh install downloads packages).
     """
-    scripts = scripts_dir()
-    start = scripts / "start-slurm.sh"
-    if not start.is_file():
-        raise ClusterUnavailable(f"SLURM scripts not found: {start} is missing "
-                                 "(set DIFFQ_BENCH_SLURM_SCRIPTS to their folder)")
     if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode:
-        raise ClusterUnavailable("start-slurm.sh needs root (or password-less sudo)")
+        raise ClusterUnavailable(f"{SCRIPT.name} needs root (or password-less sudo) to install and "
+                                 "start SLURM")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld") and not _cluster_up():
+        raise ClusterUnavailable("SLURM is not installed and this machine has no apt-get (the script "
+                                 "installs Debian packages)")
     was_up = _cluster_up()
     try:
-        proc = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ClusterUnavailable(f"start-slurm.sh did not finish within {timeout:.0f} s") from None
+        raise ClusterUnavailable(f"{SCRIPT.name} start did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
-        raise ClusterUnavailable(f"start-slurm.sh exited {proc.returncode}: {tail}")
-    return Cluster(scripts, started_here=not was_up)
+        raise ClusterUnavailable(f"{SCRIPT.name} start exited {proc.returncode}: {tail}")
+    return Cluster(started_here=not was_up)
 
 
 def wait_for(predicate: tp.Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:

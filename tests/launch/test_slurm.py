@@ -1,5 +1,5 @@
-"""Sweeps on the real one-node SLURM cluster of ../shared/slurm (skipped, with the reason, if the
-scripts cannot run), plus unit tests of the squeue/sacct parsing.
+"""Sweeps on a real one-node SLURM cluster started by scripts/slurm_test_cluster.sh (skipped, with the
+reason, where it cannot run), plus unit tests of the squeue/sacct parsing.
 
 The cluster tests run a 4-run grid of the embedded WikiText LM at debug size as one job array,
 requeue a run mid-training with ``scontrol requeue`` and compare it with the uninterrupted run,
@@ -387,3 +387,91 @@ def test_a_failed_float_run_fails_its_fine_tuned_runs(bench):
     statuses = [status for status, _ in bench.runs("ftfail").values()]
     assert {s["state"] for s in statuses} == {"FAILED"}
     assert sum("FAILED, so this run was not started" in s["traceback"] for s in statuses) == 2
+
+
+def test_impossible_pending_reasons_say_what_to_change():
+    assert "hydra.launcher.cpus_per_task" in slurm.impossible_reason("PartitionConfig")
+    assert "qos" in slurm.impossible_reason("InvalidQOS")
+    assert slurm.impossible_reason("Resources") is None and slurm.impossible_reason("Priority") is None
+    assert slurm.impossible_reason("BeginTime") is None and slurm.impossible_reason("") is None
+    assert slurm.impossible_reason("ReqNodeNotAvail") is not None  # names no existing node
+    assert slurm._parse_rows("15|12_3|PENDING|PartitionConfig\n16|16|PENDING|None\n") == {
+        "15": ("PENDING", "PartitionConfig"), "12_3": ("PENDING", "PartitionConfig"), "16": ("PENDING", "")}
+
+
+@pytest.mark.slurm
+def test_job_info_reports_the_pending_reason(cluster, tmp_path):
+    job = subprocess.run(["sbatch", "--parsable", "--hold", "-o", str(tmp_path / "out"), "--wrap", "true"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    try:
+        wait_for(lambda: slurm.job_info([job]).get(job, ("", ""))[1] != "", 30, "a pending reason")
+        assert slurm.job_info([job])[job] == ("PENDING", "JobHeldUser")
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_impossible_job_fails_the_launch_within_a_minute(bench):
+    """Before: cpus_per_task larger than the node left the job pending (Reason=PartitionConfig)
+    and the launcher waiting forever, and relaunches said "live: job is PENDING"."""
+    too_many = f"hydra.launcher.cpus_per_task={(os.cpu_count() or 1) + 6}"
+    t0 = time.monotonic()
+    proc = bench.launch("impossible", *TOY, "quant=none", too_many, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0 and elapsed < 60, (elapsed, _output(proc)[-3000:])
+    out = _output(proc)
+    assert "can never start (pending, Reason=PartitionConfig)" in out and "hydra.launcher.cpus_per_task" in out
+    (folder,) = list((bench.base / "impossible" / "xps").iterdir())
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "FAILED" and "PartitionConfig" in status["traceback"]
+    job = Xp.at(folder).read_submissions()[-1]["job_id"]
+    wait_for(lambda: _sacct([job]).get(job) == "CANCELLED", 30, f"sacct to show {job} CANCELLED")
+    again = bench.launch("impossible", *TOY, "quant=none", too_many, "hydra.launcher.wait=false", timeout=120)
+    assert "1 runs: 1 to launch" in _output(again), _output(again)[-2000:]  # not blocked by the old job
+    assert again.returncode != 0 and "PartitionConfig" in _output(again)  # wait=false checks too
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scancel_of_a_running_array_task_is_cancelled_everywhere(bench):
+    """Before: sacct CANCELLED, status.json QUEUED with requeues=1, and the sweep FAILED with a
+    submitit UncompletedJobError and a pickle path."""
+    sweep = bench.start("scancel", *TOY, "quant=none", "seed=7,8")  # two runs: one job array
+    try:
+        folder = None
+
+        def running():
+            nonlocal folder
+            for path in (bench.base / "scancel" / "xps").glob("*/status.json"):
+                status = json.loads(path.read_text())
+                if status.get("state") == "RUNNING" and status.get("epoch", 0) >= 1:
+                    folder = path.parent
+                    return True
+            return False
+        wait_for(running, 120, "a run to finish its first epoch")
+        job = Xp.at(folder).read_submissions()[-1]["job_id"]
+        assert "_" in job  # an array task
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+    out = stdout + stderr
+    assert sweep.returncode != 0
+    assert "1 of 2 run(s) CANCELLED" in out and f"SLURM job {job} was cancelled (scancel)" in out, out[-3000:]
+    assert "FAILED" not in out.split("run(s) CANCELLED")[0].splitlines()[-1]  # the other run is fine
+    assert "UncompletedJobError" not in out and ".pkl" not in out
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "CANCELLED" and status["requeues"] == 0, status
+    assert status["reason"].startswith(f"SLURM job {job} was cancelled")
+    assert (folder / "checkpoint.th").exists()
+    wait_for(lambda: _sacct([job]).get(job) == "CANCELLED", 30, f"sacct to show {job} CANCELLED")
+    text = bench.status("scancel")
+    assert "CANCELLED" in text and "STALE" not in text and text.strip().endswith("2 runs: 1 CANCELLED, 1 DONE"), text
+    again = bench.launch("scancel", *TOY, "quant=none", "seed=7,8")  # resumes the cancelled run only
+    assert again.returncode == 0, _output(again)[-3000:]
+    assert "2 runs: 1 to launch, 1 done" in _output(again)
+    assert "resumed at epoch" in (folder / "log.txt").read_text()
+    assert json.loads((folder / "status.json").read_text())["state"] == "DONE"

@@ -1,5 +1,8 @@
 """diffq-bench-status: rows built from run folders and scheduler states (no cluster needed)."""
+import datetime
 import json
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -17,8 +20,8 @@ def test_format_age(seconds, text):
 
 
 def _run(root, seed, state=None, **fields):
-    cfg = OmegaConf.create({"paths": {"root": str(root)}, "task": {"name": "toy"}, "seed": seed,
-                            "train": {"epochs": 4}})
+    cfg = OmegaConf.create({"paths": {"root": str(root)}, "task": {"name": "toy"},
+                            "quant": {"name": "none"}, "seed": seed, "train": {"epochs": 4}})
     xp = Xp(root, cfg)
     xp.create()
     if state:
@@ -28,7 +31,8 @@ def _run(root, seed, state=None, **fields):
 
 def test_rows_combine_run_store_and_scheduler(tmp_path):
     done = _run(tmp_path, 0, "DONE", epoch=4, attempt=1, job_id="5_0")
-    done.write_result({"sig": done.sig, "metric": "acc", "metrics": {"test_acc": 0.8125},
+    done.write_result({"sig": done.sig, "task": "toy", "quant": "none", "metric": "acc",
+                       "metrics": {"test_acc": 0.8125},
                        "axes": {"task.name": "toy", "seed": 0, "train.epochs": 4}})
     running = _run(tmp_path, 1, "RUNNING", epoch=2, attempt=2, requeues=1, job_id="5_1")
     running.write_history([{"epoch": 1, "valid": {"acc": 0.5}}, {"epoch": 2, "valid": {"acc": 0.75}}])
@@ -100,3 +104,67 @@ def test_unknown_grid_lists_the_available_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         status_main(["--root", str(tmp_path), "task=x"])
     assert "only meaningful with --grid" in capsys.readouterr().err
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_killed_run_shows_stale_not_running_forever(tmp_path):
+    """Before, a run killed by kill -9 stayed RUNNING in diffq-bench-status forever."""
+    killed = _run(tmp_path, 0, "RUNNING", epoch=1)
+    status_path = killed.status_path
+    status_path.write_text(json.dumps({**json.loads(status_path.read_text()), "pid": _dead_pid()}))
+    row = status.run_row(killed.folder, {})
+    assert row["state"] == "STALE" and "is dead" in row["note"], row
+    alive = _run(tmp_path, 1, "RUNNING", epoch=1)  # this very process: alive
+    assert status.run_row(alive.folder, {})["state"] == "RUNNING"
+    # another host: the pid cannot be checked, the heartbeat decides
+    elsewhere = _run(tmp_path, 2, "RUNNING", epoch=1)
+    old = json.loads(elsewhere.status_path.read_text())
+    old.update(host="other-node", heartbeat="2000-01-01T00:00:00+00:00")
+    elsewhere.status_path.write_text(json.dumps(old))
+    row = status.run_row(elsewhere.folder, {})
+    assert row["state"] == "STALE" and row["note"].startswith("no heartbeat for"), row
+    now = datetime.datetime(2000, 1, 1, 0, 5, tzinfo=datetime.timezone.utc).timestamp()
+    assert status.run_row(elsewhere.folder, {}, now=now)["state"] == "RUNNING"  # 5 min: alive
+    assert status.liveness(old, now=now + status.STALE_AFTER_S) is not None
+
+
+def test_heartbeat_refreshes_a_running_run(tmp_path):
+    xp = _run(tmp_path, 0, "RUNNING")
+    old = json.loads(xp.status_path.read_text())
+    xp.status_path.write_text(json.dumps({**old, "heartbeat": "2000-01-01T00:00:00+00:00"}))
+    xp.heartbeat()
+    assert json.loads(xp.status_path.read_text())["heartbeat"] > "2000"
+    assert json.loads(xp.status_path.read_text())["epoch"] == old["epoch"]
+
+
+def test_garbage_status_json_shows_corrupt_with_its_path(tmp_path):
+    """Before, a garbage status.json showed as NEW (never launched)."""
+    xp = _run(tmp_path, 0, "RUNNING")
+    xp.status_path.write_bytes(b"\x00garbage{")
+    row = status.run_row(xp.folder, {})
+    assert row["state"] == "CORRUPT" and str(xp.status_path) in row["note"], row
+    assert "task.name=toy quant.name=none" in row["run"]
+
+
+def test_run_failed_before_training_is_shown_as_such(tmp_path):
+    xp = _run(tmp_path, 0, "FAILED", traceback="Traceback...\nDataMissingError: no data at /x")
+    row = status.run_row(xp.folder, {})
+    assert row["state"] == "FAILED" and row["epoch"] == "0/4"
+    assert row["note"] == "failed before training: DataMissingError: no data at /x"
+    assert row["run"] == "task.name=toy quant.name=none"
+
+
+def test_pending_reason_is_shown_and_impossible_ones_say_what_to_change(tmp_path):
+    xp = _run(tmp_path, 0)
+    Xp.at(xp.folder).record_submission("7_0")
+    row = status.run_row(xp.folder, {"7_0": "PENDING"}, reasons={"7_0": "PartitionConfig"})
+    assert row["state"] == "QUEUED"
+    assert row["note"].startswith("pending: PartitionConfig - can never start:")
+    assert "hydra.launcher.cpus_per_task" in row["note"]
+    row = status.run_row(xp.folder, {"7_0": "PENDING"}, reasons={"7_0": "Resources"})
+    assert row["note"] == "pending: Resources"
