@@ -93,6 +93,8 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
         "params": float_params, "best_epoch": int(trainer.best["epoch"]),
         "steps": trainer.global_step, "wall_time_s": trainer.wall_seconds(),
     })
+    # unreadable files left out on request (task.skip_bad_files): recorded only when some were
+    metrics.update({f"skipped_files_{split}": int(n) for split, n in task.skipped_files().items() if n})
     if restored[metric] != test[metric]:
         logger.warning("restored model gives test %s %.6g, live model %.6g: export is not exact",
                        metric, restored[metric], test[metric])

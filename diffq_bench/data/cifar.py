@@ -1,10 +1,15 @@
 """CIFAR-10/100 in the official python pickle format: read, verify, write.
 
 The official batches are ``cifar-10-batches-py/data_batch_1..5``, ``test_batch``, ``batches.meta``
-and ``cifar-100-python/train``, ``test``, ``meta``. Files are checked against the official MD5 sums
-(or a ``checksums.json`` manifest written next to them, for the embedded digits); turning the check
-off is an explicit option and is logged. The pickles are read with an unpickler that only accepts
-the globals numpy arrays need, so a tampered file cannot run code. :func:`write_cifar10_batches`
+and ``cifar-100-python/train``, ``test``, ``meta``. The official files are always checked against
+the official MD5 sums: a ``checksums.json`` found next to them may only add checks for files the
+release does not have (its use is logged), never replace an official sum. A data set in this format
+that is not the release (the embedded digits) is checked against the manifest its writer names
+explicitly. Turning the check off is an explicit option and is logged. Every failure is a
+:class:`~diffq_bench.data.errors.DataCorruptError` or ``DataMissingError`` naming the file, with the
+fix the calling task passes (its own option names: only the CIFAR tasks have ``verify_checksums``).
+The pickles are read with an unpickler that only accepts the globals numpy arrays need, so a
+tampered file cannot run code. :func:`write_cifar10_batches`
 writes a data set in the CIFAR-10 format (the embedded digits).
 """
 from __future__ import annotations
@@ -25,6 +30,8 @@ from .errors import DataCorruptError, DataMissingError
 logger = logging.getLogger(__name__)
 
 CHECKSUMS_FILE = "checksums.json"
+#: what to do about a file that is not the official release's (a task passes its own advice)
+OFFICIAL_FIX = "re-extract the official archive"
 
 
 def md5sum(path: tp.Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -97,8 +104,10 @@ def read_pickle_batch(path: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
     try:
         with open(path, "rb") as f:
             data = _SafeUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataCorruptError(f"{path} is not a readable CIFAR pickle batch: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the restricted unpickler runs no foreign code: any failure
+        # (bad opcode, truncation, an unknown codec in ``_codecs.encode``: LookupError) is a bad file
+        raise DataCorruptError(f"{path} is not a readable CIFAR pickle batch "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise DataCorruptError(f"{path} holds a {type(data).__name__}, expected a dict")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
@@ -122,50 +131,105 @@ def find_cifar_folder(root: tp.Union[str, Path], variant: str) -> Path:
                    f"archive into {root}")
 
 
-def verify_cifar_checksums(folder: Path, variant: str) -> None:
-    """Check every file against ``checksums.json`` in ``folder`` if present, else the official MD5s.
+def read_manifest(path: Path) -> tp.Dict[str, str]:
+    """A ``checksums.json`` manifest: file name -> MD5 hex digest.
 
     Raises:
-        DataMissingError: a file is missing; DataCorruptError: a checksum differs.
+        DataCorruptError: not JSON, or not a mapping of names to MD5 strings (the message names it).
+    """
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataCorruptError(f"{path} is not a valid checksum manifest (not JSON: {exc}); delete "
+                               "it or rewrite it as {\"<file>\": \"<md5>\", ...}") from None
+    if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 32 for k, v in loaded.items()):
+        raise DataCorruptError(f"{path} is not a valid checksum manifest (expected a JSON object "
+                               "of file name -> 32-digit MD5); delete it or rewrite it")
+    return loaded
+
+
+def _check_md5(path: Path, md5: str, source: str, what: str, fix: str) -> None:
+    if not path.is_file():
+        raise DataMissingError(f"{what} file missing: {path}; {fix}")
+    actual = md5sum(path)
+    if actual != md5:
+        raise DataCorruptError(f"{path}: MD5 {actual} differs from the {source} checksum {md5}; the "
+                               f"file is corrupt or not {what}'s: {fix}")
+
+
+def verify_cifar_checksums(folder: Path, variant: str, manifest: tp.Optional[Path] = None,
+                           fix: str = OFFICIAL_FIX) -> None:
+    """Check the files of ``folder`` against the official MD5s, or against ``manifest``.
+
+    Args:
+        folder: the folder holding the batch files.
+        variant: ``cifar10`` or ``cifar100``.
+        manifest: None for the official release: its files are checked against the official sums,
+            and a ``checksums.json`` in ``folder`` only adds checks for other files. A path: the data
+            set is not the release (the embedded digits): every file is checked against it.
+        fix: the advice ending a failure message (the calling task's own options).
+    Raises:
+        DataMissingError: a file is missing; DataCorruptError: a checksum differs, or a manifest
+        is unreadable or does not list the variant's files.
     """
     spec = _spec(variant)
-    expected = {name: md5 for name, md5 in spec.train + spec.test + (spec.meta,)}
-    manifest = folder / CHECKSUMS_FILE
-    source = "official"
-    if manifest.is_file():
-        # Data sets written by diffq-bench itself (embedded digits) carry their own manifest.
-        loaded = json.loads(manifest.read_text())
-        if set(loaded) != set(expected):
-            raise DataCorruptError(f"{manifest} lists {sorted(loaded)}, expected {sorted(expected)}")
-        expected, source = loaded, str(manifest)
-    for name, md5 in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise DataMissingError(f"{variant} file missing: {path}")
-        actual = md5sum(path)
-        if actual != md5:
-            raise DataCorruptError(
-                f"{path}: MD5 {actual} differs from the {source} checksum {md5}; the file is corrupt "
-                f"or not the {variant} release (re-extract it, or for a test fixture set "
-                f"task.verify_checksums=false explicitly)")
+    official = {name: md5 for name, md5 in spec.train + spec.test + (spec.meta,)}
+    if manifest is not None:
+        sums = read_manifest(manifest)
+        if set(sums) != set(official):
+            raise DataCorruptError(f"{manifest} lists {sorted(sums)}, expected {sorted(official)}; {fix}")
+        logger.info("%s: checked against %s (a data set in the %s format, not the official release)",
+                    folder, manifest, variant)
+        for name, md5 in sums.items():
+            _check_md5(folder / name, md5, str(manifest), f"the data set of {manifest.name}", fix)
+        return
+    for name, md5 in official.items():
+        _check_md5(folder / name, md5, "official", f"the {variant} release", fix)
+    extra = folder / CHECKSUMS_FILE
+    if extra.is_file():
+        sums = read_manifest(extra)
+        ignored = sorted(set(sums) & set(official))
+        added = {name: md5 for name, md5 in sums.items() if name not in official}
+        logger.warning("%s: official %s files checked against the official MD5s%s; %d other file(s) "
+                       "checked against %s", folder, variant,
+                       f" (its entries for {ignored} are ignored)" if ignored else "", len(added), extra)
+        for name, md5 in added.items():
+            _check_md5(folder / name, md5, str(extra), f"the manifest {extra.name}",
+                       f"restore it, or remove its entry from {extra}")
 
 
-def read_cifar(root: tp.Union[str, Path], variant: str, train: bool, verify_checksums: bool = True
-               ) -> tp.Tuple[np.ndarray, np.ndarray, tp.List[str]]:
-    """Images (N, 32, 32, 3) uint8, labels (N,) int64 and class names of one CIFAR split.
+def open_cifar(root: tp.Union[str, Path], variant: str, verify_checksums: bool = True,
+               manifest: tp.Optional[Path] = None, fix: str = OFFICIAL_FIX) -> Path:
+    """Find a CIFAR folder and check its checksums once (see :func:`verify_cifar_checksums`).
 
     Args:
         root: folder holding the official folder (``cifar-10-batches-py``...), or that folder itself.
         variant: ``cifar10`` or ``cifar100``.
-        train: the training batches when True, the test batch otherwise.
-        verify_checksums: check MD5 sums first (turning it off is logged).
+        verify_checksums: check the MD5 sums (turning it off is logged).
+        manifest: the manifest of a data set that is not the official release (None: official sums).
+        fix: the advice ending a failure message.
+    Returns:
+        the folder holding the batch files.
     """
-    spec = _spec(variant)
     folder = find_cifar_folder(root, variant)
     if verify_checksums:
-        verify_cifar_checksums(folder, variant)
+        verify_cifar_checksums(folder, variant, manifest, fix)
     else:
-        logger.warning("%s: checksum verification disabled by task.verify_checksums=false", folder)
+        logger.warning("%s: checksum verification disabled (verify_checksums=false)", folder)
+    return folder
+
+
+def read_cifar_split(folder: Path, variant: str, train: bool
+                     ) -> tp.Tuple[np.ndarray, np.ndarray, tp.List[str]]:
+    """Images (N, 32, 32, 3) uint8, labels (N,) int64 and class names of one split of ``folder``
+    (no checksum check: :func:`open_cifar` did it).
+
+    Raises:
+        DataMissingError: a batch file is missing; DataCorruptError: a file is malformed, or the
+        split holds no image (the message names the file).
+    """
+    spec = _spec(variant)
     images, labels = [], []
     for name, _ in (spec.train if train else spec.test):
         path = folder / name
@@ -174,24 +238,52 @@ def read_cifar(root: tp.Union[str, Path], variant: str, train: bool, verify_chec
         batch = read_pickle_batch(path)
         if "data" not in batch or spec.label_key not in batch:
             raise DataCorruptError(f"{path} lacks the 'data' or '{spec.label_key}' entry "
-                                   f"(has {sorted(batch)})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
+                                   f"(has {sorted(map(str, batch))})")
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch[spec.label_key], dtype=np.int64)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise DataCorruptError(f"{path}: 'data' or '{spec.label_key}' is not numeric ({exc})") from None
+        if data.size == 0:
+            data = data.reshape(0, 3072)  # an empty batch: reported below as a split without image
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataCorruptError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
+        if batch_labels.shape != (len(data),):
+            raise DataCorruptError(f"{path}: {len(data)} images but labels of shape {batch_labels.shape}")
         # Rows are channel-major (1024 R, 1024 G, 1024 B), each plane row-major 32x32.
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[spec.label_key], dtype=np.int64))
-        if len(labels[-1]) != len(images[-1]):
-            raise DataCorruptError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
-    meta = read_pickle_batch(folder / spec.meta[0])
-    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in meta.get(spec.names_key, [])]
+        labels.append(batch_labels)
+    meta_path = folder / spec.meta[0]
+    meta = read_pickle_batch(meta_path)
+    raw_names = meta.get(spec.names_key, [])
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n)
+             for n in (raw_names if isinstance(raw_names, (list, tuple)) else [])]
     if len(names) != spec.num_classes:
-        raise DataCorruptError(f"{folder / spec.meta[0]}: {len(names)} class names under "
+        raise DataCorruptError(f"{meta_path}: {len(names)} class names under "
                                f"'{spec.names_key}', expected {spec.num_classes}")
     all_labels = np.concatenate(labels)
-    if all_labels.size and (all_labels.min() < 0 or all_labels.max() >= spec.num_classes):
+    if not all_labels.size:
+        split = "training" if train else "test"
+        raise DataCorruptError(f"{folder}: the {split} batches hold no image "
+                               f"({', '.join(n for n, _ in (spec.train if train else spec.test))})")
+    if all_labels.min() < 0 or all_labels.max() >= spec.num_classes:
         raise DataCorruptError(f"{folder}: labels outside [0, {spec.num_classes - 1}]")
     return np.ascontiguousarray(np.concatenate(images)), all_labels, names
+
+
+def read_cifar(root: tp.Union[str, Path], variant: str, train: bool, verify_checksums: bool = True,
+               manifest: tp.Optional[Path] = None, fix: str = OFFICIAL_FIX
+               ) -> tp.Tuple[np.ndarray, np.ndarray, tp.List[str]]:
+    """Images (N, 32, 32, 3) uint8, labels (N,) int64 and class names of one CIFAR split.
+
+    Args:
+        root: folder holding the official folder (``cifar-10-batches-py``...), or that folder itself.
+        variant: ``cifar10`` or ``cifar100``.
+        train: the training batches when True, the test batch otherwise.
+        verify_checksums, manifest, fix: as :func:`open_cifar`.
+    """
+    folder = open_cifar(root, variant, verify_checksums, manifest, fix)
+    return read_cifar_split(folder, variant, train)
 
 
 def write_cifar10_batches(folder: tp.Union[str, Path], train_images: np.ndarray,

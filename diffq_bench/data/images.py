@@ -1,8 +1,13 @@
 """Image datasets in their official on-disk formats: ImageFolder (ImageNet) and CIFAR pickles.
 
 - ImageFolder: ``<root>/train/<class>/*.{jpg,png,...}`` and ``<root>/val/<class>/...`` (and
-  optionally ``test/``), read by timm's folder dataset with timm's train/eval transforms. The class
-  indices always come from ``train/`` so a split missing a class cannot shift the labels.
+  optionally ``test/``), listed as timm's folder reader lists them (same files, same order) and
+  read with timm's train/eval transforms. The class indices always come from ``train/`` so a split
+  missing a class cannot shift the labels. A split or class folder without an image is an error
+  naming it. A file that does not decode (truncated JPEG, garbage, 0-byte PNG) is a
+  :class:`~diffq_bench.data.errors.DataCorruptError` naming it by default -- timm's own dataset
+  would silently return the next image instead; with ``skip_bad=True`` it is left out of its batch
+  and its path reported (:class:`Batches` collects them), so the count can be recorded.
 - CIFAR-10/100: the official python pickle batches are read (checksums verified, safe unpickler)
   and written by :mod:`diffq_bench.data.cifar`; this module holds the CIFAR augmentation and the
   array-backed dataset.
@@ -13,17 +18,16 @@ augmentation: the batches of epoch ``e`` depend only on ``(seed, e)``, with or w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
 
 from .errors import DataCorruptError, DataMissingError
-
-
 
 # ------------------------------------------------------------------------------ ImageFolder
 IMAGEFOLDER_HELP = ("expected the ImageFolder layout <root>/train/<class>/<image> and "
@@ -46,31 +50,129 @@ def imagefolder_classes(root: tp.Union[str, Path]) -> tp.Dict[str, int]:
     return {name: index for index, name in enumerate(classes)}
 
 
+@dataclasses.dataclass(frozen=True)
+class BadFile:
+    """What :class:`ImageFiles` returns for an image that does not decode when ``skip_bad`` is set."""
+    path: str
+    reason: str
+
+
+class ImageFiles(Dataset):
+    """(image, label) from a list of image files, decoded by PIL as RGB (as timm's dataset does).
+
+    Args:
+        samples: (path, class index) pairs.
+        transform: applied to each PIL image.
+        skip_bad: return a :class:`BadFile` for a file that does not decode, instead of raising.
+    Raises (on item access):
+        DataCorruptError: a file does not decode (unless ``skip_bad``), naming it.
+    """
+
+    def __init__(self, samples: tp.Sequence[tp.Tuple[str, int]], transform: tp.Optional[tp.Callable] = None,
+                 skip_bad: bool = False):
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tp.Any:
+        from PIL import Image
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # decodes every pixel: a truncated file fails here
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on bad bytes
+            reason = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if self.skip_bad:
+                return BadFile(str(path), reason)
+            raise DataCorruptError(f"{path} is not a readable image ({reason}); replace or delete it, or "
+                                   "set task.skip_bad_files=true to leave bad files out (their count "
+                                   "is recorded in result.json)") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
 def imagefolder_split(root: tp.Union[str, Path], folder: str, class_to_idx: tp.Dict[str, int],
-                      transform: tp.Optional[tp.Callable] = None) -> Dataset:
-    """timm's folder dataset for ``<root>/<folder>`` with the class indices of ``train/``.
+                      transform: tp.Optional[tp.Callable] = None, skip_bad: bool = False) -> ImageFiles:
+    """The images of ``<root>/<folder>`` with the class indices of ``train/``.
 
     Args:
         root: dataset root (holds ``train/`` and ``val/``).
         folder: split folder name (``train``, ``val``, ``test``).
         class_to_idx: mapping from :func:`imagefolder_classes`.
         transform: applied to each PIL image (timm transform).
+        skip_bad: images that do not decode are left out (see :class:`ImageFiles`), not an error.
     Raises:
-        DataMissingError: missing folder; DataCorruptError: a class the training set lacks, or no image.
+        DataMissingError: missing folder; DataCorruptError: a class the training set lacks, a class
+        folder without an image, or no image at all.
     """
-    from timm.data import create_dataset
+    from timm.data.readers.img_extensions import get_img_extensions
+    from timm.data.readers.reader_image_folder import find_images_and_targets
     path = Path(root) / folder
     if not path.is_dir():
         raise DataMissingError(f"image dataset split not found: {path}; {IMAGEFOLDER_HELP}")
-    unknown = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in class_to_idx)
+    class_dirs = sorted(p.name for p in path.iterdir() if p.is_dir())
+    unknown = [name for name in class_dirs if name not in class_to_idx]
     if unknown:
         raise DataCorruptError(f"{path} has class folders absent from train/: {unknown[:5]}")
-    # search_split=False: root is already the split folder; timm would otherwise look for root/<split>.
-    dataset = create_dataset("", root=str(path), split=folder, search_split=False,
-                             class_map=dict(class_to_idx), transform=transform)
-    if len(dataset) == 0:
+    # timm's own listing (recursive walk, natural sort): the same files in the same order as before.
+    samples, _ = find_images_and_targets(str(path), class_to_idx=dict(class_to_idx))
+    if not samples:
         raise DataCorruptError(f"no image found under {path}; {IMAGEFOLDER_HELP}")
-    return dataset
+    found = {target for _, target in samples}
+    empty = [name for name in class_dirs if class_to_idx[name] not in found]
+    if empty:
+        raise DataCorruptError(f"class folder {path / empty[0]} holds no image (extensions "
+                               f"{', '.join(get_img_extensions())}; {len(empty)} such folder(s) in {path}): "
+                               "restore its images or remove the folder from every split")
+    return ImageFiles(samples, transform, skip_bad)
+
+
+def collate_skipping(items: tp.Sequence[tp.Any]) -> tp.Tuple[tp.Any, tp.List[str]]:
+    """``(batch of the readable items or None, paths of the unreadable ones)``: the collate of a
+    loader over a dataset built with ``skip_bad=True``."""
+    bad = [item.path for item in items if isinstance(item, BadFile)]
+    good = [item for item in items if not isinstance(item, BadFile)]
+    return (default_collate(good) if good else None), bad
+
+
+class Batches:
+    """The batches of a loader, with the data errors of its workers as one line.
+
+    Args:
+        loader: a DataLoader; built with :func:`collate_skipping` when ``skipped`` is given.
+        skipped: None (the loader yields plain batches), or a set that collects the paths the
+            loader's items left out; a batch whose every image is unreadable is an error.
+    """
+
+    def __init__(self, loader: tp.Any, skipped: tp.Optional[tp.Set[str]] = None):
+        self.loader, self.skipped = loader, skipped
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> tp.Iterator[tp.Any]:
+        try:
+            for item in self.loader:
+                if self.skipped is None:
+                    yield item
+                    continue
+                batch, bad = item
+                self.skipped.update(bad)
+                if batch is None:
+                    raise DataCorruptError(f"every image of a batch is unreadable ({bad[0]}, ...): the "
+                                           "data set is damaged beyond skipping files; restore it")
+                yield batch
+        except DataCorruptError as exc:
+            # A worker's error comes back as "Caught DataCorruptError in DataLoader worker...\n<traceback>";
+            # its own message is the text after the last "DataCorruptError: ".
+            text = str(exc)
+            if text.startswith("Caught ") and "DataCorruptError: " in text:
+                raise DataCorruptError(text.rsplit("DataCorruptError: ", 1)[1].strip()) from None
+            raise
 
 
 def timm_image_transform(img_size: int, train: bool, options: tp.Optional[tp.Dict[str, tp.Any]] = None
@@ -183,7 +285,7 @@ def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch: int = 0,
-                num_workers: int = 0, repeats: int = 1) -> DataLoader:
+                num_workers: int = 0, repeats: int = 1, skip_bad: bool = False) -> DataLoader:
     """A CPU-safe DataLoader; training order and augmentation depend only on (seed, epoch).
 
     Args:
@@ -196,9 +298,13 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
         repeats: repeated augmentation (DeiT's RASampler): each image of the shuffled order
             appears ``repeats`` times in a row, each copy differently augmented, and an epoch
             still holds ``len(dataset)`` images (so ``1/repeats`` of them are seen per epoch).
+        skip_bad: the dataset may return :class:`BadFile` items: batches are
+            ``(batch, bad paths)`` pairs (:func:`collate_skipping`), to read through :class:`Batches`.
     """
+    collate = collate_skipping if skip_bad else None
     if not train:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          collate_fn=collate)
     generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
     seeded = SeededDataset(dataset, seed, epoch, repeats)
     if repeats == 1:
@@ -207,4 +313,4 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
         order = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
         sampler = (order[:, None] * repeats + torch.arange(repeats)).reshape(-1)[:len(dataset)].tolist()
     return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=len(dataset) > batch_size, generator=generator)
+                      drop_last=len(dataset) > batch_size, generator=generator, collate_fn=collate)

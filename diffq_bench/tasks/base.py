@@ -161,6 +161,11 @@ class Task:
         return fingerprint(root, files, self.cache_dir, self.fingerprint_depth)
 
     # ---------------------------------------------------------------- optional hooks
+    def skipped_files(self) -> tp.Dict[str, int]:
+        """{split: unreadable data files left out} when the task's ``skip_bad_files`` is on
+        (result.json records the nonzero ones as ``skipped_files_<split>``); empty: none can be."""
+        return {}
+
     def num_train_batches(self) -> tp.Optional[int]:
         """Batches per training epoch when :meth:`train_batches` yields from a generator
         (None: the loop takes ``len(train_batches(0))``)."""

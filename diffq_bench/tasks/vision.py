@@ -26,10 +26,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..data import digits as digits_data
-from ..data.cifar import CIFAR_SPECS, find_cifar_folder, read_cifar
+from ..data.cifar import CHECKSUMS_FILE, CIFAR_SPECS, OFFICIAL_FIX, find_cifar_folder, open_cifar, read_cifar_split
 from ..data.errors import DataMissingError
 from ..data.images import (
     ArrayImageDataset,
+    Batches,
     cifar_transform,
     imagefolder_classes,
     imagefolder_split,
@@ -84,6 +85,8 @@ class _MixedBatches:
 
     def __iter__(self) -> tp.Iterator[tp.Tuple[torch.Tensor, torch.Tensor]]:
         for index, (images, target) in enumerate(self.loader):
+            if len(images) % 2:  # a skipped unreadable file (skip_bad_files): mixup pairs need an even batch
+                images, target = images[:-1], target[:-1]
             with seeded_rng(self.seed, self.epoch, index, 1):
                 yield self.mixup(images, target)  # (mixed images, soft targets)
 
@@ -112,6 +115,10 @@ class ImageClassificationTask(Task):
         eval_subset: same for the validation and test sets.
         repeated_aug: each image appears this many times in a row per epoch, differently
             augmented (DeiT's repeated augmentation: 3); 1 disables it.
+        skip_bad_files: an image file that does not decode is left out of its batch and counted
+            (:meth:`skipped_files`, ``skipped_files_<split>`` in result.json) instead of failing
+            the run with its path (the default). Image-file formats only: the CIFAR batches are
+            checked whole by their MD5, so the CIFAR-format tasks refuse ``true``.
     """
     metric: tp.ClassVar[str] = "top1"
     lower_is_better: tp.ClassVar[bool] = False
@@ -126,9 +133,14 @@ class ImageClassificationTask(Task):
     train_subset: int = 0
     eval_subset: int = 0
     repeated_aug: int = 1
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.skip_bad_files, bool):
+            raise ValueError(f"task.skip_bad_files must be true or false, got {self.skip_bad_files!r}")
+        #: paths of the unreadable files left out per split (``skip_bad_files``), in this process
+        self._skipped: tp.Dict[str, tp.Set[str]] = {split: set() for split in ("train",) + SPLITS}
         self._int_field("repeated_aug")
         self._int_field("batch_size")
         self._int_field("eval_batch_size")
@@ -171,9 +183,19 @@ class ImageClassificationTask(Task):
             raise RuntimeError(f"task {self.name!r}: call setup() before build_model()")
         return create_image_model(self.model, self.num_classes, self.model_kwargs)
 
+    def skipped_files(self) -> tp.Dict[str, int]:
+        """{split: number of distinct unreadable image files left out} (``skip_bad_files``; all zero
+        otherwise: a bad file is then an error). Counted by this process over what it read: a
+        resumed run counts the files of the epochs it ran itself."""
+        return {split: len(paths) for split, paths in self._skipped.items()}
+
+    def _batches(self, loader: tp.Any, split: str) -> Batches:
+        """``loader``'s batches, unreadable files recorded under ``split`` (``skip_bad_files``)."""
+        return Batches(loader, self._skipped[split] if self.skip_bad_files else None)
+
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
-        loader = make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
-                             self.num_workers, self.repeated_aug)
+        loader = self._batches(make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
+                                           self.num_workers, self.repeated_aug, self.skip_bad_files), "train")
         if self._mixup is not None:
             return _MixedBatches(loader, self._mixup, self.seed, epoch)
         return loader
@@ -194,8 +216,8 @@ class ImageClassificationTask(Task):
         """Top-1 / top-5 accuracy (percent) and mean cross-entropy (no smoothing) on ``split``."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        loader = make_loader(self.datasets[split], self.eval_batch_size, False, self.seed,
-                             num_workers=self.num_workers)
+        loader = self._batches(make_loader(self.datasets[split], self.eval_batch_size, False, self.seed,
+                                           num_workers=self.num_workers, skip_bad=self.skip_bad_files), split)
         was_training = model.training
         model.eval()
         total, loss, top1, top5 = 0, 0.0, 0, 0
@@ -216,27 +238,29 @@ class ImageClassificationTask(Task):
 
 
 # ------------------------------------------------------------------------- format readers
-def _imagefolder_datasets(root: Path, img_size: int, augment: dict, eval_options: dict
-                          ) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+def _imagefolder_datasets(root: Path, img_size: int, augment: dict, eval_options: dict,
+                          skip_bad: bool = False) -> tp.Tuple[tp.Dict[str, Dataset], int]:
     classes = imagefolder_classes(root)
     train_tf = timm_image_transform(img_size, True, augment)
     eval_tf = timm_image_transform(img_size, False, eval_options)
     test_folder = "test" if (root / "test").is_dir() else "val"
-    datasets = {"train": imagefolder_split(root, "train", classes, train_tf),
-                "valid": imagefolder_split(root, "val", classes, eval_tf),
-                "test": imagefolder_split(root, test_folder, classes, eval_tf)}
+    datasets = {"train": imagefolder_split(root, "train", classes, train_tf, skip_bad),
+                "valid": imagefolder_split(root, "val", classes, eval_tf, skip_bad),
+                "test": imagefolder_split(root, test_folder, classes, eval_tf, skip_bad)}
     return datasets, len(classes)
 
 
 def _cifar_datasets(root: Path, variant: str, augment: dict, verify_checksums: bool,
-                    valid_size: int) -> tp.Tuple[tp.Dict[str, Dataset], int]:
+                    valid_size: int, manifest: tp.Optional[Path] = None, fix: str = OFFICIAL_FIX
+                    ) -> tp.Tuple[tp.Dict[str, Dataset], int]:
     spec = CIFAR_SPECS[variant]
     options = {"mean": spec.mean, "std": spec.std, "padding": 4, "hflip": 0.5, **augment}
     unknown = sorted(set(options) - {"mean", "std", "padding", "hflip"})
     if unknown:
         raise ValueError(f"unknown CIFAR augment option(s) {unknown}; valid: mean, std, padding, hflip")
-    images, labels, _ = read_cifar(root, variant, train=True, verify_checksums=verify_checksums)
-    test_images, test_labels, _ = read_cifar(root, variant, train=False, verify_checksums=False)
+    folder = open_cifar(root, variant, verify_checksums, manifest, fix)  # every file checked once
+    images, labels, _ = read_cifar_split(folder, variant, train=True)
+    test_images, test_labels, _ = read_cifar_split(folder, variant, train=False)
     if not 0 <= valid_size < len(images):
         raise ValueError(f"valid_size must be in [0, {len(images) - 1}] for {variant}, got {valid_size}")
     train_tf = cifar_transform(True, options["mean"], options["std"], options["padding"], options["hflip"])
@@ -295,7 +319,8 @@ class ImageNetTask(ImageClassificationTask):
                 f"(set paths.data or DIFFQ_BENCH_DATA to the folder holding '{self.folder}/'; "
                 "see scripts/prepare_imagenet.md to lay out the official archives)")
         self.data_dir = root
-        return _imagefolder_datasets(root, self.img_size, self.augment, _eval_options(self.augment))
+        return _imagefolder_datasets(root, self.img_size, self.augment, _eval_options(self.augment),
+                                     self.skip_bad_files)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -326,11 +351,16 @@ class Cifar10Task(ImageClassificationTask):
         super().__post_init__()
         self._int_field("valid_size", 0)
         self.verify_checksums = bool(self.verify_checksums)
+        if self.skip_bad_files:
+            raise ValueError(f"task.skip_bad_files=true does not apply to {self.name}: its batch files "
+                             "are read whole and checked by their MD5; set it to false")
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         self.data_dir = find_cifar_folder(self.data_root, self.variant)
+        fix = ("re-extract the official archive (for a test fixture, set task.verify_checksums=false "
+               "explicitly)")
         return _cifar_datasets(self.data_root, self.variant, self.augment, self.verify_checksums,
-                               self.valid_size)
+                               self.valid_size, fix=fix)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -375,17 +405,23 @@ class DigitsTask(ImageClassificationTask):
             raise ValueError(f"unknown digits format {self.format!r}; valid: {', '.join(self.FORMATS)}")
         if self.format == "cifar" and self.img_size != 32:
             raise ValueError(f"the CIFAR format is 32x32: img_size must be 32, got {self.img_size!r}")
+        if self.format == "cifar" and self.skip_bad_files:
+            raise ValueError("task.skip_bad_files=true applies to format=imagefolder only: the CIFAR "
+                             "format's batch files are read whole and checked by their MD5")
 
     def _load(self) -> tp.Tuple[tp.Dict[str, Dataset], int]:
         root = self.data_root / "digits"
         if self.format == "imagefolder":
             folder = digits_data.ensure_imagefolder(root)
             self.data_dir = folder
-            return _imagefolder_datasets(folder, self.img_size, self.augment, _eval_options(self.augment))
+            return _imagefolder_datasets(folder, self.img_size, self.augment, _eval_options(self.augment),
+                                         self.skip_bad_files)
         folder = digits_data.ensure_cifar(root)
         self.data_dir = folder
-        # Checksums are verified against the manifest written with the files.
-        return _cifar_datasets(folder, "cifar10", self.augment, True, digits_data.SPLIT_SIZES["val"])
+        # Not the CIFAR-10 release: checked against the manifest written with the files.
+        return _cifar_datasets(folder, "cifar10", self.augment, True, digits_data.SPLIT_SIZES["val"],
+                               manifest=folder / CHECKSUMS_FILE,
+                               fix=f"delete {folder}: the embedded digits are written again on the next run")
 
 
 VISION_TASKS: tp.Dict[str, tp.Type[Task]] = {

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffq_bench.data import cifar, digits, images
 from diffq_bench.data.errors import DataCorruptError, DataMissingError
+
 from fixtures import make_cifar10_fixture, make_imagefolder, py2_style_batch
 
 torch.set_num_threads(1)
@@ -30,7 +31,7 @@ def test_cifar10_reader_layout(tmp_path):
 
 def test_cifar_checksums_are_checked_unless_disabled(tmp_path):
     make_cifar10_fixture(tmp_path)
-    with pytest.raises(DataCorruptError, match="official checksum.*verify_checksums=false"):
+    with pytest.raises(DataCorruptError, match="official checksum.*re-extract the official archive"):
         cifar.read_cifar(tmp_path, "cifar10", train=True)
 
 
@@ -72,7 +73,8 @@ def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
     te = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     sums = cifar.write_cifar10_batches(tmp_path, tr, np.arange(13) % 10, te, np.arange(4), list("abcdefghij"))
     assert json.loads((tmp_path / "checksums.json").read_text()) == sums
-    x, y, names = cifar.read_cifar(tmp_path, "cifar10", train=True)  # verified by the manifest
+    manifest = tmp_path / "checksums.json"
+    x, y, names = cifar.read_cifar(tmp_path, "cifar10", train=True, manifest=manifest)  # verified by it
     assert (x == tr).all() and list(y) == list(np.arange(13) % 10) and names == list("abcdefghij")
     # Format-faithful: torchvision's own reader (checksums off: these are not the official files).
     from torchvision.datasets import CIFAR10
@@ -90,7 +92,7 @@ def test_writer_manifest_roundtrip_and_torchvision(tmp_path):
         f.seek(200)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(DataCorruptError, match="test_batch.*checksums.json"):
-        cifar.read_cifar(tmp_path, "cifar10", train=False)
+        cifar.read_cifar(tmp_path, "cifar10", train=False, manifest=manifest)
 
 
 def test_imagefolder_classes_from_train(tmp_path):
@@ -160,7 +162,7 @@ def test_digits_split_and_formats(tmp_path):
     assert digits.ensure_imagefolder(tmp_path) == folder  # written once
     assert (folder / digits.MANIFEST).stat().st_mtime_ns == mtime
     cifar_dir = digits.ensure_cifar(tmp_path)
-    x, y, names = cifar.read_cifar(cifar_dir, "cifar10", train=True)
+    x, y, names = cifar.read_cifar(cifar_dir, "cifar10", train=True, manifest=cifar_dir / cifar.CHECKSUMS_FILE)
     assert x.shape == (1437, 32, 32, 3) and names == [str(d) for d in range(10)]
     assert (y[-180:] == split["val"][1]).all() and (x[..., 0] == x[..., 2]).all()
     # Upsampling keeps the content: 4x4 block means follow the 8x8 source.
@@ -185,3 +187,140 @@ def test_repeated_augmentation_sampler():
     assert len(set(ids)) == 4 and len(set(values.tolist())) == 12  # 4 images x 3 distinct copies
     again = torch.cat([b[0] for b in images.make_loader(Count(), 6, True, seed=0, epoch=0, repeats=3)])
     assert torch.equal(values, again)
+
+
+# ---------------------------------------------------------------- bad data: one clear error
+def _official_sums(monkeypatch, folder):
+    """Make the fixture's files 'official' by patching the official MD5s to theirs."""
+    spec = cifar.CIFAR_SPECS["cifar10"]
+    sums = {p.name: cifar.md5sum(p) for p in folder.iterdir()}
+    patched = cifar.CifarSpec(**{**spec.__dict__,
+                                 "train": tuple((n, sums[n]) for n, _ in spec.train),
+                                 "test": tuple((n, sums[n]) for n, _ in spec.test),
+                                 "meta": (spec.meta[0], sums[spec.meta[0]])})
+    monkeypatch.setitem(cifar.CIFAR_SPECS, "cifar10", patched)
+
+
+def test_checksums_manifest_cannot_replace_the_official_sums(tmp_path, caplog):
+    folder = make_cifar10_fixture(tmp_path)
+    # A manifest listing the fixture's own sums used to replace the official ones: now ignored.
+    (folder / "checksums.json").write_text(json.dumps({p.name: cifar.md5sum(p) for p in folder.iterdir()}))
+    with pytest.raises(DataCorruptError, match="data_batch_1: MD5 .* differs from the official checksum"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True)
+
+
+def test_checksums_manifest_only_adds_checks_and_is_logged(tmp_path, monkeypatch, caplog):
+    folder = make_cifar10_fixture(tmp_path)
+    _official_sums(monkeypatch, folder)
+    (folder / "readme.txt").write_text("notes")
+    sums = {"readme.txt": cifar.md5sum(folder / "readme.txt"), "data_batch_1": "0" * 32}
+    (folder / "checksums.json").write_text(json.dumps(sums))
+    with caplog.at_level("WARNING", logger="diffq_bench.data.cifar"):
+        x, _, _ = cifar.read_cifar(tmp_path, "cifar10", train=True)
+    assert len(x) == 20  # the manifest's wrong entry for an official file did not replace its sum
+    assert "checksums.json" in caplog.text and "['data_batch_1'] are ignored" in caplog.text
+    (folder / "readme.txt").write_text("changed")
+    with pytest.raises(DataCorruptError, match=r"readme\.txt: MD5 .*/checksums\.json checksum"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"data_batch_1": 5}'])
+def test_garbage_checksums_json_is_corrupt_naming_it(tmp_path, monkeypatch, content):
+    folder = make_cifar10_fixture(tmp_path)
+    _official_sums(monkeypatch, folder)
+    (folder / "checksums.json").write_bytes(content)
+    with pytest.raises(DataCorruptError, match=r"checksums\.json is not a valid checksum manifest.*delete it"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True)
+    with pytest.raises(DataCorruptError, match=r"checksums\.json is not a valid checksum manifest"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=True,
+                         manifest=folder / "checksums.json")
+
+
+def test_cifar_batch_with_bad_encoding_field_is_corrupt(tmp_path):
+    folder = make_cifar10_fixture(tmp_path)
+    # Protocol-2 bytes pickle as _codecs.encode(text, 'latin1'): an unknown codec name -> LookupError.
+    raw = pickle.dumps({"data": b"xyz", "labels": [0]}, protocol=2)
+    assert raw.count(b"latin1") == 1
+    (folder / "data_batch_3").write_bytes(raw.replace(b"latin1", b"nocode"))
+    with pytest.raises(DataCorruptError, match=r"data_batch_3 is not a readable CIFAR pickle batch \(LookupError"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+
+
+def test_cifar_batch_with_non_numeric_data_is_corrupt(tmp_path):
+    folder = make_cifar10_fixture(tmp_path)
+    (folder / "data_batch_2").write_bytes(pickle.dumps({"data": ["a"] * 3, "labels": [0, 1, 2]}, protocol=2))
+    with pytest.raises(DataCorruptError, match="data_batch_2"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+
+
+def test_empty_cifar_split_is_corrupt(tmp_path):
+    folder = make_cifar10_fixture(tmp_path)
+    for k in range(1, 6):
+        (folder / f"data_batch_{k}").write_bytes(pickle.dumps({"data": [], "labels": []}, protocol=2))
+    with pytest.raises(DataCorruptError, match="training batches hold no image"):
+        cifar.read_cifar(tmp_path, "cifar10", train=True, verify_checksums=False)
+
+
+def _bad_image(path, kind):
+    """Replace the image ``path`` by a bad one; returns the bad file's path."""
+    path.unlink()
+    if kind == "truncated-jpeg":
+        path = path.with_suffix(".jpg")
+        pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(300))
+    else:  # zero-byte PNG
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated-jpeg", "garbage", "zero-byte-png"])
+def test_corrupt_image_is_an_error_with_its_path(tmp_path, kind):
+    make_imagefolder(tmp_path)
+    bad = _bad_image(tmp_path / "val" / "dog" / "1.png", kind)
+    classes = images.imagefolder_classes(tmp_path)
+    val = images.imagefolder_split(tmp_path, "val", classes, images.timm_image_transform(16, False, {}))
+    with pytest.raises(DataCorruptError, match=rf"{bad}.*skip_bad_files=true"):
+        list(images.Batches(images.make_loader(val, 4, False, 0)))
+
+
+def test_corrupt_image_error_from_a_worker_is_one_line(tmp_path):
+    make_imagefolder(tmp_path)
+    bad = _bad_image(tmp_path / "val" / "dog" / "1.png", "garbage")
+    val = images.imagefolder_split(tmp_path, "val", images.imagefolder_classes(tmp_path),
+                                   images.timm_image_transform(16, False, {}))
+    with pytest.raises(DataCorruptError) as err:
+        list(images.Batches(images.make_loader(val, 4, False, 0, num_workers=1)))
+    assert str(err.value).startswith(str(bad)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated-jpeg", "garbage", "zero-byte-png"])
+def test_corrupt_image_skipped_only_when_asked_and_counted(tmp_path, kind):
+    make_imagefolder(tmp_path)
+    bad = _bad_image(tmp_path / "val" / "dog" / "1.png", kind)
+    val = images.imagefolder_split(tmp_path, "val", images.imagefolder_classes(tmp_path),
+                                   images.timm_image_transform(16, False, {}), skip_bad=True)
+    skipped = set()
+    batches = list(images.Batches(images.make_loader(val, 4, False, 0, skip_bad=True), skipped))
+    assert skipped == {str(bad)}
+    labels = torch.cat([target for _, target in batches]).tolist()
+    assert len(labels) == 8 and labels.count(1) == 2  # left out, never replaced by the next image
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    make_imagefolder(tmp_path)
+    for f in (tmp_path / "val" / "eel").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "eel" / "notes.txt").write_text("not an image")
+    classes = images.imagefolder_classes(tmp_path)
+    with pytest.raises(DataCorruptError, match=rf"class folder {tmp_path / 'val' / 'eel'} holds no image"):
+        images.imagefolder_split(tmp_path, "val", classes)
+
+
+def test_empty_imagefolder_split_is_an_error_naming_it(tmp_path):
+    make_imagefolder(tmp_path)
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataCorruptError, match=rf"no image found under {tmp_path / 'test'}"):
+        images.imagefolder_split(tmp_path, "test", images.imagefolder_classes(tmp_path))

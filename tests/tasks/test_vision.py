@@ -1,4 +1,5 @@
 """Vision tasks: contract checks, data errors, and every task x every quantizer end to end."""
+import dataclasses
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from diffq_bench import cli
 from diffq_bench.config import compose, find_conf_dir
-from diffq_bench.data.errors import DataMissingError
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
 from diffq_bench.tasks import TASKS, get_task
 from diffq_bench.tasks.vision import VISION_TASKS, create_image_model
 
@@ -192,3 +193,75 @@ def test_imagenet_configs_build_paper_models(conf, params):
     kwargs = dict(task_cfg.pop("model_kwargs"))
     model = create_image_model(task_cfg["model"], 1000, kwargs)
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+# ------------------------------------------------------------------- bad data: errors or recorded skips
+def _tiny_imagenet(tmp_path, **kwargs):
+    make_imagefolder(tmp_path / "imagenet", per_class=3, size=36)
+    task = get_task("imagenet", model="resnet", img_size=32, batch_size=4, eval_batch_size=4,
+                    model_kwargs={"widths": [8], "blocks": [1], "stem_stride": 2}, **kwargs)
+    return task
+
+
+def test_corrupt_image_fails_the_task_with_its_path(tmp_path):
+    task = _tiny_imagenet(tmp_path)
+    bad = tmp_path / "imagenet" / "val" / "dog" / "1.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    task.setup(tmp_path, tmp_path / "cache", "cpu")
+    with pytest.raises(DataCorruptError, match=rf"{bad} is not a readable image.*skip_bad_files=true"):
+        task.evaluate(task.build_model(), "valid")
+
+
+def test_corrupt_image_skipped_on_request_and_counted(tmp_path):
+    task = _tiny_imagenet(tmp_path, skip_bad_files=True)
+    bad = tmp_path / "imagenet" / "val" / "dog" / "1.png"
+    bad.write_bytes(b"")
+    (tmp_path / "imagenet" / "train" / "eel" / "0.png").write_bytes(b"garbage")
+    task.setup(tmp_path, tmp_path / "cache", "cpu")
+    assert task.skipped_files() == {"train": 0, "valid": 0, "test": 0}
+    metrics = task.evaluate(task.build_model(), "valid")
+    for _ in task.train_batches(0):
+        pass
+    assert task.skipped_files() == {"train": 1, "valid": 1, "test": 0}
+    assert metrics["top1"] in {100.0 * k / 8 for k in range(9)}  # 8 images scored, not 9 (no substitute)
+
+
+def test_skip_bad_files_refused_for_cifar_batches():
+    with pytest.raises(ValueError, match="skip_bad_files=true does not apply to cifar10"):
+        get_task("cifar10", skip_bad_files=True)
+    with pytest.raises(ValueError, match="format=imagefolder only"):
+        get_task("digits", format="cifar", skip_bad_files=True)
+
+
+def test_md5_advice_works_for_each_cifar_format_task(data_root, tmp_path):
+    """The failure's advice names options the task has: Hydra rejects task.verify_checksums for digits."""
+    with pytest.raises(DataCorruptError, match=r"task\.verify_checksums=false"):
+        get_task("cifar10").setup(data_root, tmp_path / "cache", "cpu")
+    assert "verify_checksums" not in {f.name for f in dataclasses.fields(TASKS["digits"])}
+    cifar_format = {"format": "cifar", "augment": {"padding": 2, "hflip": 0.0}}
+    task = get_task("digits", **cifar_format)
+    task.setup(tmp_path / "data", tmp_path / "cache", "cpu")  # writes the embedded set once
+    folder = task.data_dir
+    with open(folder / "test_batch", "r+b") as f:
+        f.seek(300)
+        byte = f.read(1)
+        f.seek(300)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(DataCorruptError) as err:
+        get_task("digits", **cifar_format).setup(tmp_path / "data", tmp_path / "cache", "cpu")
+    assert f"delete {folder}" in str(err.value) and "verify_checksums" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_skipped_files_recorded_in_result_json(tmp_path):
+    make_imagefolder(tmp_path / "data" / "imagenet", per_class=3, size=36)
+    (tmp_path / "data" / "imagenet" / "val" / "cat" / "2.png").write_bytes(b"")
+    cfg = compose([*DEBUG["imagenet"], "quant=none", *COMMON, *_paths(tmp_path / "data", tmp_path)])
+    with pytest.raises(DataCorruptError, match=r"val/cat/2\.png is not a readable image"):
+        cli.run(cfg)
+    cfg = compose([*DEBUG["imagenet"], "quant=none", "task.skip_bad_files=true", *COMMON,
+                   *_paths(tmp_path / "data", tmp_path / "skip")])
+    metrics = cli.run(cfg)["metrics"]
+    # valid and test both read val/ (no test/ folder); nothing was skipped in train
+    assert metrics["skipped_files_valid"] == metrics["skipped_files_test"] == 1
+    assert "skipped_files_train" not in metrics
