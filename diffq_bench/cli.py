@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from . import io
 from .checkpoint import seed_all
-from .config import ConfigError, find_conf_dir, to_container, validate
+from .config import ConfigError, check_device, check_overrides, find_conf_dir, to_container, validate
 from .data import fingerprint
 from .data.errors import DataChangedError, DataCorruptError, DataMissingError
 from .finish import finish
@@ -127,6 +127,7 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     """
     validate(cfg)
     plain = to_container(cfg)
+    check_device(str(plain.get("device", "auto")))  # here, not in validate: a login node has no GPU
     runtime = plain.get("runtime", {})
     xp = Xp(plain["paths"]["root"], cfg)
     device = resolve_device(str(plain.get("device", "auto")))
@@ -241,9 +242,10 @@ def main() -> None:
     """``diffq-bench [overrides]``: the Hydra app (single run or ``-m`` sweep)."""
     try:
         conf_dir = find_conf_dir()
+        check_overrides(sys.argv[1:], conf_dir)  # one line for a typo, before Hydra's own messages
     except ConfigError as exc:
-        print(f"diffq-bench: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"diffq-bench: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
     INTERRUPT.install()
     hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_hydra_task)()
 

@@ -135,6 +135,17 @@ class Task:
         """A freshly initialised model (no pretrained download, ever)."""
         raise NotImplementedError
 
+    def check_model(self) -> None:
+        """Build the model on the meta device (no memory, no data), so that an architecture that
+        cannot be built fails when the config is validated, not after the data is loaded.
+        Tasks whose model needs the data (classes, vocabulary) override this with stand-ins.
+
+        Raises:
+            ValueError: the model options cannot be built.
+        """
+        with torch.device("meta"):
+            self.build_model()
+
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
         """The batches of one training epoch (deterministic given ``seed`` and ``epoch``)."""
         raise NotImplementedError

@@ -51,6 +51,7 @@ class LanguageModelingTask(Task):
         context_window: evaluation context carried before each scored block (0: none).
         eval_tokens_per_sample: tokens scored per evaluation forward.
         eval_batch_size: evaluation windows per forward.
+        eval_subset: score only the first N evaluation windows of each split (0: all; debug runs).
         pad_to_multiple: dictionary size padded to a multiple of this (fairseq: 8).
         penalty_scale: 1/3072, the paper's λ: fairseq's DiffQ patch adds λ·size to the NLL summed
             over each 3072-token micro-batch and divides gradients by the token count.
@@ -65,6 +66,7 @@ class LanguageModelingTask(Task):
     context_window: int = 2560
     eval_tokens_per_sample: int = 512
     eval_batch_size: int = 4
+    eval_subset: int = 0
     pad_to_multiple: int = 8
     model: TransformerLMConfig = dataclasses.field(default_factory=TransformerLMConfig)
     penalty_scale: float = 1 / 3072
@@ -75,6 +77,7 @@ class LanguageModelingTask(Task):
                     "pad_to_multiple"):
             self._int_field(key)
         self._int_field("context_window", 0)
+        self._int_field("eval_subset", 0)
         self.model = typed_node(TransformerLMConfig, self.model, "task.model", DERIVED,
                                 base=field_default(self, "model"))
         self.corpus: tp.Optional[LMCorpus] = None
@@ -112,6 +115,13 @@ class LanguageModelingTask(Task):
 
     def build_model(self) -> nn.Module:
         return TransformerLM(self.model_config())
+
+    def check_model(self) -> None:
+        """The model on the meta device, a dictionary one word past the last band standing in for
+        the corpus's."""
+        vocab = max([int(c) for c in self.model.cutoffs] + [PAD_ID]) + 1
+        with torch.device("meta"):
+            TransformerLM(dataclasses.replace(self.model, vocab_size=vocab, padding_idx=PAD_ID))
 
     def num_train_batches(self) -> int:
         """Batches per full training epoch."""
@@ -154,7 +164,8 @@ class LanguageModelingTask(Task):
         """(context start, first scored, end) token indices of each evaluation window."""
         n = len(self._require_corpus().splits[split])
         block = self.eval_tokens_per_sample
-        return [(max(0, s - self.context_window), s, min(s + block, n)) for s in range(0, n, block)]
+        windows = [(max(0, s - self.context_window), s, min(s + block, n)) for s in range(0, n, block)]
+        return windows[:self.eval_subset] if self.eval_subset else windows
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:

@@ -60,7 +60,8 @@ class MusdbDemucsTask(Task):
         loss: ``l1`` (Demucs) or ``mse``.
         eval_segment: seconds per chunk when separating full tracks.
         eval_overlap: overlap between chunks, in [0, 1).
-        eval_tracks: evaluate only the first N tracks of the split (0: all; for debug runs).
+        eval_subset: evaluate only the first N tracks of each split (0: all; debug runs: every
+            task has an ``eval_subset``, in its own unit).
         sdr: also compute museval BSS-Eval v4 SDR (slow; needs ``pip install 'diffq-bench[eval]'``
             and an ``ffmpeg`` binary).
     """
@@ -95,7 +96,7 @@ class MusdbDemucsTask(Task):
     loss: str = "l1"
     eval_segment: float = 10.0
     eval_overlap: float = 0.25
-    eval_tracks: int = 0
+    eval_subset: int = 0
     sdr: bool = False
 
     def __post_init__(self) -> None:
@@ -112,10 +113,10 @@ class MusdbDemucsTask(Task):
         for key in ("segment", "segment_stride", "eval_segment"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0 seconds, got {getattr(self, key)!r}")
-        if self.shift < 0 or not 0 <= self.eval_overlap < 1 or self.eval_tracks < 0 or self.remix_group < 0:
-            raise ValueError(f"need shift >= 0, eval_overlap in [0, 1), eval_tracks >= 0, "
+        if self.shift < 0 or not 0 <= self.eval_overlap < 1 or self.eval_subset < 0 or self.remix_group < 0:
+            raise ValueError(f"need shift >= 0, eval_overlap in [0, 1), eval_subset >= 0, "
                              f"remix_group >= 0; got {self.shift}, {self.eval_overlap}, "
-                             f"{self.eval_tracks}, {self.remix_group}")
+                             f"{self.eval_subset}, {self.remix_group}")
         self.model_kwargs = {key: getattr(self, key) for key in ARCH_FIELDS}
         # Validates the architecture now (bad kwargs fail before any data is touched) for free.
         self._geometry = Demucs(mdb.SOURCES, device="meta", **self.model_kwargs)
@@ -196,8 +197,8 @@ class MusdbDemucsTask(Task):
         if self.sdr:
             metrics.require_museval()  # fail before the (long) separation, not after it
         tracks = self.db.tracks(split)
-        if self.eval_tracks:
-            tracks = tracks[:self.eval_tracks]
+        if self.eval_subset:
+            tracks = tracks[:self.eval_subset]
         was_training = model.training
         model.eval()
         nsdrs, sdrs = [], []

@@ -56,10 +56,10 @@ def create_image_model(name: str, num_classes: int, model_kwargs: tp.Optional[di
     Raises:
         ValueError: unknown name (lists the CIFAR models; timm names come from ``timm.list_models``).
     """
-    import timm
     kwargs = dict(model_kwargs or {})
     if name in CIFAR_MODELS:
         return create_cifar_model(name, num_classes, **kwargs)
+    import timm  # only for timm models: its import takes seconds
     if not timm.is_model(name):
         raise ValueError(f"unknown image model {name!r}; valid: {', '.join(sorted(CIFAR_MODELS))} "
                          "or a timm model name (timm.list_models())")
@@ -182,6 +182,11 @@ class ImageClassificationTask(Task):
         if not self.num_classes:
             raise RuntimeError(f"task {self.name!r}: call setup() before build_model()")
         return create_image_model(self.model, self.num_classes, self.model_kwargs)
+
+    def check_model(self) -> None:
+        """The model on the meta device, with 10 classes standing in for the data's."""
+        with torch.device("meta"):
+            create_image_model(self.model, self.num_classes or 10, self.model_kwargs)
 
     def skipped_files(self) -> tp.Dict[str, int]:
         """{split: number of distinct unreadable image files left out} (``skip_bad_files``; all zero

@@ -102,7 +102,7 @@ def test_missing_musdb_is_a_clear_error(tmp_path):
 def test_musdb_task_on_format_fixture(tmp_path):
     make_musdb(tmp_path / "musdb18hq", length=4410, test_length=5000)
     torch.manual_seed(0)
-    task = MusdbDemucsTask(**TINY_MODEL, eval_tracks=1)
+    task = MusdbDemucsTask(**TINY_MODEL, eval_subset=1)
     task.setup(tmp_path, tmp_path / "cache", "cpu", seed=0)
     assert task.num_train_batches() == task.repeat * len(task.train_set) // 2 > 0  # repeat 2 (Demucs v2)
     batches = list(task.train_batches(0))
@@ -183,7 +183,7 @@ def test_museval_sdr_is_the_median_over_one_second_frames():
 MUSDB_DEBUG = ["task=musdb_demucs", "train.epochs=1", "train.steps_per_epoch=2",
                "runtime.progress=false", "task.channels=4", "task.depth=2", "task.lstm_layers=1",
                "task.segment=0.05", "task.segment_stride=0.05", "task.shift=0.01",
-               "task.batch_size=2", "task.eval_segment=0.1", "task.eval_tracks=2",
+               "task.batch_size=2", "task.eval_segment=0.1", "task.eval_subset=2",
                "quant.min_size=0", "device=cpu"]
 
 
