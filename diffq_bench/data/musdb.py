@@ -8,13 +8,20 @@ Layout (the official MusDB18-HQ archive, and what :mod:`diffq_bench.data.sfmix` 
 Splits: ``train`` = the train folder minus the validation tracks, ``valid`` = those tracks (the
 standard 14 of MusDB/open-unmix/Demucs, see :func:`musdb_validation_tracks`), ``test`` = the test
 folder. Training reads random-access segments straight from the WAVs (no decoding of whole tracks).
+
+Bad data is an error naming the file (:class:`~diffq_bench.data.errors.DataCorruptError`): a WAV
+that does not open, has another sample rate or channel count, holds no sample, or whose stems differ
+in length; a read that comes back shorter than the header said (a truncated file). With
+``skip_bad_files`` the tracks holding such files (found when the set is indexed, from the headers)
+are left out instead and their bad files counted per split (:attr:`MusdbHQ.skipped`); a file that
+turns out truncated only when read is always an error. A split left without a track is an error.
 """
 from __future__ import annotations
 
 import dataclasses
 import fractions
-import math
 import importlib.util
+import math
 import typing as tp
 from pathlib import Path
 
@@ -24,7 +31,7 @@ import torch
 import torchaudio
 
 from ..models.demucs import SOURCES
-from .errors import DataMissingError
+from .errors import DataCorruptError, DataMissingError
 
 STEMS = ("mixture",) + SOURCES
 SPLITS = ("train", "valid", "test")
@@ -81,63 +88,105 @@ class MusdbHQ:
         channels: expected channels of every WAV (2 for MusDB18-HQ).
         valid_tracks: names of the train tracks used for validation (MusDB's 14 when None).
         prepare_hint: how to obtain the data, appended to "data missing" errors.
+        fix: what to do about a bad file, ending "data corrupt" errors.
+        skip_bad_files: leave out the tracks holding a bad file (:attr:`skipped` lists those files).
     Raises:
         DataMissingError: folder, split or stem missing (the message names the path and layout).
-        ValueError: a WAV with the wrong sample rate or channel count, or stems of unequal length.
+        DataCorruptError: a bad WAV (see the module docstring) unless skipped, or a split without
+            a usable track.
     """
 
     def __init__(self, root: tp.Union[str, Path], samplerate: int = 44100, channels: int = 2,
-                 valid_tracks: tp.Optional[tp.Sequence[str]] = None, prepare_hint: str = ""):
+                 valid_tracks: tp.Optional[tp.Sequence[str]] = None, prepare_hint: str = "",
+                 fix: str = "replace it with the official archive's file", skip_bad_files: bool = False):
         self.root = Path(root)
         self.samplerate = int(samplerate)
         self.channels = int(channels)
         self.hint = prepare_hint
+        self.fix = fix
+        self.skip_bad_files = skip_bad_files
         valid = musdb_validation_tracks() if valid_tracks is None else list(valid_tracks)
         self._tracks: tp.Dict[str, tp.List[Track]] = {}
-        train = self._scan("train")
-        names = {t.name for t in train}
+        #: per split, the bad files whose tracks were left out (``skip_bad_files``)
+        self.skipped: tp.Dict[str, tp.List[Path]] = {split: [] for split in SPLITS}
+        train, bad_train = self._scan("train")
+        names = {t.name for t in train} | set(bad_train)
         missing = [v for v in valid if v not in names]
         if missing:
             raise DataMissingError(f"validation track(s) {missing} not found in {self.root / 'train'}"
                                    f"{self._hint()}")
         self._tracks["train"] = [t for t in train if t.name not in valid]
         self._tracks["valid"] = [t for t in train if t.name in valid]
-        self._tracks["test"] = self._scan("test")
+        for name, paths in bad_train.items():
+            self.skipped["valid" if name in valid else "train"].extend(paths)
+        self._tracks["test"], bad_test = self._scan("test")
+        self.skipped["test"] = [p for paths in bad_test.values() for p in paths]
         if not self._tracks["train"]:
             raise DataMissingError(f"no training track left in {self.root / 'train'} once the "
                                    f"{len(valid)} validation tracks are set aside{self._hint()}")
+        if valid and not self._tracks["valid"]:
+            raise DataCorruptError(f"every validation track in {self.root / 'train'} has a bad file "
+                                   f"({', '.join(map(str, self.skipped['valid'][:3]))}): restore them")
 
     def _hint(self) -> str:
         return f". {self.hint}" if self.hint else ""
 
-    def _scan(self, folder: str) -> tp.List[Track]:
+    def _bad(self, path: Path, problem: str) -> None:
+        if not self.skip_bad_files:
+            raise DataCorruptError(f"{path} {problem}; {self.fix}, or set task.skip_bad_files=true "
+                                   "to leave its track out (the count is recorded in result.json)")
+
+    def _stem_problem(self, path: Path) -> tp.Tuple[tp.Optional[str], int]:
+        """(what is wrong with one stem's header, or None; its length in samples)."""
+        try:
+            info = sf.info(str(path))
+        except Exception as exc:  # noqa: BLE001 - libsndfile's errors (RuntimeError subclasses, ...)
+            return f"is not a readable WAV file ({str(exc).strip()[:160]})", 0
+        if info.samplerate != self.samplerate:
+            return f"has sample rate {info.samplerate} Hz, expected {self.samplerate} Hz", 0
+        if info.channels != self.channels:
+            return f"has {info.channels} channel(s), expected {self.channels}", 0
+        if info.frames <= 0:
+            return "holds no sample", 0
+        return None, int(info.frames)
+
+    def _scan(self, folder: str) -> tp.Tuple[tp.List[Track], tp.Dict[str, tp.List[Path]]]:
+        """The good tracks of ``<root>/<folder>`` and, per left-out track, its bad files."""
         base = self.root / folder
         layout = "<root>/{train,test}/<track>/{" + ",".join(STEMS) + "}.wav"
         if not base.is_dir():
             raise DataMissingError(f"MusDB18-HQ folder {base} does not exist (expected layout "
                                    f"{layout}){self._hint()}")
-        tracks = []
+        tracks: tp.List[Track] = []
+        bad: tp.Dict[str, tp.List[Path]] = {}
         for folder_path in sorted(p for p in base.iterdir() if p.is_dir()):
-            lengths = {}
+            lengths, broken = {}, []
             for stem in STEMS:
                 path = folder_path / f"{stem}.wav"
                 if not path.is_file():
                     raise DataMissingError(f"missing stem {path} (expected layout {layout})"
                                            f"{self._hint()}")
-                info = sf.info(str(path))
-                if info.samplerate != self.samplerate:
-                    raise ValueError(f"{path} has sample rate {info.samplerate} Hz, expected "
-                                     f"{self.samplerate} Hz")
-                if info.channels != self.channels:
-                    raise ValueError(f"{path} has {info.channels} channel(s), expected {self.channels}")
-                lengths[stem] = info.frames
-            if len(set(lengths.values())) != 1:
-                raise ValueError(f"stems of {folder_path} differ in length: {lengths}")
-            tracks.append(Track(folder_path.name, folder_path, lengths["mixture"]))
-        if not tracks:
+                problem, lengths[stem] = self._stem_problem(path)
+                if problem is not None:
+                    self._bad(path, problem)
+                    broken.append(path)
+            if not broken and len(set(lengths.values())) != 1:
+                # the stems that disagree with the mixture (all of them if the mixture is the odd one)
+                odd = [s for s in SOURCES if lengths[s] != lengths["mixture"]]
+                self._bad(folder_path / f"{odd[0]}.wav", f"has {lengths[odd[0]]} samples but the "
+                          f"mixture {lengths['mixture']} (stems of one track differ in length: {lengths})")
+                broken = [folder_path / f"{s}.wav" for s in odd]
+            if broken:
+                bad[folder_path.name] = broken
+            else:
+                tracks.append(Track(folder_path.name, folder_path, lengths["mixture"]))
+        if not tracks and not bad:
             raise DataMissingError(f"no track folder in {base} (expected layout {layout})"
                                    f"{self._hint()}")
-        return tracks
+        if not tracks:
+            raise DataCorruptError(f"every track in {base} has a bad file (first: {next(iter(bad.values()))[0]}); "
+                                   f"{self.fix}")
+        return tracks, bad
 
     def tracks(self, split: str) -> tp.List[Track]:
         """The tracks of ``split`` (``train``, ``valid`` or ``test``), sorted by name."""
@@ -156,10 +205,19 @@ class MusdbHQ:
             stems: which stems, in order.
         """
         frames = track.length - offset if length is None else length
+        expected = max(0, min(frames, track.length - offset))  # past the end: zero padding
         out = np.zeros((len(stems), self.channels, frames), dtype=np.float32)
         for index, stem in enumerate(stems):
-            data, _ = sf.read(str(track.folder / f"{stem}.wav"), start=offset, frames=frames,
-                              dtype="float32", always_2d=True)
+            path = track.folder / f"{stem}.wav"
+            try:
+                data, _ = sf.read(str(path), start=offset, frames=frames, dtype="float32", always_2d=True)
+            except Exception as exc:  # noqa: BLE001 - libsndfile's errors: the file changed or is damaged
+                raise DataCorruptError(f"{path} cannot be read at sample {offset} "
+                                       f"({str(exc).strip()[:160]}); {self.fix}") from None
+            if data.shape[0] < expected or data.shape[1] != self.channels:
+                raise DataCorruptError(f"{path} gave {data.shape[0]} samples at {offset}, expected "
+                                       f"{expected}: the file is truncated or changed since it was "
+                                       f"indexed; {self.fix}")
             out[index, :, :data.shape[0]] = data.T
         return torch.from_numpy(out)
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from ..data import musdb as mdb
 from ..data import sfmix as sfmix_data
 from ..data.errors import DataMissingError
+from ..data.images import Batches
 from ..models.demucs import Demucs, center_trim
 from . import separation_metrics as metrics
 from .base import Task
@@ -64,6 +65,10 @@ class MusdbDemucsTask(Task):
             task has an ``eval_subset``, in its own unit).
         sdr: also compute museval BSS-Eval v4 SDR (slow; needs ``pip install 'diffq-bench[eval]'``
             and an ``ffmpeg`` binary).
+        skip_bad_files: a track holding a bad WAV (unreadable, wrong rate or channels, empty,
+            stems of unequal length: found when the set is indexed) is left out and its bad files
+            counted (:meth:`skipped_files`, ``skipped_files_<split>`` in result.json) instead of
+            failing the run with the file's path (the default).
     """
     name: tp.ClassVar[str] = "musdb_demucs"
     metric: tp.ClassVar[str] = "nsdr"
@@ -98,6 +103,7 @@ class MusdbDemucsTask(Task):
     eval_overlap: float = 0.25
     eval_subset: int = 0
     sdr: bool = False
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,7 +142,14 @@ class MusdbDemucsTask(Task):
                 "the parent folder); or run the embedded set: task=sfmix")
         if not root.is_dir():
             raise DataMissingError(f"MusDB18-HQ not found at {root}. {hint}")
-        return mdb.MusdbHQ(root, self.samplerate, self.audio_channels, prepare_hint=hint)
+        return mdb.MusdbHQ(root, self.samplerate, self.audio_channels, prepare_hint=hint,
+                           skip_bad_files=self.skip_bad_files)
+
+    def skipped_files(self) -> tp.Dict[str, int]:
+        """{split: bad files whose tracks were left out} (``skip_bad_files``; zeros otherwise)."""
+        if self.db is None:
+            return {}
+        return {split: len(paths) for split, paths in self.db.skipped.items()}
 
     def setup(self, data_root, cache_dir, device, num_workers: int = 0, seed: int = 0) -> None:
         """Index the dataset and check its format (sample rate, channels, stems)."""
@@ -162,7 +175,7 @@ class MusdbDemucsTask(Task):
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size,
                                              sampler=order, num_workers=self.num_workers,
                                              drop_last=len(order) >= self.batch_size)
-        for sources in loader:
+        for sources in Batches(loader):  # a worker's DataCorruptError stays one line
             if self.repitch > 0:
                 sources = mdb.repitch(sources, gen, self.repitch, max_tempo=MAX_TEMPO)
             yield mdb.augment(sources, gen, self.shift_samples, self.flip, self.remix_group,
@@ -275,4 +288,6 @@ class SfmixTask(MusdbDemucsTask):
     def _open(self) -> mdb.MusdbHQ:
         folder = sfmix_data.build_sfmix(self.data_root / self.data_subdir, **self.set_kwargs)
         return mdb.MusdbHQ(folder, self.samplerate, self.audio_channels,
+                           fix=f"delete {folder}: the embedded set is rendered again on the next run",
+                           skip_bad_files=self.skip_bad_files,
                            valid_tracks=self.valid_names)

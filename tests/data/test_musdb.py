@@ -4,7 +4,8 @@ import soundfile as sf
 import torch
 
 from diffq_bench.data import musdb as mdb
-from diffq_bench.data.errors import DataMissingError
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
+
 from fixtures import make_musdb, write_track
 
 
@@ -139,3 +140,57 @@ def test_repitch_and_scale_augmentations():
     assert torch.equal(gains[..., None, None].expand_as(ones), mdb.augment(
         ones, torch.Generator().manual_seed(0).manual_seed(1), flip=False, remix_group=0, scale=None)
         * gains[..., None, None])
+
+
+# ---------------------------------------------------------------- bad data: error or recorded skip
+BAD_WAVS = {
+    "garbage": lambda path: path.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk"),
+    "zero-bytes": lambda path: path.write_bytes(b""),
+    "no-samples": lambda path: sf.write(str(path), torch.zeros(0, 2).numpy(), 44100, subtype="PCM_16"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_WAVS))
+def test_corrupt_wav_is_an_error_with_its_path(musdb_root, kind):
+    bad = musdb_root / "test" / "Z - Test" / "bass.wav"
+    BAD_WAVS[kind](bad)
+    with pytest.raises(DataCorruptError, match=rf"{bad} .*skip_bad_files=true"):
+        mdb.MusdbHQ(musdb_root)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_WAVS))
+def test_corrupt_wav_track_skipped_on_request_and_counted(musdb_root, kind):
+    write_track(musdb_root / "test" / "Y - Other", 2000, 7)
+    bad = musdb_root / "test" / "Z - Test" / "bass.wav"
+    BAD_WAVS[kind](bad)
+    BAD_WAVS[kind](musdb_root / "train" / "Leaf - Summerghost" / "mixture.wav")
+    db = mdb.MusdbHQ(musdb_root, skip_bad_files=True)
+    assert [t.name for t in db.tracks("test")] == ["Y - Other"]
+    assert {split: len(paths) for split, paths in db.skipped.items()} == {"train": 0, "valid": 1, "test": 1}
+    assert db.skipped["test"] == [bad] and len(db.tracks("valid")) == 13
+
+
+def test_unequal_stems_are_corrupt_or_skipped(musdb_root):
+    write_track(musdb_root / "test" / "Y - Odd", 1000, 3, lengths={"bass": 900})
+    with pytest.raises(DataCorruptError, match=r"Y - Odd/bass\.wav has 900 samples but the mixture 1000"):
+        mdb.MusdbHQ(musdb_root)
+    db = mdb.MusdbHQ(musdb_root, skip_bad_files=True)
+    assert db.skipped["test"] == [musdb_root / "test" / "Y - Odd" / "bass.wav"]
+
+
+def test_split_without_a_usable_track_is_an_error_naming_it(musdb_root):
+    BAD_WAVS["garbage"](musdb_root / "test" / "Z - Test" / "drums.wav")
+    with pytest.raises(DataCorruptError, match=rf"every track in {musdb_root / 'test'} has a bad file"):
+        mdb.MusdbHQ(musdb_root, skip_bad_files=True)
+    (musdb_root / "test" / "Z - Test").rename(musdb_root / "elsewhere")
+    with pytest.raises(DataMissingError, match=rf"no track folder in {musdb_root / 'test'}"):
+        mdb.MusdbHQ(musdb_root)
+
+
+def test_wav_truncated_after_indexing_is_an_error_not_silence(musdb_root):
+    db = mdb.MusdbHQ(musdb_root)
+    track = db.tracks("test")[0]
+    path = track.folder / "vocals.wav"
+    path.write_bytes(path.read_bytes()[:2000])  # libsndfile now sees fewer frames than indexed
+    with pytest.raises(DataCorruptError, match=rf"{path} gave \d+ samples at 0, expected 3000.*truncated"):
+        db.read(track)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from diffq_bench.config import compose
-from diffq_bench.data.errors import DataMissingError
+from diffq_bench.data.errors import DataCorruptError, DataMissingError
 from diffq_bench.quant import QUANTIZERS
 from diffq_bench.tasks import get_task
 from diffq_bench.tasks import separation_metrics as metrics_audio
@@ -206,3 +206,30 @@ def test_musdb_end_to_end_every_quantizer(quant, musdb_dir, tmp_path):
     assert result["task"] == "musdb_demucs" and result["metric"] == "nsdr"
     assert m["test_nsdr_restored"] == m["test_nsdr"] and -60 < m["test_nsdr"] < 60
     assert {"test_nsdr_drums", "test_nsdr_bass", "test_nsdr_other", "test_nsdr_vocals"} <= set(m)
+
+
+def test_corrupt_wav_fails_the_task_with_its_path(tmp_path):
+    make_musdb(tmp_path / "musdb18hq", length=4410, test_length=5000)
+    bad = tmp_path / "musdb18hq" / "test" / "Z - Test" / "vocals.wav"
+    bad.write_bytes(b"not a wav at all")
+    with pytest.raises(DataCorruptError, match=rf"{bad} is not a readable WAV.*skip_bad_files=true"):
+        MusdbDemucsTask(**TINY_MODEL).setup(tmp_path, tmp_path / "cache", "cpu")
+
+
+def test_corrupt_wav_skipped_on_request_and_counted(tmp_path):
+    make_musdb(tmp_path / "musdb18hq", length=4410, test_length=5000)
+    (tmp_path / "musdb18hq" / "train" / "B - Two" / "drums.wav").write_bytes(b"")
+    task = MusdbDemucsTask(**TINY_MODEL, skip_bad_files=True)
+    task.setup(tmp_path, tmp_path / "cache", "cpu")
+    assert task.skipped_files() == {"train": 1, "valid": 0, "test": 0}
+    assert [t.name for t in task.db.tracks("train")] == ["A - One"]
+
+
+def test_sfmix_corrupt_wav_advice_is_to_render_again(tmp_path):
+    kwargs = dict(train_tracks=3, test_tracks=1, valid_tracks=1, duration=1.0, samplerate=8000,
+                  channels=4, depth=2, lstm_layers=1, segment=0.25, segment_stride=0.25, shift=0.05)
+    get_task("sfmix", **kwargs).setup(tmp_path, tmp_path / "cache", "cpu")
+    (folder,) = (tmp_path / "sfmix").iterdir()
+    (folder / "test" / "sfmix test 000" / "bass.wav").write_bytes(b"RIFFjunk")
+    with pytest.raises(DataCorruptError, match=rf"bass\.wav is not a readable WAV.*delete {folder}"):
+        get_task("sfmix", **kwargs).setup(tmp_path, tmp_path / "cache", "cpu")
