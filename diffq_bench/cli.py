@@ -38,9 +38,11 @@ from .xp import RunLockedError, Xp, axes, now_iso
 
 logger = logging.getLogger(__name__)
 
-ROW_COLUMNS = (("test", "test {metric}"), ("true_size_mb", "true size (MB)"),
+ROW_COLUMNS = (("test", "test {metric}"), ("true_size_mb", "size (MiB)"),
                ("compression", "compression"), ("bits_per_weight", "bits/weight"),
                ("wall_time_s", "wall time (s)"))
+#: how each column's value is printed (size: bytes of the exported quantized.th / 2^20)
+ROW_FORMATS = {"compression": "{:.2f}×", "bits_per_weight": "{:.2f}", "wall_time_s": "{:.1f}"}
 
 
 def format_row(result: tp.Dict[str, tp.Any]) -> str:
@@ -53,7 +55,7 @@ def format_row(result: tp.Dict[str, tp.Any]) -> str:
         name = f"test_{metric}" if key == "test" else key
         head.append(title.format(metric=metric))
         value = metrics.get(name)
-        cells.append(None if value is None else f"{value:.4g}" if key != "wall_time_s" else f"{value:.1f}")
+        cells.append(None if value is None else ROW_FORMATS.get(key, "{:.4g}").format(value))
     return render(head, [cells], "md").rstrip("\n")
 
 

@@ -87,8 +87,10 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
         "restore_exact": float(restored[metric] == test[metric]),
         "true_size_mb": true_bytes / MB, "float_size_mb": float_mb,
         "compressed_size_mb": len(zlib.compress(packed)) / MB,
-        "compression": float_mb / (true_bytes / MB),
-        "bits_per_weight": quantizer.bits_per_weight(),
+        # the float run is the reference itself: 1 (its file's few header bytes are not a compression)
+        "compression": float_mb / (true_bytes / MB) if quantizer.qparams else 1.0,
+        # nothing quantized (the float run): its weights are stored as float32
+        "bits_per_weight": quantizer.bits_per_weight() if quantizer.qparams else 32.0,
         "analytic_size_mb": quantizer.true_model_size(),
         "params": float_params, "best_epoch": int(trainer.best["epoch"]),
         "steps": trainer.global_step, "wall_time_s": trainer.wall_seconds(),

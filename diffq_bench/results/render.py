@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import typing as tp
 
@@ -64,20 +65,35 @@ def _latex(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[str]]) -> str
 
 def trade_off_notes(section: Section) -> tp.List[str]:
     """The paper's two claims, measured on this section: does DiffQ's size shrink monotonically
-    as λ grows (per group size), and does DiffQ beat each QAT row at equal or smaller size?"""
+    as λ grows, and does DiffQ beat each QAT row at equal or smaller size?
+
+    Only comparable rows are compared: a λ path holds DiffQ rows that differ in λ alone (same
+    group size and same value of every other varying axis), and a QAT row is compared with the
+    DiffQ rows that share its values of the section's extra axes. No claim is printed otherwise.
+    """
     key, notes = f"test_{section.metric}", []
     diffq = [r for r in section.rows if r.quant == "diffq" and r.runs and
              r.mean("true_size_mb") is not None and r.mean(key) is not None]
-    for group in sorted({order_key(r.axes.get("group_size")) for r in diffq}):
-        rows = sorted((r for r in diffq if order_key(r.axes.get("group_size")) == group),
-                      key=lambda r: order_key(r.axes.get("lambda")))
-        if len(rows) < 2:
-            continue
+    # the settings that tell one λ path from another (named in its note)
+    varying = sorted(k for k in {k for r in diffq for k in r.axes}
+                     if k not in _LAMBDA_AXES + ("group_size", "quant.group_size") and
+                     len({_canon(r.axes.get(k)) for r in diffq}) > 1)
+    paths: tp.Dict[str, tp.List[tp.Any]] = {}
+    for row in diffq:
+        rest = {k: _canon(v) for k, v in row.axes.items() if k not in _LAMBDA_AXES}
+        paths.setdefault(json.dumps(rest, sort_keys=True), []).append(row)
+    for _, rows in sorted(paths.items()):
+        rows = sorted(rows, key=lambda r: order_key(r.axes.get("lambda")))
+        lambdas = [order_key(r.axes.get("lambda")) for r in rows]
+        if len(set(lambdas)) < 2 or len(set(lambdas)) != len(lambdas):
+            continue  # one λ only, or rows that differ in something the axes do not show
         sizes = [r.mean("true_size_mb") for r in rows]
         mono = all(a > b for a, b in zip(sizes, sizes[1:]))
-        path = ", ".join(f"λ={format_axis(r.axes.get('lambda'))}: {_size(z)} MB"
+        path = ", ".join(f"λ={format_axis(r.axes.get('lambda'))}: {_size(z)} MiB"
                          for r, z in zip(rows, sizes))
-        notes.append(f"DiffQ g={format_axis(rows[0].axes.get('group_size'))}: size "
+        fixed = [f"g={format_axis(rows[0].axes.get('group_size'))}"] + [
+            f"{k}={format_axis(rows[0].axes[k])}" for k in varying if rows[0].axes.get(k) is not None]
+        notes.append(f"DiffQ {', '.join(fixed)}: size "
                      f"{'decreases strictly' if mono else 'does NOT decrease monotonically'} "
                      f"as λ grows ({path}).")
     sign = 1.0 if section.lower_is_better else -1.0
@@ -85,17 +101,36 @@ def trade_off_notes(section: Section) -> tp.List[str]:
         size, value = qat.mean("true_size_mb"), qat.mean(key)
         if size is None or value is None:
             continue
-        within = [r for r in diffq if r.mean("true_size_mb") <= size]
+        peers = [r for r in diffq if all(_same_axis(r.axes.get(k), qat.axes.get(k))
+                                         for k in section.extra_axes)]
+        if not peers:
+            continue  # no DiffQ run with the same settings: nothing comparable to say
+        within = [r for r in peers if r.mean("true_size_mb") <= size]
         if not within:
-            notes.append(f"{qat.label} ({_size(size)} MB): no DiffQ run at or below this size.")
+            notes.append(f"{qat.label} ({_size(size)} MiB): no DiffQ run at or below this size.")
             continue
         best = min(within, key=lambda r: sign * r.mean(key))
         better = sign * best.mean(key) < sign * value
-        notes.append(f"{qat.label} ({_size(size)} MB, {section.metric} {_num(value)}): best DiffQ at "
-                     f"≤ this size is {best.label} ({_size(best.mean('true_size_mb'))} MB, "
+        notes.append(f"{qat.label} ({_size(size)} MiB, {section.metric} {_num(value)}): best DiffQ at "
+                     f"≤ this size is {best.label} ({_size(best.mean('true_size_mb'))} MiB, "
                      f"{section.metric} {_num(best.mean(key))}): DiffQ "
                      f"{'better' if better else 'NOT better'}.")
     return notes
+
+
+#: the axes a λ path varies (``quant.penalty`` is ``lambda`` under its quantizer name)
+_LAMBDA_AXES = ("lambda", "quant.penalty")
+
+
+def _same_axis(a: tp.Any, b: tp.Any) -> bool:
+    return _canon(a) == _canon(b)
+
+
+def _canon(value: tp.Any) -> str:
+    # 10 and 10.0 are the same setting (as in the run signature)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _num(value: tp.Optional[float], digits: int = 2) -> str:
@@ -192,7 +227,8 @@ def render_sections(sections: tp.Sequence[Section], fmt: str, title: tp.Optional
                  "bytes of the packed quantized model (quantized.th) / 2^20; zlib MiB = the same bytes "
                  "compressed by zlib (default level), as the official package reports a compressed "
                  "size; compr. = float32 size / size; bits/w = mean stored bits per "
-                 "quantized weight; Δ = ours − paper; "
+                 "quantized weight (32: the float model); Δ = ours − paper; paper MB = the size as "
+                 "the source prints it; "
                  f"{MISSING} = missing (bits/w: nothing quantized)."] + [f"Source: {s}" for s in sources]
         conventions = sorted({run["penalty"]["convention"] for row in section.rows for run in row.runs
                               if "lambda" in method_axes(row.quant) and "penalty" in run})

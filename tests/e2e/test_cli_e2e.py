@@ -36,14 +36,14 @@ def test_default_debug_run(quant, data_dir, tmp_path, monkeypatch, capsys):
     _app(monkeypatch, [f"quant={quant}", *DEBUG, f"paths.root={root}", f"paths.data={data_dir}",
                        f"paths.cache={data_dir / 'cache'}"])
     out = capsys.readouterr().out
-    assert "| test ppl | true size (MB) | compression | bits/weight | wall time (s) |" in out
+    assert "| test ppl | size (MiB) | compression | bits/weight | wall time (s) |" in out
     (folder,) = list((root / "xps").iterdir())
     result = json.loads((folder / "result.json").read_text())
     m = result["metrics"]
     assert result["task"] == "wikitext_mini" and result["quant"] == quant and result["metric"] == "ppl"
     assert m["test_ppl"] > 1 and m["test_ppl"] == m["test_ppl_restored"]
     if quant == "none":
-        assert m["bits_per_weight"] == 0 and 0.9 < m["compression"] <= 1.0
+        assert m["bits_per_weight"] == 32 and m["compression"] == 1.0
     else:
         assert m["compression"] > 1.5 and 0 < m["bits_per_weight"] <= 16
     assert json.loads((folder / "status.json").read_text())["state"] == "DONE"

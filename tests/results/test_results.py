@@ -188,17 +188,40 @@ def test_trade_off_notes_report_what_was_measured(store):
     root, _ = store
     (section,) = build_sections(load_results(root, grid="table_lm"))
     notes = trade_off_notes(section)
-    # g=16: lambda 1 -> 14.2 MB, 10 -> 10.0 MB; g=8 has a single lambda (no claim)
+    # g=16: lambda 1 -> 14.2 MiB, 10 -> 10.0 MiB; g=8 has a single lambda (no claim)
     assert notes[0] == ("DiffQ g=16: size decreases strictly as λ grows "
-                        "(λ=1: 14.2 MB, λ=10: 10.0 MB).")
-    assert "QAT 4 bits (12.5 MB, ppl 21.00): best DiffQ at ≤ this size is DiffQ (λ=10, g=16) " \
-           "(10.0 MB, ppl 19.00): DiffQ better." in notes
+                        "(λ=1: 14.2 MiB, λ=10: 10.0 MiB).")
+    assert "QAT 4 bits (12.5 MiB, ppl 21.00): best DiffQ at ≤ this size is DiffQ (λ=10, g=16) " \
+           "(10.0 MiB, ppl 19.00): DiffQ better." in notes
     # a tie (18.2 for g=8 and g=16) goes to the first row in table order
-    assert "QAT 8 bits (25.0 MB, ppl 18.90): best DiffQ at ≤ this size is DiffQ (λ=1, g=8) " \
-           "(15.0 MB, ppl 18.20): DiffQ better." in notes
+    assert "QAT 8 bits (25.0 MiB, ppl 18.90): best DiffQ at ≤ this size is DiffQ (λ=1, g=8) " \
+           "(15.0 MiB, ppl 18.20): DiffQ better." in notes
     write_run(root, "d20", "diffq", 25.0, 11.0, **{"lambda": 20.0, "group_size": 16})
     (section,) = build_sections(load_results(root, grid="table_lm"))
     assert "does NOT decrease monotonically" in trade_off_notes(section)[0]
+
+
+def test_trade_off_notes_compare_only_runs_that_differ_in_lambda_alone(tmp_path):
+    # three lambda=1 runs that differ in another setting (epochs, bits lr) and one lambda=5 run:
+    # no lambda path exists (each pair differs in something else), so no size claim is printed
+    root = tmp_path / "store"
+    for sig, size, extra in (("a", 0.8, {"train.epochs": 2}), ("b", 0.5, {"train.epochs": 4}),
+                             ("c", 0.9, {"train.epochs": 2, "optim.quant_lr": 0.05})):
+        write_run(root, sig, "diffq", 240.0, size, task="wikitext_mini", grids=("g",),
+                  **{"lambda": 1.0, "group_size": 16, **extra})
+    write_run(root, "d", "diffq", 245.0, 0.6, task="wikitext_mini", grids=("g",),
+              **{"lambda": 5.0, "group_size": 16, "train.epochs": 4, "optim.quant_lr": 0.05})
+    write_run(root, "q", "qat", 250.0, 0.7, task="wikitext_mini", grids=("g",),
+              **{"quant.bits": 4, "train.epochs": 8})
+    (section,) = build_sections(load_results(root, grid="g"))
+    assert trade_off_notes(section) == []  # nothing comparable: no claim at all
+    # a comparable pair (same epochs and bits lr, lambda 1 vs 5): exactly one path, naming its settings
+    write_run(root, "e", "diffq", 241.0, 0.95, task="wikitext_mini", grids=("g",),
+              **{"lambda": 1.0, "group_size": 16, "train.epochs": 4, "optim.quant_lr": 0.05})
+    (section,) = build_sections(load_results(root, grid="g"))
+    assert trade_off_notes(section) == [
+        "DiffQ g=16, optim.quant_lr=0.05, train.epochs=4: size decreases strictly as λ grows "
+        "(λ=1: 0.95 MiB, λ=5: 0.6 MiB)."]
 
 
 def test_published_numbers_state_their_provenance():

@@ -98,8 +98,12 @@ def test_run_writes_the_run_folder(compose_toy, capsys):
     assert state["method"] == "none"
     torch.load(xp.checkpoint_path, weights_only=True)
     out = capsys.readouterr().out
-    assert "| test acc | true size (MB) | compression | bits/weight | wall time (s) |" in out
+    assert "| test acc | size (MiB) | compression | bits/weight | wall time (s) |" in out
     assert xp.sig in out
+    # the float run (quant=none) stores float32 weights: 32 bits/weight, compression 1.00x (not 0 / 0.9988)
+    assert m["bits_per_weight"] == 32.0
+    row = next(line for line in out.splitlines() if line.startswith(f"| {xp.sig} "))
+    assert row.split(" | ")[5:7] == ["1.00×", "32.00"], row
 
 
 def test_finished_run_is_not_trained_again(compose_toy, monkeypatch, capsys):
