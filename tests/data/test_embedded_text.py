@@ -4,8 +4,7 @@ import json
 import pytest
 
 from diffq_bench.data import embedded
-from diffq_bench.data.embedded import (ensure_embedded_wikitext, split_articles, to_wikitext,
-                                       tokenize)
+from diffq_bench.data.embedded import ensure_embedded_wikitext, split_articles, to_wikitext, tokenize
 from diffq_bench.data.wikitext import load_corpus
 
 
