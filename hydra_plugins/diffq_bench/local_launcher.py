@@ -5,14 +5,19 @@ pool or a CUDA context, and a crashing run does not take the sweep down. The job
 of :mod:`.job`, as for SLURM: failures are truthful (the sweep lists them and exits non-zero);
 SIGTERM/USR2 make a run checkpoint and stop, and the next sweep resumes it.
 
-CPU threads: each run gets ``threads_per_job`` intra-op threads (default: the machine's cores
-divided by ``max_parallel``, at least 1) through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which
-torch reads at start-up. Without this every run starts one thread per core, and two runs on two
-cores spend much of their time spinning against each other.
+CPU threads: each run gets ``threads_per_job`` intra-op threads through ``OMP_NUM_THREADS``/
+``MKL_NUM_THREADS``, which torch reads at start-up. The default is :func:`single_run_threads` //
+``max_parallel`` (at least 1): the threads a single ``diffq-bench`` run started from the same shell
+uses (``OMP_NUM_THREADS`` if set, else torch's default, one per physical core), shared among the
+parallel runs. So ``max_parallel=1`` runs each job exactly like a single run, and a run resumed by
+hand after a sweep (or the reverse) keeps its thread count. Without this every run starts one
+thread per core, and two runs on two cores spend much of their time spinning against each other.
 """
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -37,7 +42,8 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         submitit_folder: where submitit keeps each job's pickles and logs.
         timeout_min: a run still going after this many minutes is killed (FAILED).
         poll_s: seconds between checks for finished runs.
-        threads_per_job: CPU threads of each run (None: cores // max_parallel, at least 1).
+        threads_per_job: CPU threads of each run (None: :func:`single_run_threads` // max_parallel,
+            at least 1).
     """
     _EXECUTOR = "local"
 
@@ -50,7 +56,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         super().__init__(submitit_folder=submitit_folder, timeout_min=timeout_min)
         self.max_parallel = max_parallel
         self.poll_s = float(poll_s)
-        self.threads_per_job = threads_per_job or max(1, (os.cpu_count() or 1) // max_parallel)
+        self.threads_per_job = threads_per_job or max(1, single_run_threads() // max_parallel)
 
     def _executor(self) -> tp.Any:
         import submitit
@@ -105,6 +111,21 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         # a local job is never requeued: a preempted run exits and the next sweep resumes it
         return job.run_truthfully(self, 0, sweep_overrides, job_dir_key, job_num, job_id,
                                   singleton_state)
+
+
+def single_run_threads() -> int:
+    """The intra-op threads a single run started from this environment uses: ``OMP_NUM_THREADS``
+    when it is a positive integer, else what a fresh torch process picks (one thread per physical
+    core; asked of a child process, since this one may have changed its own count)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        return max(1, int(out.strip()))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return os.cpu_count() or 1
 
 
 def _check_count(key: str, value: tp.Any) -> None:

@@ -10,8 +10,9 @@ What this adds to ``hydra_plugins.hydra_submitit_launcher``:
 - ``wait: false`` returns right after submission (check progress with ``diffq-bench-status``).
 - A job that can never start (pending with ``PartitionConfig``, an invalid account or QOS, a node
   that does not exist...) is cancelled within seconds and the launch fails with the reason and the
-  ``hydra.launcher`` key to change (also with ``wait: false``, which checks for
-  :data:`WATCH_UNTIL_S` seconds); a job cancelled by ``scancel`` makes its run CANCELLED.
+  ``hydra.launcher`` key to change (also with ``wait: false``, which waits until the scheduler has
+  placed or given a reason to each job, at most :data:`WATCH_UNTIL_S` seconds); a job cancelled by
+  ``scancel`` makes its run CANCELLED.
 """
 
 import logging
@@ -33,7 +34,8 @@ from . import job
 log = logging.getLogger(__name__)
 #: seconds between checks of the submitted jobs' pending reasons
 WATCH_POLL_S = 5.0
-#: with ``wait: false``, how long the launcher checks that the jobs can start before returning
+#: with ``wait: false``, at most this long the launcher waits for the scheduler to say whether the
+#: jobs can start (usually a second or two)
 WATCH_UNTIL_S = 20.0
 
 
@@ -139,9 +141,10 @@ class SlurmLauncher(BaseSubmititLauncher):
     def _watch(self, submitted: tp.Mapping[tp.Tuple[str, ...], tp.Any],
                folders: tp.Mapping[tp.Tuple[str, ...], Path], returns: tp.Dict[tp.Tuple[str, ...], JobReturn],
                until_s: tp.Optional[float]) -> None:
-        """Poll the submitted jobs until they all ended (or ``until_s`` seconds passed): those
-        PENDING for a reason that never resolves are cancelled, their runs FAILED with the reason
-        and what to change (:func:`diffq_bench.launch.slurm.impossible_reason`)."""
+        """Poll the submitted jobs until they all ended (``until_s`` None), or, with ``wait: false``,
+        until each one started or got a pending reason from the scheduler (at most ``until_s``
+        seconds): those PENDING for a reason that never resolves are cancelled, their runs FAILED
+        with the reason and what to change (:func:`diffq_bench.launch.slurm.impossible_reason`)."""
         start = time.monotonic()
         waiting = {key: sub for key, sub in submitted.items()}
         while waiting and (until_s is None or time.monotonic() - start < until_s):
@@ -151,8 +154,10 @@ class SlurmLauncher(BaseSubmititLauncher):
             except slurm.SlurmError as exc:
                 log.warning("cannot check the pending jobs (%s)", exc)
                 info = {}
+            undecided = False
             for key, sub in list(waiting.items()):
                 state, reason = info.get(str(sub.job_id), ("", ""))
+                undecided |= state in ("", "PENDING") and reason in ("", "None")
                 fix = slurm.impossible_reason(reason) if state == "PENDING" else None
                 if fix is None:
                     continue
@@ -161,8 +166,10 @@ class SlurmLauncher(BaseSubmititLauncher):
                 job.cancel(sub)
                 returns[key] = job.fail_never_started(list(key), folders[key], error)
                 del waiting[key]
+            if until_s is not None and not undecided:
+                return  # wait: false: every job started or was given a reason by the scheduler
             if waiting:
-                time.sleep(WATCH_POLL_S)
+                time.sleep(WATCH_POLL_S if until_s is None else 1.0)
 
     # ---------------------------------------------------------------- job side
     def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,

@@ -1,6 +1,5 @@
 """Grid expansion, the launch plan (skip DONE / live runs) and the grid sweeper plugin end to end."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -221,9 +220,26 @@ def test_local_parallel_launcher_caps_concurrency_and_reports_failures(toy_app):
     spans = [tuple(map(float, line.split())) for line in (root / "store" / "spans.txt").read_text().splitlines()]
     assert len(spans) == 3
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
-    # each run gets its share of the cores, not one thread per core (oversubscription)
-    share = str(max(1, (os.cpu_count() or 1) // 2))
+    # each run gets its share of a single run's threads, not one thread per core (oversubscription)
+    single = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    share = str(max(1, int(single) // 2))
     assert (root / "store" / "threads.txt").read_text().split() == [share] * 3
+
+
+def test_single_run_and_a_sweep_of_one_use_the_same_threads(monkeypatch):
+    """Before: a sweep gave each run os.cpu_count() // max_parallel threads (logical CPUs, and
+    OMP_NUM_THREADS ignored) while a single run used torch's default: a run resumed by the other
+    way changed thread count (and its numbers)."""
+    from hydra_plugins.diffq_bench.local_launcher import LocalParallelLauncher
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert LocalParallelLauncher(max_parallel=1).threads_per_job == int(single) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    single = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert LocalParallelLauncher(max_parallel=1).threads_per_job == int(single)
 
 
 def test_local_parallel_launcher_rejects_bad_limit():
