@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from . import io
 from .checkpoint import seed_all
-from .config import ConfigError, check_device, check_overrides, find_conf_dir, to_container, validate
+from .config import ConfigError, check_device, check_overrides, find_conf_dir, group_options, to_container, validate
 from .data import fingerprint
 from .data.errors import DataChangedError, DataCorruptError, DataMissingError
 from .finish import finish
@@ -272,6 +272,10 @@ def table_main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                         help="one raw row per run with every varying axis and metric (no grouping)")
     args = parser.parse_args(argv)
     found = load_results(args.root, args.task, args.quant, args.grid)
+    if not found and args.grid and args.grid not in group_options("grid"):
+        print(f"diffq-bench-table: unknown grid {args.grid!r}: no conf/grid/{args.grid}.yaml and no run of it "
+              f"under {Path(args.root) / 'xps'} (available: {', '.join(group_options('grid'))})", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     if not found:
         print(f"no finished runs under {Path(args.root) / 'xps'} match the filters", file=sys.stderr)
         raise SystemExit(1)

@@ -37,21 +37,25 @@ class ConfigError(ValueError):
 
 
 def find_conf_dir() -> Path:
-    """The ``conf/`` folder: ``$DIFFQ_BENCH_CONF`` if set, else the one next to the package.
+    """The ``conf/`` folder: ``$DIFFQ_BENCH_CONF`` if set, else the copy inside the installed
+    package (``diffq_bench/conf``, written by ``pip install .``, see setup.py), else the checkout's
+    ``conf/`` next to the package (editable installs, tests).
 
     Raises:
-        ConfigError: when no folder with ``config.yaml`` is found (non-editable install, moved tree).
+        ConfigError: when no folder with ``config.yaml`` is found (a moved or partial tree).
     """
     candidates = []
     if os.environ.get(CONF_ENV):
         candidates.append(Path(os.environ[CONF_ENV]))
+    candidates.append(Path(__file__).resolve().parent / "conf")
     candidates.append(Path(__file__).resolve().parent.parent / "conf")
     for cand in candidates:
         if (cand / "config.yaml").is_file():
             return cand.resolve()
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(f"cannot find the diffq-bench config folder (conf/config.yaml); tried: {tried}. "
-                      f"Install from a checkout with `pip install -e .` or set {CONF_ENV}=<path to conf>.")
+                      f"Reinstall the package (`pip install .` ships conf/ inside it) or set "
+                      f"{CONF_ENV}=<path to conf>.")
 
 
 def compose(overrides: tp.Sequence[str] = (), conf_dir: tp.Optional[Path] = None) -> DictConfig:
@@ -199,6 +203,11 @@ def _group_options(roots: tp.Sequence[Path], group: str) -> tp.Optional[tp.Set[s
     if not folders:
         return None
     return {p.stem for folder in folders for p in folder.glob("*.yaml")}
+
+
+def group_options(group: str, conf_dir: tp.Optional[Path] = None) -> tp.List[str]:
+    """The options of config group ``group`` (``grid`` -> ``["mini", "table_lm", ...]``), sorted."""
+    return sorted(_group_options([conf_dir or find_conf_dir()], group) or ())
 
 
 def _override_values(override: tp.Any) -> tp.Optional[tp.List[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from omegaconf import OmegaConf
 
 from diffq_bench import cli
 from diffq_bench.config import ConfigError, compose, find_conf_dir, validate
@@ -113,3 +114,74 @@ def test_config_error_exits_before_any_work(toy_task, toy_conf, tmp_path, monkey
     assert info.value.code == 2
     assert "lambda must be a finite number >= 0.0, got -2" in capsys.readouterr().err
     assert not root.exists()  # nothing was created
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_finds_them(tmp_path):
+    """`pip install .` (non-editable) has conf/ inside the package: a wheel holds every yaml of
+    conf/ under diffq_bench/conf/, and the package unpacked from it finds that copy."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = CONF.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(root),
+                    "-w", str(tmp_path / "wheel"), "-q"], check=True, cwd=tmp_path, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"diffq_bench/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
+    assert expected and expected <= names, sorted(expected - names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    out = subprocess.run([sys.executable, "-c", "import diffq_bench.config as c; print(c.find_conf_dir())"],
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    assert out == str((tmp_path / "site" / "diffq_bench" / "conf").resolve())
+
+
+def test_app_help_names_the_app_and_every_option(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["diffq-bench", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    out = capsys.readouterr().out
+    assert out.startswith("diffq-bench: the DiffQ paper's benchmarks") and "powered by Hydra" not in out
+    for group in ("task", "quant", "optim", "grid", "hydra/launcher"):
+        for option in _options(group):
+            assert option in out, f"diffq-bench --help does not list {group}={option}"
+
+
+def test_table_names_an_unknown_grid(tmp_path, capsys):
+    (tmp_path / "xps").mkdir()
+    with pytest.raises(SystemExit) as info:
+        cli.table_main(["--root", str(tmp_path), "--grid", "nosuch"])
+    assert info.value.code == cli.EXIT_CONFIG
+    assert capsys.readouterr().err.strip() == (
+        f"diffq-bench-table: unknown grid 'nosuch': no conf/grid/nosuch.yaml and no run of it under "
+        f"{tmp_path / 'xps'} (available: {', '.join(_options('grid'))})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["wikitext_mini", "digits"])
+def test_debug_preset_runs_any_task_in_seconds(task, tmp_path, monkeypatch, capsys):
+    """+preset=debug: 3 steps, evaluation (valid, test, restore check) on 4 items, one row."""
+    import json
+
+    from diffq_bench.tasks import get_task
+
+    root = tmp_path / "store"
+    data = tmp_path / "data"
+    monkeypatch.setattr("sys.argv", ["diffq-bench", "+preset=debug", f"task={task}", "quant=diffq",
+                                     f"paths.root={root}", f"paths.data={data}",
+                                     f"paths.cache={tmp_path / 'cache'}", "runtime.progress=false"])
+    cli.main()
+    (folder,) = list((root / "xps").iterdir())
+    result = json.loads((folder / "result.json").read_text())
+    assert result["metrics"]["steps"] == 3 and result["metrics"]["wall_time_s"] < 120
+    cfg = compose(["+preset=debug", f"task={task}"])
+    assert cfg.task.eval_subset == 4 and cfg.train.epochs == 1 and cfg.train.steps_per_epoch == 3
+    # the subset is what the evaluation sees
+    plain = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
+    t = get_task(cfg.task.name, **plain)
+    t.setup(data, tmp_path / "cache", "cpu")
+    size = len(t.windows("test")) if task == "wikitext_mini" else len(t.datasets["test"])
+    assert size == 4
+    assert "| size (MiB) |" in capsys.readouterr().out
