@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from . import io
+from . import distributed, io
 from .checkpoint import seed_all
 from .config import ConfigError, check_device, check_overrides, find_conf_dir, group_options, to_container, validate
 from .data import fingerprint
@@ -87,7 +87,8 @@ def execution_env(device: torch.device) -> tp.Dict[str, tp.Any]:
     """What changes a run's numbers without changing its identity: recorded per attempt in
     status.json, compared when a run resumes."""
     return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda if device.type == "cuda" else None}
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "processes": distributed.current().world}
 
 
 def _check_env(xp: Xp, env: tp.Dict[str, tp.Any], status: tp.Mapping[str, tp.Any]) -> None:
@@ -130,9 +131,18 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     validate(cfg)
     plain = to_container(cfg)
     check_device(str(plain.get("device", "auto")))  # here, not in validate: a login node has no GPU
-    runtime = plain.get("runtime", {})
     xp = Xp(plain["paths"]["root"], cfg)
-    device = resolve_device(str(plain.get("device", "auto")))
+    device = distributed.local_device(resolve_device(str(plain.get("device", "auto"))))
+    dist_cfg = plain.get("dist") or {}
+    rank = distributed.setup(device, str(dist_cfg.get("backend", "auto")), float(dist_cfg.get("timeout_s", 1800)))
+    if rank.active:
+        return _run_rank(cfg, plain, xp, device, rank)
+    return _run_single(cfg, plain, xp, device, rank)
+
+
+def _run_single(cfg: DictConfig, plain: tp.Dict[str, tp.Any], xp: Xp, device: torch.device,
+                rank: distributed.Dist) -> tp.Dict[str, tp.Any]:
+    runtime = plain.get("runtime", {})
     task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
     task = get_task(plain["task"]["name"], **task_kw)
     if xp.is_done() and not runtime.get("force"):
@@ -142,6 +152,7 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         result = xp.read_result()
         if result is None:  # is_done() checked the file exists: it vanished in between
             raise RuntimeError(f"{xp.result_path} disappeared while reading it")
+        distributed.share_start("done")
         print(f"run {xp.sig} already finished ({xp.folder}); not training again", flush=True)
         print(format_row(result), flush=True)
         return result
@@ -155,7 +166,10 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         previous = xp.read_status() or {}
         env = execution_env(device)
         status = xp.start_attempt(grids, slurm.current_job_id(), env)
-        xp.log(f"attempt {status['attempt']} started on {status['host']} (pid {status['pid']})")
+        for stale in xp.folder.glob("failure.rank*.txt"):  # other ranks' failures of an earlier attempt
+            stale.unlink(missing_ok=True)
+        xp.log(f"attempt {status['attempt']} started on {status['host']} (pid {status['pid']})"
+               + (f" with {rank.world} processes" if rank.active else ""))
         logger.info("run %s -> %s (attempt %d)", xp.sig, xp.folder, status["attempt"])
         try:
             _check_env(xp, env, previous)
@@ -165,6 +179,7 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             data = _check_data(xp, task)
             if data is not None:
                 xp.write_data(data)
+            distributed.share_start("start")  # the others set up now (embedded data is written)
             trainer = Trainer(plain, task, xp, device, runtime)
             trainer.fit()
             metrics = finish(trainer)
@@ -173,12 +188,15 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             if INTERRUPT.signum is not None or isinstance(exc, KeyboardInterrupt):
                 xp.write_status("INTERRUPTED", traceback=None)
                 xp.log(f"INTERRUPTED: {where}")
+            elif (cancelled := slurm.cancelled_reason()) is not None:  # scancel: not coming back
+                xp.write_status("CANCELLED", traceback=None, reason=cancelled)
+                xp.log(f"CANCELLED: {cancelled}")
             else:  # a scheduler's preemption: the job is requeued
                 xp.write_status("QUEUED", requeues=int(previous.get("requeues", 0)) + 1, traceback=None)
                 xp.log(where)
             raise
         except BaseException:
-            tb = traceback.format_exc()
+            tb = traceback.format_exc() + distributed.peer_failures(xp.folder)
             record_failure(xp, tb)
             raise
         result = {"sig": xp.sig, "task": plain["task"]["name"], "quant": plain["quant"]["name"],
@@ -193,6 +211,46 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
         return result
     finally:
         xp.unlock()
+
+
+def _run_rank(cfg: DictConfig, plain: tp.Dict[str, tp.Any], xp: Xp, device: torch.device,
+              rank: distributed.Dist) -> tp.Dict[str, tp.Any]:
+    """:func:`run` as one process of a data-parallel run: rank 0 runs it as a single process
+    would (and alone writes the run folder); the others train in lockstep and write nothing but,
+    if they fail, their traceback (``failure.rank<r>.txt``, gathered into rank 0's FAILED status)."""
+    distributed.new_run()
+    if rank.is_main:
+        try:
+            return _run_single(cfg, plain, xp, device, rank)
+        except BaseException as exc:
+            distributed.share_start(f"{type(exc).__name__}: {exc}")  # no-op once it was shared
+            raise
+    started = distributed.share_start(None)
+    if started == "done":
+        return xp.read_result() or {}
+    if started != "start":
+        raise RuntimeError(f"rank 0 did not start the run: {started}")
+    runtime = plain.get("runtime", {})
+    task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
+    task = get_task(plain["task"]["name"], **task_kw)
+    try:
+        seed_all(int(plain["seed"]))
+        task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
+                   num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+        _check_data(xp, task)
+        trainer = Trainer(plain, task, xp, device, runtime)
+        trainer.fit()
+        metrics = finish(trainer)
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except BaseException:
+        try:
+            io.write_text(xp.folder / f"failure.rank{rank.rank}.txt", traceback.format_exc())
+        except OSError:
+            pass
+        raise
+    return {"sig": xp.sig, "task": plain["task"]["name"], "quant": plain["quant"]["name"],
+            "metric": task.metric, "metrics": metrics}
 
 
 def record_failure(xp: Xp, tb: str) -> None:
@@ -231,7 +289,7 @@ def _hydra_task(cfg: DictConfig) -> None:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except (DataMissingError, DataCorruptError, DataChangedError, LoadError, InitError) as exc:
         # The run is recorded FAILED (traceback in status.json); the user needs the path, not a stack.
-        label = _ERROR_LABELS.get(type(exc), type(exc).__name__)
+        label = next((_ERROR_LABELS[k] for k in type(exc).__mro__ if k in _ERROR_LABELS), type(exc).__name__)
         print(f"diffq-bench: {label}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_FAILED) from None
 

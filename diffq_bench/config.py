@@ -390,7 +390,11 @@ def validate(cfg: DictConfig) -> None:
     _number("train.epochs", train.get("epochs"), 1, integer=True)
     if train.get("steps_per_epoch") is not None:
         _number("train.steps_per_epoch", train["steps_per_epoch"], 1, integer=True)
-    _number("train.grad_accum", train.get("grad_accum"), 1, integer=True)
+    dist = plain.get("dist", {})
+    _number("dist.grad_accum", dist.get("grad_accum", 1), 1, integer=True)
+    _number("dist.timeout_s", dist.get("timeout_s", 1800), 1.0)
+    if dist.get("backend", "auto") not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"dist.backend must be auto, gloo or nccl, got {dist.get('backend')!r}")
     _number("train.clip_grad", train.get("clip_grad"), 0.0)
     _number("train.clip_grad_value", train.get("clip_grad_value", 0.0), 0.0)
     _number("train.ema_decay", train.get("ema_decay", 0.0), 0.0, high=0.999999)

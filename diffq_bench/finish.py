@@ -6,6 +6,7 @@ result a user of the exported file gets is part of every result (``test_<metric>
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import typing as tp
 import zlib
@@ -13,7 +14,7 @@ import zlib
 import torch
 
 from . import checkpoint as ckpt
-from . import io
+from . import distributed, io
 from .quant import Calibration, deserialize, restore, serialize
 from .train import Trainer, check_finite_metrics, unique_params
 
@@ -38,6 +39,40 @@ def calibration(trainer: Trainer) -> tp.Optional[Calibration]:
     return Calibration(task=trainer.task, batches=batches)
 
 
+def best_state(trainer: Trainer) -> tp.Dict[str, tp.Any]:
+    """best.th, or, when it is missing, unreadable or malformed, a rebuilt one: best.th is derived
+    state, so a run never fails (or asks to be restarted) for it. The final weights are validated
+    again and become the best state; when the lost best epoch was not the last one, the change is
+    logged (the result's ``best_epoch`` shows the epoch actually used)."""
+    xp = trainer.xp
+    try:
+        best = ckpt.load(xp.best_path)
+        if isinstance(best.get("model"), dict) and isinstance(best.get("quantizer"), dict):
+            return best
+        problem = "has no model or quantizer state"
+    except (FileNotFoundError, io.LoadError) as exc:
+        problem = str(exc)
+    lost = int(trainer.best["epoch"])
+    averaged = trainer.ema.swapped() if trainer.ema is not None else contextlib.nullcontext()
+    with averaged:  # the weights validation selects (train.ema_decay)
+        trainer.model.eval()
+        with torch.no_grad():
+            valid = trainer.evaluate(trainer.model, "valid")
+        check_finite_metrics(valid, "valid (rebuilding best.th)")
+        trainer.best = {"value": float(valid[trainer.task.metric]), "epoch": int(trainer.epoch)}
+        best = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                "quantizer": trainer.quantizer.state_dict(), **trainer.best}
+    if trainer.dist.is_main:
+        ckpt.save(best, xp.best_path)
+    message = f"best.th rebuilt from the final weights (epoch {trainer.epoch}): {problem}"
+    if lost != trainer.epoch:
+        message += f"; the weights of the best epoch {lost} were lost, epoch {trainer.epoch} is used instead"
+    logger.warning(message)
+    if trainer.dist.is_main:
+        xp.log(f"warning: {message}")
+    return best
+
+
 def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
     """Test, export and check the best state of a fitted :class:`~diffq_bench.train.Trainer`.
 
@@ -50,17 +85,20 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
                            f"{trainer.train_cfg.get('best_max_size_mb')} MiB; smallest seen "
                            f"{min(h['true_size_mb'] for h in trainer.history if 'true_size_mb' in h):.4g} "
                            "MiB (raise lambda or the target)")
-    best = ckpt.load(xp.best_path)
+    distributed.barrier()  # rank 0 wrote best.th
+    best = best_state(trainer)
     model.load_state_dict(best["model"])
     quantizer.load_state_dict(best["quantizer"])
     quantizer.finalize(calibration(trainer))
     metric = task.metric
     model.eval()
     with torch.no_grad():
-        test = task.evaluate(model, "test")
+        test = trainer.evaluate(model, "test")
     check_finite_metrics(test, "test")
     packed = serialize(quantizer.export())
-    io.write_bytes(xp.quantized_path, packed)
+    if trainer.dist.is_main:
+        io.write_bytes(xp.quantized_path, packed)
+    distributed.barrier()
     # Re-evaluate a fresh model rebuilt only from the exported file: the reported metric must
     # be the one a user of quantized.th gets. Buffers (BatchNorm statistics) are not weights
     # and are carried over from the trained model.
@@ -76,7 +114,7 @@ def finish(trainer: Trainer) -> tp.Dict[str, tp.Any]:
     restore(fresh, deserialize(xp.quantized_path.read_bytes()))
     fresh.eval()
     with torch.no_grad():
-        restored = task.evaluate(fresh, "test")
+        restored = trainer.evaluate(fresh, "test")
     check_finite_metrics(restored, "test of the restored quantized.th")
     true_bytes = len(packed)
     float_mb = float_params * 4 / MB

@@ -257,8 +257,12 @@ def load_torch(source: tp.Union[PathLike, bytes], *, what: str = "file",
         if unsafe is not None:
             raise LoadError(f"{name} contains Python objects ({unsafe}) that the safe loader "
                             f"refuses; it was not loaded, for safety{hint}") from None
+        detail = _first_line(exc)
+        if "Weights only load failed" in str(exc):  # keep torch's cause, never its advice
+            after = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            detail = f"the safe loader refused it: {after[0][:200] if after else 'unknown reason'}"
         raise LoadError(f"{what} {name} is corrupt or unreadable ({type(exc).__name__}: "
-                        f"{_first_line(exc)}){hint}") from exc
+                        f"{detail}){hint}") from None
     if not isinstance(state, dict) or (marker is not None and state.get("format") != marker):
         raise LoadError(f"{name} is not a diffq-bench {what} (missing format marker "
                         f"{marker!r}){hint}")

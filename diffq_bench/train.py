@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import init
+from . import distributed, init
 from .ema import WeightEMA
 from .optim import OPTIMIZERS, Schedule
 from .quant import BaseQuantizer, get_quantizer
@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Set (e.g. by a SLURM signal handler) to checkpoint at the next step boundary and stop.
 PREEMPT = threading.Event()
+#: seconds between heartbeats of a training run (status.json; diffq-bench-status shows STALE after
+#: ten missed ones)
+HEARTBEAT_S = 60.0
 
 
 class Preempted(RuntimeError):
@@ -70,6 +73,9 @@ class Trainer:
                  runtime: tp.Optional[tp.Dict[str, tp.Any]] = None):
         self.cfg, self.task, self.xp, self.device = cfg, task, xp, device
         self.train_cfg = cfg["train"]
+        self.dist = distributed.current()  # this process's place (rank 0 of 1 without torchrun/SLURM tasks)
+        self.grad_accum = int((cfg.get("dist") or {}).get("grad_accum", 1))
+        self.seed = int(cfg.get("seed", 0))
         self.runtime = {"progress": True, "checkpoint_every_steps": 0, "checkpoint_every_s": 0,
                         **(runtime or {})}
         self.model = task.build_model()
@@ -110,7 +116,8 @@ class Trainer:
             path = parent.best_path
         init.load_into(self.model, init.read_state_dict(path), init.describe(spec))
         logger.info("initial weights from %s", init.describe(spec))
-        self.xp.log(f"initial weights from {init.describe(spec)}")
+        if self.dist.is_main:
+            self.xp.log(f"initial weights from {init.describe(spec)}")
 
     # ------------------------------------------------------------------------- optimizers
     def _build_optimizers(self) -> None:
@@ -132,7 +139,7 @@ class Trainer:
         return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: full micro-batch groups, capped by ``train.steps_per_epoch``.
+        """Optimizer steps per epoch: one per (global) batch, capped by ``train.steps_per_epoch``.
 
         The batch count comes from ``len(task.train_batches(0))`` or, for tasks that yield batches
         from a generator, from the optional ``task.num_train_batches()``.
@@ -147,10 +154,9 @@ class Trainer:
                                      "and has no num_train_batches(); set train.steps_per_epoch")
                 return int(cap)
             n_batches = len(batches)  # type: ignore[arg-type]
-        n = n_batches // self.train_cfg["grad_accum"]
+        n = int(n_batches)
         if n == 0:
-            raise ValueError(f"task {self.task.name!r} has fewer training batches than "
-                             f"train.grad_accum={self.train_cfg['grad_accum']}")
+            raise ValueError(f"task {self.task.name!r} has no training batch")
         return min(n, int(cap)) if cap is not None else n
 
     # ------------------------------------------------------------------------- checkpoints
@@ -166,7 +172,8 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def save_checkpoint(self) -> None:
-        ckpt.save(self._state(), self.xp.checkpoint_path)
+        if self.dist.is_main:  # every rank holds the same state; one writes it
+            ckpt.save(self._state(), self.xp.checkpoint_path)
         self._last_save = time.monotonic()
 
     def _load_checkpoint(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
@@ -175,13 +182,15 @@ class Trainer:
         state = ckpt.load(self.xp.checkpoint_path)
         if state.get("sig") != self.xp.sig:
             raise ckpt.CheckpointError(f"{self.xp.checkpoint_path} belongs to run {state.get('sig')}, "
-                                       f"not {self.xp.sig}")
+                                       f"not {self.xp.sig}; {ckpt.restart_advice(self.xp.checkpoint_path)}")
+        ckpt.check_trainer_state(state, self.xp.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.quantizer.load_state_dict(state["quantizer"])
         self._build_optimizers()
         if len(state["optimizers"]) != len(self.optimizers):
             raise ckpt.CheckpointError(f"{self.xp.checkpoint_path} holds {len(state['optimizers'])} "
-                                       f"optimizer state(s), the run builds {len(self.optimizers)}")
+                                       f"optimizer state(s), the run builds {len(self.optimizers)}; "
+                                       f"{ckpt.restart_advice(self.xp.checkpoint_path)}")
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         if self.scaler is not None and state["scaler"] is not None:
@@ -199,9 +208,15 @@ class Trainer:
         return self.wall_time + time.monotonic() - self._t0
 
     # ------------------------------------------------------------------------- the loop
-    def _micro_step(self, batch: tp.Any, accum: int) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            loss, metrics = self.quantizer.train_step(self.task, self.model, batch)
+    def _micro_step(self, batch: tp.Any, accum: int, micro: int = 0) -> None:
+        own_rng = self.dist.active and self.quantizer.independent_noise
+        forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                       enabled=own_rng)
+        with forked, distributed.training_step():
+            if own_rng:  # this rank's noise: independent of the others, the same on resume
+                torch.manual_seed(distributed.step_seed(self.seed, self.global_step, micro, self.dist.rank))
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                loss, metrics = self.quantizer.train_step(self.task, self.model, batch)
         penalty = self.task.penalty_scale * self.quantizer.penalty_term()
         total = loss.float() + penalty
         if not bool(torch.isfinite(total.detach())):
@@ -219,6 +234,8 @@ class Trainer:
         factor = self.schedule.factor(self.global_step)
         for group in self.optimizers[0].param_groups:
             group["lr"] = group["initial_lr"] * factor
+        if self.dist.active:  # every trainable tensor, the quantizer's included
+            distributed.average_gradients(self.trainable())
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
@@ -234,6 +251,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
+        if self.dist.active:  # BatchNorm statistics: rank 0's, as DistributedDataParallel
+            distributed.broadcast_tensors(list(self.model.buffers()))
         if self.ema is not None:
             self.ema.update()
         self.global_step += 1
@@ -249,6 +268,16 @@ class Trainer:
                 raise FloatingPointError(
                     f"non-finite weights ({name}) after epoch {self.epoch + 1}: the run diverged; "
                     "lower the lr (optim.lr) or enable train.clip_grad")
+
+    def trainable(self) -> tp.List[torch.Tensor]:
+        """The model's and the quantizer's parameters, each once (what data parallelism reduces)."""
+        seen: tp.Set[int] = set()
+        out = []
+        for p in list(self.model.parameters()) + self.quantizer.quantizer_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
 
     def clipped_parameters(self) -> tp.List[torch.Tensor]:
         """What ``train.clip_grad`` clips together, by one global norm: the model's parameters and,
@@ -266,13 +295,13 @@ class Trainer:
         except StopIteration:
             raise RuntimeError(
                 f"task {self.task.name!r} ran out of training batches in epoch {self.epoch + 1} "
-                f"after {self.step_in_epoch} optimizer steps; expected {steps} x grad_accum="
-                f"{self.train_cfg['grad_accum']} micro-batches (its batch count must not vary "
-                "between epochs)") from None
+                f"after {self.step_in_epoch} optimizer steps; expected {steps} batches "
+                "(its batch count must not vary between epochs)") from None
 
     def _train_epoch(self, steps: int, total_steps: int) -> tp.Dict[str, float]:
         from tqdm import tqdm
-        accum = self.train_cfg["grad_accum"]
+        accum = self.grad_accum
+        pieces = accum * self.dist.world  # this rank's micro-batch k is piece k * world + rank
         resumed = self.step_in_epoch > 0
         if resumed:  # same batch order: rebuild the iterator from the epoch's starting RNG
             rng_now = ckpt.rng_state()
@@ -282,7 +311,7 @@ class Trainer:
             self.sums, self.count = {}, 0
         self.model.train()
         iterator = iter(self.task.train_batches(self.epoch))
-        for _ in range(self.step_in_epoch * accum):
+        for _ in range(self.step_in_epoch):
             self._next_batch(iterator, steps)
         if resumed:
             ckpt.set_rng_state(rng_now)
@@ -290,36 +319,68 @@ class Trainer:
         every_s = float(self.runtime["checkpoint_every_s"])
         bar = tqdm(total=steps, initial=self.step_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}/{self.train_cfg['epochs']}",
-                   disable=not self.runtime["progress"])
+                   disable=not (self.runtime["progress"] and self.dist.is_main))
         shown = -math.inf
         try:
             while self.step_in_epoch < steps:
-                for _ in range(accum):
-                    self._micro_step(self._next_batch(iterator, steps), accum)
+                batch = self._next_batch(iterator, steps)
+                for k in range(accum):
+                    self._micro_step(distributed.shard_batch(batch, k * self.dist.world + self.dist.rank, pieces),
+                                     accum, k)
                 self._optimizer_step(total_steps)
                 bar.update(1)
                 if not bar.disable and time.monotonic() - shown >= 5.0:
                     # the size costs a pass over every bit logit: refresh it every few seconds only
                     shown = time.monotonic()
                     bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
-                                    size=f"{self.quantizer.true_model_size():.3g}MB", refresh=False)
-                if PREEMPT.is_set():
+                                    bits=f"{self.quantizer.bits_per_weight():.2f}",
+                                    size=f"{self.quantizer.true_model_size():.3g}MiB", refresh=False)
+                if self._stop_requested():
                     self.save_checkpoint()
                     raise Preempted(f"preempted at epoch {self.epoch + 1} step {self.step_in_epoch}; "
                                     "checkpoint saved")
                 if (every_steps and self.global_step % every_steps == 0) or (
                         every_s and time.monotonic() - self._last_save >= every_s):
                     self.save_checkpoint()
+                if self.dist.is_main and time.monotonic() - self._last_beat >= HEARTBEAT_S:  # liveness
+                    self._last_beat = time.monotonic()
+                    self.xp.heartbeat()
         finally:
             bar.close()
+        if self.dist.active:  # the epoch's train metrics over every rank's micro-batches
+            sums = distributed.sum_floats({**self.sums, "__count__": float(self.count)})
+            count = sums.pop("__count__")
+            return {k: v / max(1.0, count) for k, v in sums.items()}
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+    def _stop_requested(self) -> bool:
+        """PREEMPT on any rank stops every rank at the same step (one consistent checkpoint)."""
+        if not self.dist.active:
+            return PREEMPT.is_set()
+        return distributed.sum_floats({"stop": float(PREEMPT.is_set())})["stop"] > 0
+
+    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
+        """``task.evaluate`` on ``split``; under data parallelism sharded over the ranks when the
+        task gives per-batch parts (the result equals the single-process one exactly), else run on
+        rank 0 and shared."""
+        if not self.dist.active:
+            return self.task.evaluate(model, split)
+        self.task.eval_shard = (self.dist.rank, self.dist.world)
+        try:
+            parts = self.task.evaluate_parts(model, split)
+        finally:
+            self.task.eval_shard = (0, 1)
+        if parts is not None:
+            return self.task.combine_parts(distributed.gather_parts(parts))
+        metrics = self.task.evaluate(model, split) if self.dist.is_main else None
+        return distributed.broadcast_object(metrics)
 
     def _validate(self, entry: tp.Dict[str, tp.Any], metric: str) -> None:
         """Validate (the EMA weights, if any), record it in ``entry`` and keep the best state."""
         with self._averaged():
             self.model.eval()
             with torch.no_grad():
-                valid = self.task.evaluate(self.model, "valid")
+                valid = self.evaluate(self.model, "valid")
             check_finite_metrics(valid, f"valid (epoch {self.epoch + 1})")
             entry["valid"] = valid
             entry["true_size_mb"] = self.quantizer.true_model_size()
@@ -327,13 +388,15 @@ class Trainer:
             small = target is None or entry["true_size_mb"] <= target
             if small and self.task.is_better(float(valid[metric]), self.best["value"]):
                 self.best = {"value": float(valid[metric]), "epoch": self.epoch + 1}
-                ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
-                           **self.best}, self.xp.best_path)
+                if self.dist.is_main:
+                    ckpt.save({"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
+                               **self.best}, self.xp.best_path)
 
     def fit(self) -> None:
         """Train all epochs (resuming from the checkpoint if there is one)."""
-        self._t0 = self._last_save = time.monotonic()
-        state = self._load_checkpoint()
+        self._t0 = self._last_save = self._last_beat = time.monotonic()
+        with ckpt.restoring(self.xp.checkpoint_path):  # a checkpoint that does not fit: one clear error
+            state = self._load_checkpoint()
         if state is None:
             self._build_optimizers()
         epochs = int(self.train_cfg["epochs"])
@@ -342,7 +405,8 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             logger.info("resuming run %s at epoch %d step %d", self.xp.sig, self.epoch + 1,
                         self.step_in_epoch)
-            self.xp.log(f"resumed at epoch {self.epoch + 1} step {self.step_in_epoch}")
+            if self.dist.is_main:
+                self.xp.log(f"resumed at epoch {self.epoch + 1} step {self.step_in_epoch}")
         total_steps = steps * epochs
         self.schedule = Schedule.from_config(self.train_cfg, total_steps, steps)
         metric = self.task.metric
@@ -351,6 +415,8 @@ class Trainer:
             train_metrics = self._train_epoch(steps, total_steps)
             self._check_finite_weights()
             if self.quantizer.on_epoch_end(self.epoch, epochs):
+                if self.dist.active:  # one k-means / phase decision for all ranks: rank 0's
+                    distributed.broadcast_tensors(self.trainable() + list(self.model.buffers()))
                 self._build_optimizers()  # new trainable set: momentum restarts, as in iPQ
             entry: tp.Dict[str, tp.Any] = {"epoch": self.epoch + 1, "train": train_metrics,
                                            "phase": self.quantizer.phase}
@@ -361,14 +427,17 @@ class Trainer:
             self.history.append(entry)
             self.epoch += 1
             self.step_in_epoch = 0
-            self.xp.write_history(self.history)
+            if self.dist.is_main:
+                self.xp.write_history(self.history)
             self.save_checkpoint()
-            self.xp.write_status("RUNNING", epoch=self.epoch)
+            if self.dist.is_main:
+                self.xp.write_status("RUNNING", epoch=self.epoch)
             summary = f"epoch {self.epoch}/{epochs} train loss {train_metrics.get('loss', math.nan):.4f}"
             if "valid" in entry:
-                summary += f" | valid {metric} {entry['valid'][metric]:.4f} | size {entry['true_size_mb']:.3f} MB"
+                summary += f" | valid {metric} {entry['valid'][metric]:.4f} | size {entry['true_size_mb']:.3f} MiB"
             logger.info(summary)
-            self.xp.log(summary)
+            if self.dist.is_main:
+                self.xp.log(summary)
 
 
 __all__ = ["PREEMPT", "Preempted", "Trainer", "resolve_device", "unique_params"]

@@ -27,7 +27,7 @@ from .config import compose, to_container
 logger = logging.getLogger(__name__)
 
 #: top-level keys that never enter the signature.
-EXCLUDED = ("paths", "device", "num_workers", "runtime", "grid", "hydra", "launcher")
+EXCLUDED = ("paths", "device", "num_workers", "dist", "runtime", "grid", "hydra", "launcher")
 #: top-level aliases -> the quant key they feed by interpolation (conf/quant/*.yaml). They are not
 #: hashed themselves (their effect is in quant.*), so `quant=none lambda=5` is the same run as
 #: `quant=none lambda=1`; tables show them when the quantizer uses them.
@@ -225,8 +225,8 @@ class Xp:
         known += [g for g in grids if g not in known]
         self._reserve()
         return self.write_status("RUNNING", attempt=int(status.get("attempt", 0)) + 1,
-                                 started=now_iso(), traceback=None, grids=known, job_id=job_id,
-                                 env=env)
+                                 started=now_iso(), traceback=None, reason=None, grids=known,
+                                 job_id=job_id, env=env)
 
     reserve_path = property(lambda self: self.folder / ".reserve")
 

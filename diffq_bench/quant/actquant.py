@@ -22,6 +22,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from ..distributed import sync_init
 from . import lsq
 from .errors import QuantizerError
 
@@ -109,7 +110,8 @@ def lsq_bounds(bits: int, signed: bool) -> tp.Tuple[int, int]:
 def lsq_init_step(x: torch.Tensor, bits: int, signed: bool) -> float:
     """LSQ's initial step ``2·mean|x|/sqrt(Q_P)`` (positive)."""
     _, qp = lsq_bounds(bits, signed)
-    return max(2 * float(x.detach().abs().mean()) / math.sqrt(max(qp, 1)), 1e-6)
+    mean = sync_init(x.detach().abs().float().mean(), "mean")  # the global batch's, under data parallelism
+    return max(2 * float(mean) / math.sqrt(max(qp, 1)), 1e-6)
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,

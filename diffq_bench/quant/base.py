@@ -384,6 +384,11 @@ class BaseQuantizer:
         """
         return False
 
+    #: under data parallelism: True when the random draws of a training step (pseudo quantization
+    #: noise, Quant-Noise masks) should be independent per process; False keeps them identical on
+    #: every process (one-shot MPQ's sampled sub-networks must agree). docs/cluster.md
+    independent_noise: tp.ClassVar[bool] = False
+
     #: how many training batches the loop puts in the :class:`Calibration` given to
     #: :meth:`finalize` (0: the method needs none and gets ``None``).
     calibration_batches: int = 0

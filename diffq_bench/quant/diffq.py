@@ -256,6 +256,7 @@ class DiffQuantizer(BaseQuantizer):
         float16: store the float parameters as float16.
         exclude: fnmatch patterns of parameter names kept in float.
     """
+    independent_noise = True  # noise / masks drawn independently on each process (docs/cluster.md)
     name = "diffq"
     display = Display("DiffQ", color="tab:red", axes=(("lambda", "λ={}"), ("group_size", "g={}")),
                       series_axis="group_size", point=("lambda", "λ={:g}"))

@@ -19,6 +19,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from ..distributed import sync_init
 from .actquant import (
     act_layers,
     dsq_alpha,
@@ -156,6 +157,7 @@ class DSQQuantizer(BaseQuantizer):
         if not self._act_init[name]:  # initialised from data: the first batch's range
             with torch.no_grad():
                 low, high = torch.aminmax(x.detach().float())
+                low, high = sync_init(low, "min"), sync_init(high, "max")  # the global batch's range
                 lower.copy_(low)
                 upper.copy_(torch.maximum(high, low + 1e-6))
             self._act_init[name] = True

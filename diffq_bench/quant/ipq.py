@@ -172,6 +172,7 @@ class QuantNoiseIPQQuantizer(BaseQuantizer):
         float16: store the parameters left in float as float16.
         exclude: fnmatch patterns of parameter names never quantized.
     """
+    independent_noise = True  # noise / masks drawn independently on each process (docs/cluster.md)
     name = "quant_noise_ipq"
     display = Display("Quant-Noise iPQ", color="tab:brown", axes=(
         ("quant.n_centroids", "K={}"), ("quant.block_size", "block {}"), ("quant.p", "p={}")))

@@ -104,6 +104,7 @@ class QuantNoiseQuantizer(BaseQuantizer):
         float16: store the parameters left in float as float16.
         exclude: fnmatch patterns of parameter names never quantized.
     """
+    independent_noise = True  # noise / masks drawn independently on each process (docs/cluster.md)
     name = "quant_noise"
     display = Display("Quant-Noise", color="tab:purple", axes=(("quant.bits", "{} bits"), ("quant.p", "p={}")),
                       inline=True, point=("quant.bits", "{}b"))

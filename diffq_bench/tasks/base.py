@@ -155,8 +155,36 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
-        """The paper's evaluation on ``split`` (``valid`` or ``test``); includes :attr:`metric`."""
+        """The paper's evaluation on ``split`` (``valid`` or ``test``); includes :attr:`metric`.
+
+        A task whose metric is a function of per-batch sums implements :meth:`evaluate_parts` and
+        :meth:`combine_parts` instead: its evaluation is then sharded under data parallelism.
+        """
+        parts = self.evaluate_parts(model, split)
+        if parts is None:
+            raise NotImplementedError(f"task {self.name!r} implements neither evaluate() nor evaluate_parts()")
+        return self.combine_parts(parts)
+
+    # ---------------------------------------------------------------- sharded evaluation
+    #: ``(rank, world)``: the evaluation batches :meth:`evaluate_parts` computes are those whose
+    #: index ``i`` has ``i % world == rank`` (set by the loop under data parallelism).
+    eval_shard: tp.ClassVar[tp.Tuple[int, int]] = (0, 1)  # per instance once the loop sets it
+
+    def evaluate_parts(self, model: nn.Module, split: str) -> tp.Optional[tp.Dict[str, tp.List[float]]]:
+        """Per-batch additive parts of the evaluation of this shard (:attr:`eval_shard`), e.g.
+        ``{"loss": [...], "correct": [...], "count": [...]}``; None when the task evaluates whole
+        (its evaluation then runs on one process and the others wait)."""
+        return None
+
+    def combine_parts(self, parts: tp.Mapping[str, tp.Sequence[float]]) -> tp.Dict[str, float]:
+        """The metrics from the parts of all shards (summed with ``math.fsum``: exact, so the
+        sharded result equals the single-process one)."""
         raise NotImplementedError
+
+    def shard_owns(self, index: int) -> bool:
+        """Whether evaluation batch ``index`` belongs to this process's shard."""
+        rank, world = self.eval_shard
+        return index % world == rank
 
     #: path components naming a group of files in :meth:`data_fingerprint` (1: a split or a file)
     fingerprint_depth: tp.ClassVar[int] = 1

@@ -168,8 +168,8 @@ class LanguageModelingTask(Task):
         return windows[:self.eval_subset] if self.eval_subset else windows
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
-        """``ppl`` (exp of mean NLL per token), ``nll`` and scored ``tokens`` on ``split``."""
+    def evaluate_parts(self, model: nn.Module, split: str) -> tp.Dict[str, tp.List[float]]:
+        """Per-batch summed NLL (float64) and scored tokens of this process's shard of ``split``."""
         corpus = self._require_corpus()
         if split not in corpus.splits:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(corpus.splits)}")
@@ -178,9 +178,11 @@ class LanguageModelingTask(Task):
         windows = self.windows(split)
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        parts: tp.Dict[str, tp.List[float]] = {"nll": [], "tokens": []}
         try:
-            for first in range(0, len(windows), self.eval_batch_size):
+            for index, first in enumerate(range(0, len(windows), self.eval_batch_size)):
+                if not self.shard_owns(index):
+                    continue
                 group = windows[first:first + self.eval_batch_size]
                 width = max(end - ctx for ctx, _, end in group)
                 inputs = torch.full((len(group), width), PAD_ID, dtype=torch.long)
@@ -191,13 +193,18 @@ class LanguageModelingTask(Task):
                     targets[row, :end - ctx] = ids[ctx:end]
                     mask[row, start - ctx:end - ctx] = True
                 nll = model(inputs.to(self.device), targets.to(self.device))
-                total += float(nll.double()[mask.to(self.device)].sum())
-                count += int(mask.sum())
+                parts["nll"].append(float(nll.double()[mask.to(self.device)].sum()))
+                parts["tokens"].append(float(mask.sum()))
         finally:
             model.train(was_training)
-        mean = total / max(count, 1)
+        return parts
+
+    def combine_parts(self, parts: tp.Mapping[str, tp.Sequence[float]]) -> tp.Dict[str, float]:
+        """``ppl`` (exp of mean NLL per token), ``nll`` and scored ``tokens`` over all shards."""
+        count = math.fsum(parts["tokens"])
+        mean = math.fsum(parts["nll"]) / max(count, 1)
         # exp overflows past ~709 nats: a diverged model's perplexity is inf (the loop then fails it)
-        return {"nll": mean, "ppl": math.exp(mean) if mean < 709 else math.inf, "tokens": float(count)}
+        return {"nll": mean, "ppl": math.exp(mean) if mean < 709 else math.inf, "tokens": count}
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

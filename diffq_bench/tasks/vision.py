@@ -17,13 +17,14 @@ timm's mixup/cutmix), and reports top-1 (the paper's metric, in percent), top-5 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing as tp
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ..data import digits as digits_data
 from ..data.cifar import CHECKSUMS_FILE, CIFAR_SPECS, OFFICIAL_FIX, find_cifar_folder, open_cifar, read_cifar_split
@@ -32,6 +33,7 @@ from ..data.images import (
     ArrayImageDataset,
     Batches,
     cifar_transform,
+    collate_skipping,
     imagefolder_classes,
     imagefolder_split,
     make_loader,
@@ -217,29 +219,40 @@ class ImageClassificationTask(Task):
         top1 = 100.0 * _topk_correct(logits.detach(), target, 1) / len(target)
         return loss, {"top1": top1}
 
-    def evaluate(self, model: nn.Module, split: str) -> tp.Dict[str, float]:
-        """Top-1 / top-5 accuracy (percent) and mean cross-entropy (no smoothing) on ``split``."""
+    def evaluate_parts(self, model: nn.Module, split: str) -> tp.Dict[str, tp.List[float]]:
+        """Per-batch summed cross-entropy (no smoothing), top-1 / top-5 hits and counts on
+        ``split``, for the batches of this process's shard."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        loader = self._batches(make_loader(self.datasets[split], self.eval_batch_size, False, self.seed,
-                                           num_workers=self.num_workers, skip_bad=self.skip_bad_files), split)
+        dataset = self.datasets[split]
+        order = list(BatchSampler(SequentialSampler(dataset), self.eval_batch_size, drop_last=False))
+        mine = [batch for i, batch in enumerate(order) if self.shard_owns(i)]
+        loader = self._batches(DataLoader(dataset, batch_sampler=mine, num_workers=self.num_workers,
+                                          collate_fn=collate_skipping if self.skip_bad_files else None), split)
         was_training = model.training
         model.eval()
-        total, loss, top1, top5 = 0, 0.0, 0, 0
+        parts: tp.Dict[str, tp.List[float]] = {"loss": [], "top1": [], "top5": [], "count": []}
         try:
             with torch.no_grad():
                 for images, target in loader:
                     images, target = images.to(self.device), target.to(self.device)
                     logits = model(images).float()
-                    loss += float(F.cross_entropy(logits, target, reduction="sum"))
-                    top1 += _topk_correct(logits, target, 1)
-                    top5 += _topk_correct(logits, target, 5)
-                    total += len(target)
+                    parts["loss"].append(float(F.cross_entropy(logits, target, reduction="sum")))
+                    parts["top1"].append(float(_topk_correct(logits, target, 1)))
+                    parts["top5"].append(float(_topk_correct(logits, target, 5)))
+                    parts["count"].append(float(len(target)))
         finally:
             model.train(was_training)
+        return parts
+
+    def combine_parts(self, parts: tp.Mapping[str, tp.Sequence[float]]) -> tp.Dict[str, float]:
+        """Top-1 / top-5 accuracy (percent) and mean cross-entropy over all shards."""
+        total = math.fsum(parts["count"])
         if total == 0:
-            raise ValueError(f"task {self.name!r}: the {split} set is empty")
-        return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
+            raise ValueError(f"task {self.name!r}: the evaluation set is empty")
+        return {"top1": 100.0 * math.fsum(parts["top1"]) / total,
+                "top5": 100.0 * math.fsum(parts["top5"]) / total,
+                "loss": math.fsum(parts["loss"]) / total}
 
 
 # ------------------------------------------------------------------------- format readers

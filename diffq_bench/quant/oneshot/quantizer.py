@@ -26,6 +26,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from ...distributed import sync_init
 from ..actquant import act_layers, install_input_hooks, lsq_eval, lsq_init_step, lsq_quantize
 from ..base import MB, BaseQuantizer, Calibration, Display, QParam
 from ..errors import QuantizerError, check_range
@@ -273,7 +274,7 @@ class OneShotMPQQuantizer(BaseQuantizer):
 
     def _act_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if name not in self._act_signed:  # step sizes initialised from the first batch
-            signed = bool((x.detach() < 0).any())
+            signed = bool(sync_init((x.detach() < 0).any().float(), "max"))
             with torch.no_grad():
                 for b in self.act_bits:
                     self._asteps[f"{self._akey(name)}_{b}"].fill_(lsq_init_step(x, b, signed))

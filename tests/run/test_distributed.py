@@ -1,0 +1,173 @@
+"""Data parallelism (torch.distributed, gloo on CPU): two processes started by torchrun.
+
+For every quantizer: both ranks end with bitwise identical parameters, buffers and quantizer
+state; a 2-process run equals the 1-process run of the same global batch (deterministic
+quantizers to float rounding, noise-based ones within a tolerance); one DONE run and one result.
+Also: sharded evaluation equals whole evaluation exactly, a SIGTERM'd 2-process run resumes to
+the uninterrupted result, and a rank that raises ends the run FAILED with its traceback, without
+hanging.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffq_bench import cli, distributed
+from diffq_bench.config import find_conf_dir
+from diffq_bench.tasks import get_task
+from diffq_bench.xp import Xp
+
+CONF_QUANTS = sorted(p.stem for p in (find_conf_dir() / "quant").glob("*.yaml") if p.stem != "none")
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+#: the toy without dropout: 1 process and 2 processes then see the same function of the batch
+BASE = ("task.dropout=0", "train.epochs=2", "train.steps_per_epoch=4")
+#: quantizers whose training draws independent noise per process (equal within a tolerance)
+NOISY = {"diffq", "quant_noise", "quant_noise_ipq"}
+
+
+def torchrun(conf: Path, root: Path, *overrides: str, nproc: int = 2, env=None, timeout: float = 240,
+             wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), str(conf), str(root), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def _result(root: Path) -> dict:
+    (folder,) = (root / "xps").iterdir()
+    return json.loads((folder / "result.json").read_text())
+
+
+def _quant_conf(quant: str) -> tuple:
+    return (f"quant={quant}",) + (("quant.min_size=0",) if quant not in ("none",) else ())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none"] + CONF_QUANTS)
+def test_two_processes_match_one_for_every_quantizer(compose_toy, toy_conf, tmp_path, quant):
+    overrides = BASE + _quant_conf(quant)
+    single = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'one'}"))
+    out = torchrun(toy_conf, tmp_path / "two", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = [json.loads((tmp_path / "two" / f"state.rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] == states[1], "ranks diverged"
+    double = _result(tmp_path / "two")
+    assert double["sig"] == single["sig"]  # processes are not part of the run identity
+    a, b = single["metrics"], double["metrics"]
+    if quant in NOISY:  # other noise draws: the same run statistically
+        assert abs(a["test_acc"] - b["test_acc"]) <= 15.0
+        assert b["true_size_mb"] == pytest.approx(a["true_size_mb"], rel=0.1)
+    else:
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1.6)  # at most one of 64 flips
+        assert b["true_size_mb"] == pytest.approx(a["true_size_mb"], rel=1e-6)
+        assert b["valid_acc"] == pytest.approx(a["valid_acc"], abs=1.6)
+    status = json.loads((tmp_path / "two" / "xps" / double["sig"] / "status.json").read_text())
+    assert status["state"] == "DONE" and status["env"]["processes"] == 2
+    assert not list((tmp_path / "two" / "xps" / double["sig"]).glob("failure.rank*"))
+
+
+@pytest.mark.slow
+def test_accumulation_is_an_execution_detail(compose_toy, toy_conf, tmp_path):
+    """2 processes x accumulation 2 == 1 process x accumulation 4 == 1 process (global batch 16)."""
+    overrides = BASE + ("quant=lsq", "quant.min_size=0")
+    plain = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'a'}"))
+    accum = cli.run(compose_toy(*overrides, "dist.grad_accum=4", f"paths.root={tmp_path / 'b'}"))
+    assert accum["sig"] == plain["sig"]
+    assert accum["metrics"]["test_acc"] == pytest.approx(plain["metrics"]["test_acc"], abs=1.6)
+    out = torchrun(toy_conf, tmp_path / "c", *overrides, "dist.grad_accum=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _result(tmp_path / "c")["metrics"]["test_acc"] == pytest.approx(plain["metrics"]["test_acc"], abs=1.6)
+
+
+def test_a_batch_that_does_not_split_is_a_clear_error(compose_toy):
+    with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
+        cli.run(compose_toy("dist.grad_accum=3", "train.epochs=1"))
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_run_without_hanging(toy_conf, tmp_path):
+    start = time.monotonic()
+    out = torchrun(toy_conf, tmp_path / "f", *BASE, "dist.timeout_s=60",
+                   env={"DDP_FAIL_RANK": "1", "DDP_FAIL_STEP": "3"}, timeout=180)
+    assert out.returncode != 0
+    assert time.monotonic() - start < 150
+    (folder,) = (tmp_path / "f" / "xps").iterdir()
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "FAILED"
+    assert "injected failure on rank 1" in status["traceback"], status["traceback"][-2000:]
+    assert not (folder / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_resumes_to_the_same_result(toy_conf, tmp_path):
+    overrides = BASE + ("train.epochs=3", "quant=lsq", "quant.min_size=0")
+    reference = torchrun(toy_conf, tmp_path / "ref", *overrides)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    proc = torchrun(toy_conf, tmp_path / "int", *overrides, env={"TOY_TASK_DELAY": "0.2"}, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "int").glob("xps/*/history.jsonl")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
+    proc.communicate(timeout=120)
+    (folder,) = (tmp_path / "int" / "xps").iterdir()
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "INTERRUPTED", status
+    again = torchrun(toy_conf, tmp_path / "int", *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _result(tmp_path / "ref")["metrics"], _result(tmp_path / "int")["metrics"]
+    assert b["test_acc"] == a["test_acc"] and b["true_size_mb"] == a["true_size_mb"]
+    assert json.loads((folder / "status.json").read_text())["attempt"] == 2
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("wikitext_mini", {}),
+    ("digits", {"eval_batch_size": 7}),
+])
+def test_sharded_evaluation_equals_whole_evaluation_exactly(tmp_path, name, kwargs):
+    task = get_task(name, **kwargs)
+    task.setup(tmp_path / "data", tmp_path / "cache", "cpu")
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        whole = task.evaluate(model, "valid")
+        parts: dict = {}
+        for rank in range(3):
+            task.eval_shard = (rank, 3)
+            for key, values in task.evaluate_parts(model, "valid").items():
+                parts.setdefault(key, []).extend(values)
+        task.eval_shard = (0, 1)
+    assert task.combine_parts(parts) == whole
+
+
+def test_shard_batch_splits_nested_batches():
+    batch = (torch.arange(8).reshape(4, 2), {"y": torch.arange(4)}, "tag")
+    first = distributed.shard_batch(batch, 1, 2)
+    assert first[0].tolist() == [[4, 5], [6, 7]] and first[1]["y"].tolist() == [2, 3] and first[2] == "tag"
+    with pytest.raises(ValueError, match="multiple of processes"):
+        distributed.shard_batch(batch, 0, 3)
+
+
+@pytest.mark.slow
+def test_torchrun_on_the_console_script_with_digits(tmp_path):
+    """The contract for local launches: torchrun on `diffq-bench` itself, a real task."""
+    common = ["task=digits", "quant=diffq", "train.epochs=1", "train.steps_per_epoch=3",
+              f"paths.root={tmp_path / 'store'}", f"paths.data={tmp_path / 'data'}", "runtime.progress=false"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "diffq_bench.cli", *common], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = (tmp_path / "store" / "xps").iterdir()
+    assert json.loads((folder / "status.json").read_text())["state"] == "DONE"
+    result = Xp.at(folder).read_result()
+    assert result["metrics"]["bits_per_weight"] > 0
