@@ -86,6 +86,12 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
         fail_run(launcher, sweep_overrides, singleton_state, RequeueLimitError(
             f"job {slurm.current_job_id()} was requeued {restarts} times; max_requeues="
             f"{max_requeues} (hydra.launcher.max_requeues)"))
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        # one SLURM task per process of a data-parallel run (hydra.launcher.tasks_per_node x
+        # nodes): torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+        # from SLURM's, as torchrun would set them
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     try:
         ret = BaseSubmititLauncher.__call__(launcher, sweep_overrides, job_dir_key, job_num, job_id,
                                             singleton_state)
@@ -109,6 +115,8 @@ def run_truthfully(launcher: BaseSubmititLauncher, max_requeues: int, sweep_over
             f"preempted or timed out after {restarts} requeues; max_requeues={max_requeues} "
             "(hydra.launcher.max_requeues)"))
     jid = slurm.current_job_id()
+    if env.global_rank != 0:  # one process of a multi-task job: rank 0 requeues the job
+        raise SystemExit(-1)
     if jid is None:  # a local job: nobody requeues it; the next sweep resumes the checkpoint
         raise error
     try:

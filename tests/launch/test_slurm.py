@@ -475,3 +475,20 @@ def test_scancel_of_a_running_array_task_is_cancelled_everywhere(bench):
     assert "2 runs: 1 to launch, 1 done" in _output(again)
     assert "resumed at epoch" in (folder / "log.txt").read_text()
     assert json.loads((folder / "status.json").read_text())["state"] == "DONE"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_task_job_runs_one_data_parallel_run(bench):
+    """hydra.launcher.tasks_per_node=2: each run of the sweep is a 2-task job (gloo), DONE once,
+    with the same signature and result as the same run in one process."""
+    toy = TOY[:-1] + ["train.epochs=2", "task.dropout=0", "quant=lsq", "quant.min_size=0"]
+    single = bench.launch("dp1", *toy)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = bench.launch("dp2", *toy, "hydra.launcher.tasks_per_node=2")
+    assert double.returncode == 0, double.stderr[-3000:]
+    ((sig1, (_, r1)),) = bench.runs("dp1").items()
+    ((sig2, (status, r2)),) = bench.runs("dp2").items()
+    assert sig1 == sig2 and status["state"] == "DONE" and status["env"]["processes"] == 2
+    assert r2["metrics"]["test_acc"] == pytest.approx(r1["metrics"]["test_acc"], abs=3.2)
+    assert r2["metrics"]["true_size_mb"] == pytest.approx(r1["metrics"]["true_size_mb"], rel=1e-6)
