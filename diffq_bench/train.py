@@ -400,6 +400,12 @@ class Trainer:
         if state is None:
             self._build_optimizers()
         epochs = int(self.train_cfg["epochs"])
+        pieces = self.grad_accum * self.dist.world
+        batch = getattr(self.task, "batch_size", None)
+        if isinstance(batch, int) and batch % pieces:
+            raise ValueError(f"task.batch_size={batch} (the global batch) does not split into {pieces} equal "
+                             f"micro-batches ({self.dist.world} processes x dist.grad_accum={self.grad_accum}); "
+                             "choose a batch size that is a multiple of processes x dist.grad_accum")
         steps = self.steps_per_epoch()
         if state is not None:  # after steps_per_epoch(), which may draw from the global RNG
             ckpt.set_rng_state(state["rng"])

@@ -92,7 +92,7 @@ def test_accumulation_is_an_execution_detail(compose_toy, toy_conf, tmp_path):
 
 
 def test_a_batch_that_does_not_split_is_a_clear_error(compose_toy):
-    with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
+    with pytest.raises(ValueError, match=r"task.batch_size=16 \(the global batch\) does not split into 3 equal"):
         cli.run(compose_toy("dist.grad_accum=3", "train.epochs=1"))
 
 
