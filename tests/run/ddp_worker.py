@@ -3,7 +3,9 @@
 argv: <toy conf folder> <run store root> <overrides...>. Writes ``<root>/state.rank<r>.json`` with
 a digest of the model and quantizer state after training (rank equality is checked by the test),
 and ``<root>/eval.rank<r>.json`` with the sharded and the whole evaluation of the final model.
-``DDP_FAIL_RANK``/``DDP_FAIL_STEP``: that rank raises at that training step.
+``DDP_FAIL_RANK``/``DDP_FAIL_STEP``: that rank raises at that training step. ``DDP_QUANTS``
+(comma-separated): run one run per quantizer in turn (``quant=<q>``, min_size 0), in the same two
+processes; the files are then ``state.<q>.rank<r>.json``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main() -> None:
     conf, root, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     fit = train.Trainer.fit
     rank = int(os.environ.get("RANK", 0))
+    current = {"tag": ""}
 
     def recorded_fit(self):
         fit(self)
@@ -43,7 +46,7 @@ def main() -> None:
         state = {"model": digest(self.model.state_dict().values()),
                  "quantizer": digest(self.trainable() + qstate),
                  "buffers": digest(list(self.model.buffers()))}
-        (root / f"state.rank{rank}.json").write_text(json.dumps(state))
+        (root / f"state{current['tag']}.rank{rank}.json").write_text(json.dumps(state))
         if hasattr(self.task, "evaluate_parts"):
             self.model.eval()
             with torch.no_grad():
@@ -62,15 +65,19 @@ def main() -> None:
             step(self, total)
         train.Trainer._optimizer_step = failing
 
-    cfg = compose([f"hydra.searchpath=[file://{conf}]", "task=toy", f"paths.root={root}",
-                   "runtime.progress=false", *overrides])
+    quants = [q for q in os.environ.get("DDP_QUANTS", "").split(",") if q]
+    runs = [(f".{q}", [f"quant={q}"] + (["quant.min_size=0"] if q != "none" else [])) for q in quants] or [("", [])]
     cli.INTERRUPT.install()
-    try:
-        cli._hydra_task(cfg)
-    except SystemExit as exc:
-        print(f"EXIT {exc.code} rank {rank}", flush=True)
-        distributed.shutdown()
-        raise
+    for tag, extra in runs:
+        current["tag"] = tag
+        cfg = compose([f"hydra.searchpath=[file://{conf}]", "task=toy", f"paths.root={root}",
+                       "runtime.progress=false", *overrides, *extra])
+        try:
+            cli._hydra_task(cfg)
+        except SystemExit as exc:
+            print(f"EXIT {exc.code} rank {rank}", flush=True)
+            distributed.shutdown()
+            raise
     distributed.shutdown()
 
 

@@ -54,17 +54,29 @@ def _quant_conf(quant: str) -> tuple:
     return (f"quant={quant}",) + (("quant.min_size=0",) if quant not in ("none",) else ())
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """One run per quantizer, all in the same two torchrun processes (one start-up for all)."""
+    import conftest
+
+    base = tmp_path_factory.mktemp("ddp")
+    (base / "conf" / "task").mkdir(parents=True)
+    (base / "conf" / "task" / "toy.yaml").write_text(conftest.TOY_YAML)
+    out = torchrun(base / "conf", base / "two", *BASE, env={"DDP_QUANTS": ",".join(["none"] + CONF_QUANTS)},
+                   timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return base / "two"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none"] + CONF_QUANTS)
-def test_two_processes_match_one_for_every_quantizer(compose_toy, toy_conf, tmp_path, quant):
+def test_two_processes_match_one_for_every_quantizer(compose_toy, two_process_runs, tmp_path, quant):
     overrides = BASE + _quant_conf(quant)
     single = cli.run(compose_toy(*overrides, f"paths.root={tmp_path / 'one'}"))
-    out = torchrun(toy_conf, tmp_path / "two", *overrides)
-    assert out.returncode == 0, out.stderr[-3000:]
-    states = [json.loads((tmp_path / "two" / f"state.rank{r}.json").read_text()) for r in (0, 1)]
+    states = [json.loads((two_process_runs / f"state.{quant}.rank{r}.json").read_text()) for r in (0, 1)]
     assert states[0] == states[1], "ranks diverged"
-    double = _result(tmp_path / "two")
-    assert double["sig"] == single["sig"]  # processes are not part of the run identity
+    folder = two_process_runs / "xps" / single["sig"]  # processes are not part of the run identity
+    double = json.loads((folder / "result.json").read_text())
     a, b = single["metrics"], double["metrics"]
     if quant in NOISY:  # other noise draws: the same run statistically
         assert abs(a["test_acc"] - b["test_acc"]) <= 15.0
@@ -73,9 +85,9 @@ def test_two_processes_match_one_for_every_quantizer(compose_toy, toy_conf, tmp_
         assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1.6)  # at most one of 64 flips
         assert b["true_size_mb"] == pytest.approx(a["true_size_mb"], rel=1e-6)
         assert b["valid_acc"] == pytest.approx(a["valid_acc"], abs=1.6)
-    status = json.loads((tmp_path / "two" / "xps" / double["sig"] / "status.json").read_text())
+    status = json.loads((folder / "status.json").read_text())
     assert status["state"] == "DONE" and status["env"]["processes"] == 2
-    assert not list((tmp_path / "two" / "xps" / double["sig"]).glob("failure.rank*"))
+    assert not list(folder.glob("failure.rank*"))
 
 
 @pytest.mark.slow
