@@ -31,33 +31,13 @@ from .launch import status as status_view
 from .results.load import DEFAULT_REFERENCE_DIR, load_references, load_results
 from .results.plots import plot_sections
 from .results.render import FORMATS, render, render_sections
+from .results.report import format_row
 from .results.table import build_sections, build_table
 from .tasks import get_task
 from .train import PREEMPT, Preempted, Trainer, resolve_device
 from .xp import RunLockedError, Xp, axes, now_iso
 
 logger = logging.getLogger(__name__)
-
-ROW_COLUMNS = (("test", "test {metric}"), ("true_size_mb", "size (MiB)"),
-               ("compression", "compression"), ("bits_per_weight", "bits/weight"),
-               ("wall_time_s", "wall time (s)"))
-#: how each column's value is printed (size: bytes of the exported quantized.th / 2^20)
-ROW_FORMATS = {"compression": "{:.2f}×", "bits_per_weight": "{:.2f}", "wall_time_s": "{:.1f}"}
-
-
-def format_row(result: tp.Dict[str, tp.Any]) -> str:
-    """The one-row markdown table printed at the end of a run (or for a finished run)."""
-    metric = result["metric"]
-    metrics = result["metrics"]
-    head = ["run", "task", "quant"]
-    cells = [result["sig"], result["task"], result["quant"]]
-    for key, title in ROW_COLUMNS:
-        name = f"test_{metric}" if key == "test" else key
-        head.append(title.format(metric=metric))
-        value = metrics.get(name)
-        cells.append(None if value is None else ROW_FORMATS.get(key, "{:.4g}").format(value))
-    return render(head, [cells], "md").rstrip("\n")
-
 
 class Interrupt:
     """SIGINT/SIGTERM to a run started from a shell: checkpoint at the next step boundary, then

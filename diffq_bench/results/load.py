@@ -50,6 +50,25 @@ def load_results(root: tp.Union[str, Path], task: tp.Optional[str] = None,
     return out
 
 
+def load_runs(folders: tp.Iterable[tp.Union[str, Path]]) -> tp.List[tp.Dict[str, tp.Any]]:
+    """The ``result.json`` of each run folder that has a readable one, in order (a sweep's runs).
+
+    Args:
+        folders: run folders (``<root>/xps/<sig>``).
+    """
+    out = []
+    for folder in folders:
+        xp = Xp.at(folder)
+        try:
+            res = xp.read_result()
+        except (OSError, LoadError) as exc:
+            print(f"warning: skipping unreadable {xp.result_path}: {exc}", file=sys.stderr)
+            continue
+        if res is not None:
+            out.append(res)
+    return out
+
+
 def load_references(folder: tp.Optional[tp.Union[str, Path]]) -> tp.List[Reference]:
     """Published numbers from ``folder/*.yaml`` (``references: [...]``), in file then entry order.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import HydraException
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -23,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from diffq_bench import io
 from diffq_bench.config import ConfigError, validate
 from diffq_bench.launch import plan
+from diffq_bench.results.load import load_runs
+from diffq_bench.results.report import sweep_table
 
 log = logging.getLogger(__name__)
+
+
+class SweepError(CompactHydraException):
+    """A sweep that cannot launch, or whose runs failed: Hydra prints the message alone (no
+    traceback of the sweeper) and exits 1."""
 
 
 @dataclass
@@ -80,7 +87,7 @@ class GridSweeper(Sweeper):
             raw = grid.get("runs")
             runs = OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw) else raw
             if not runs:
-                raise HydraException(f"grid {name!r} has no runs "
+                raise SweepError(f"grid {name!r} has no runs "
                                      "(expected grid.runs: a list of override mappings)")
         jobs = plan.expand_grid(runs, arguments, name or "grid")
         log.info("sweep%s: %d run(s) to consider", f" of grid {name}" if name else "", len(jobs))
@@ -91,7 +98,7 @@ class GridSweeper(Sweeper):
         log.info("%s", plan.summary(planned))
         blocked = [p for p in planned if p.action == "blocked"]
         if blocked:
-            raise HydraException(f"{len(blocked)} run(s) cannot start; nothing was launched:\n" + "\n".join(
+            raise SweepError(f"{len(blocked)} run(s) cannot start; nothing was launched:\n" + "\n".join(
                 f"  {' '.join(p.overrides)}\n    {p.reason}" for p in blocked))
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -104,6 +111,7 @@ class GridSweeper(Sweeper):
         todo = [p for p in planned if p.action == "launch"]
         if not todo:
             log.info("nothing to launch")
+            self._print_table(planned, name)
             return []
         if self.validate:
             self._validate(todo, dict((tuple(job), cfg) for job, cfg in composed))
@@ -115,6 +123,8 @@ class GridSweeper(Sweeper):
             results = self.launcher.launch([p.overrides for p in batch], initial_job_idx=start)
             returns.append(results)
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
+        if not any(r.status == JobStatus.UNKNOWN for batch in returns for r in batch):
+            self._print_table(planned, name)  # (UNKNOWN: wait=false, the runs are still queued)
         # by name: Hydra's plugin discovery may load the launcher's modules a second time
         cancelled = [(p, r) for p, r in failed if type(r._return_value).__name__ == "RunCancelled"]
         failed = [(p, r) for p, r in failed if (p, r) not in cancelled]
@@ -128,8 +138,21 @@ class GridSweeper(Sweeper):
             messages.append(f"{len(cancelled)} of {len(todo)} run(s) CANCELLED (launch again to resume):\n"
                             + "\n".join(f"  {p.sig}: CANCELLED: {r._return_value}" for p, r in cancelled))
         if messages:
-            raise HydraException("\n".join(messages))
+            raise SweepError("\n".join(messages))
         return returns
+
+    def _print_table(self, planned: tp.Sequence[plan.PlannedRun], grid: tp.Optional[str]) -> None:
+        """Print the table of the sweep's runs that have a result: the one ``diffq-bench-table``
+        renders for them (:func:`diffq_bench.results.report.sweep_table`)."""
+        results = load_runs([p.folder for p in planned])
+        text = sweep_table(results, grid)
+        if not text:
+            return
+        root = OmegaConf.select(self.config, "paths.root", default="outputs")
+        again = (f"diffq-bench-table --root {root} --grid {grid}" if grid else
+                 f"every run of the store: diffq-bench-table --root {root}")
+        print(f"\nsweep table: {len(results)} of {len(planned)} run(s) finished ({again})\n\n{text}",
+              end="" if text.endswith("\n") else "\n", flush=True)
 
     @staticmethod
     def _validate(todo: tp.Sequence[tp.Any], configs: tp.Dict[tp.Tuple[str, ...], DictConfig]) -> None:
@@ -140,5 +163,5 @@ class GridSweeper(Sweeper):
             except ConfigError as exc:
                 errors.append(f"  {' '.join(item.overrides)}\n    {exc}")
         if errors:
-            raise HydraException(f"{len(errors)} of {len(todo)} run(s) have an invalid config; nothing "
+            raise SweepError(f"{len(errors)} of {len(todo)} run(s) have an invalid config; nothing "
                                  "was launched:\n" + "\n".join(errors))

@@ -21,9 +21,11 @@ import typing as tp
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
 
+from diffq_bench.io import LoadError
 from diffq_bench.launch import plan, slurm
+from diffq_bench.results.report import format_line
 from diffq_bench.train import PREEMPT, Preempted
 from diffq_bench.xp import Xp
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
@@ -141,7 +143,7 @@ def fail_unstarted(launcher: BaseSubmititLauncher, overrides: tp.List[str], pare
     folder.mkdir(parents=True, exist_ok=True)
     xp.write_status("FAILED", traceback=f"{type(error).__name__}: {error}")
     xp.log(f"FAILED: {error}")
-    log.error("not started (%s): %s", " ".join(overrides), error)
+    log.debug("not started (%s): %s", " ".join(overrides), error)  # reported by the launcher
     return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
 
 
@@ -151,7 +153,7 @@ def fail_never_started(overrides: tp.List[str], folder: Path, error: Exception) 
     xp = Xp.at(folder)
     xp.write_status("FAILED", traceback=f"{type(error).__name__}: {error}")
     xp.log(f"FAILED: {error}")
-    log.error("not started (%s): %s", " ".join(overrides), error)
+    log.debug("not started (%s): %s", " ".join(overrides), error)  # reported by the launcher
     return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
 
 
@@ -180,9 +182,9 @@ def outcome(job: tp.Any, overrides: tp.List[str], folder: tp.Optional[Path] = No
     except Exception as exc:  # noqa: BLE001 - FailedJobError / UncompletedJobError / pickling
         cancelled = _cancelled(job, folder)
         if cancelled is not None:
-            log.error("job %s (%s) was cancelled: %s", job.job_id, " ".join(overrides), cancelled)
+            log.debug("job %s (%s) was cancelled: %s", job.job_id, " ".join(overrides), cancelled)
             return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=RunCancelled(cancelled))
-        log.error("job %s (%s) failed: %s", job.job_id, " ".join(overrides), plan.failure_line(exc))
+        log.debug("job %s (%s) failed: %s", job.job_id, " ".join(overrides), plan.failure_line(exc))
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=exc)
 
 
@@ -205,3 +207,34 @@ def _cancelled(job: tp.Any, folder: tp.Optional[Path]) -> tp.Optional[str]:
         xp.write_status("CANCELLED", traceback=None, reason=reason)
         xp.log(f"CANCELLED: {reason}")
     return reason
+
+
+def labels(job_overrides: tp.Sequence[tp.Sequence[str]]) -> tp.Dict[tp.Tuple[str, ...], str]:
+    """A short name of each job of a sweep: the overrides that are not the same in every job
+    (``seed=1 quant=qat``), or all of them when there is one job (``paths.*`` left out)."""
+    keys = [tuple(o) for o in job_overrides]
+    shared = set.intersection(*(set(k) for k in keys)) if len(keys) > 1 else set()
+    return {key: " ".join(o for o in filter_overrides(list(key)) if o not in shared
+                          and not o.startswith("paths.")) for key in keys}
+
+
+def report(ret: JobReturn, folder: Path, label: str, finished: int, total: int,
+           log_path: tp.Optional[Path] = None) -> None:
+    """Print one line for a run of a sweep that has just finished: ``[k/N] DONE <label> <sig> |
+    <its result row>`` (:func:`diffq_bench.results.report.format_line`), or FAILED / CANCELLED
+    with the error line and where its log is."""
+    where = f"[{finished}/{total}]"
+    error = ret._return_value if ret.status == JobStatus.FAILED else None
+    if error is None:
+        try:
+            result = Xp.at(folder).read_result() or {}
+        except (OSError, LoadError) as exc:
+            result = {}
+            log.warning("cannot read the result of %s: %s", folder, exc)
+        row = format_line(result)
+        log.info("%s DONE %s %s%s", where, label, folder.name, f" | {row}" if row else "")
+        return
+    state = "CANCELLED" if type(error).__name__ == "RunCancelled" else "FAILED"
+    line = str(error) if state == "CANCELLED" else plan.failure_line(error)
+    log.error("%s %s %s %s | %s%s", where, state, label, folder.name, line,
+              f" | log: {log_path}" if log_path is not None else f" | {folder / 'status.json'}")

@@ -74,6 +74,19 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         results: tp.List[tp.Optional[JobReturn]] = [None] * len(job_overrides)
         log.info("running %d job(s) locally, at most %d at a time, %d CPU thread(s) each",
                  len(todo), self.max_parallel, self.threads_per_job)
+        folders = [plan.run_folder(o, lambda o: job.compose(self, o)) for o in job_overrides]
+        names = job.labels(job_overrides)
+        log.info("logs: each run's output in %s, its log.txt and status.json in %s",
+                 str(self.params["submitit_folder"]).replace("%j", "<job id>"),
+                 folders[0].parent / "<run>")
+        finished = 0
+
+        def report(pos: int, log_path: tp.Optional[Path] = None) -> None:
+            nonlocal finished
+            finished += 1
+            ret = tp.cast(JobReturn, results[pos])
+            job.report(ret, folders[pos], names[tuple(job_overrides[pos])], finished, len(job_overrides),
+                       log_path)
 
         def waiting(overrides: tp.Sequence[str]) -> tp.Optional[int]:
             """Position of the unfinished init run this job waits for (None: ready)."""
@@ -89,6 +102,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
                         results[parent].status == JobStatus.FAILED:
                     todo.remove((pos, overrides))
                     results[pos] = job.fail_unstarted(self, list(overrides), dep.sig)
+                    report(pos)
             ready = [item for item in todo if waiting(item[1]) is None]
             while ready and len(running) < self.max_parallel:
                 pos, overrides = ready.pop(0)
@@ -102,6 +116,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
                 if submitted.done():
                     results[pos] = job.outcome(submitted, list(job_overrides[pos]))
                     del running[pos]
+                    report(pos, submitted.paths.stderr)
             if running or todo:
                 time.sleep(self.poll_s)
         return tp.cast(tp.List[JobReturn], results)

@@ -40,7 +40,7 @@ ALLOWED: tp.Dict[str, tp.Set[str]] = {
     "cli": {"checks", "io", "config", "data", "checkpoint", "train", "finish", "launch", "results", "tasks",
             "xp", "quant", "optim", "distributed", "init"},
     "__init__": {"checks"},
-    "hydra_plugins": {"checks", "hydra_plugins", "launch", "xp", "io", "config", "train"},
+    "hydra_plugins": {"checks", "hydra_plugins", "launch", "xp", "io", "config", "train", "results"},
 }
 
 
