@@ -12,6 +12,8 @@ from torch import nn
 
 from diffq_bench.tasks import TASKS, Task
 
+from fixtures import TOY_YAML  # noqa: F401 - re-exported: tests import it from here too
+
 torch.set_num_threads(1)
 
 
@@ -67,21 +69,6 @@ class ToyTask(Task):
         logits = model(x.to(self.device))
         return {"loss": float(nn.functional.cross_entropy(logits, y)),
                 "acc": float((logits.argmax(-1) == y).float().mean())}
-
-
-TOY_YAML = """\
-# @package _global_
-task:
-  name: toy
-  n_train: 192
-  batch_size: 16
-  hidden: 128
-  dropout: 0.1
-train:
-  epochs: 2
-optim:
-  lr: 0.003
-"""
 
 
 @pytest.fixture

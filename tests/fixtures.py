@@ -69,3 +69,26 @@ def make_musdb(root, length=2205, test_length=3000):
     write_track(root / "test" / "Z - Test", test_length, 9)
 
 
+#: config of the test-only toy task (tests/conftest.py's ToyTask) as conf/task/toy.yaml
+TOY_YAML = """\
+# @package _global_
+task:
+  name: toy
+  n_train: 192
+  batch_size: 16
+  hidden: 128
+  dropout: 0.1
+train:
+  epochs: 2
+optim:
+  lr: 0.003
+"""
+
+
+#: result metrics that differ between two runs of the same config (timings)
+VOLATILE_METRICS = ("wall_time_s",)
+
+
+def stable_metrics(result):
+    """A result's metrics without the timings: what two runs of one config must agree on."""
+    return {k: v for k, v in result["metrics"].items() if k not in VOLATILE_METRICS}

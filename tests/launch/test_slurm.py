@@ -147,7 +147,7 @@ class Bench:
     """A copy of conf/ with the test grid and task, and a way to launch sweeps into a run store."""
 
     def __init__(self, base: Path):
-        from conftest import TOY_YAML
+        from fixtures import TOY_YAML
         self.base = base
         self.conf = base / "conf"
         shutil.copytree(REPO_ROOT / "conf", self.conf)

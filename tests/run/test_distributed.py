@@ -25,6 +25,8 @@ from diffq_bench.config import find_conf_dir
 from diffq_bench.tasks import get_task
 from diffq_bench.xp import Xp
 
+from fixtures import TOY_YAML
+
 CONF_QUANTS = sorted(p.stem for p in (find_conf_dir() / "quant").glob("*.yaml") if p.stem != "none")
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -57,11 +59,9 @@ def _quant_conf(quant: str) -> tuple:
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     """One run per quantizer, all in the same two torchrun processes (one start-up for all)."""
-    import conftest
-
     base = tmp_path_factory.mktemp("ddp")
     (base / "conf" / "task").mkdir(parents=True)
-    (base / "conf" / "task" / "toy.yaml").write_text(conftest.TOY_YAML)
+    (base / "conf" / "task" / "toy.yaml").write_text(TOY_YAML)
     out = torchrun(base / "conf", base / "two", *BASE, env={"DDP_QUANTS": ",".join(["none"] + CONF_QUANTS)},
                    timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

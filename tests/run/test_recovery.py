@@ -14,21 +14,9 @@ import torch
 
 from diffq_bench import checkpoint as ckpt
 from diffq_bench import cli, io, train
-from diffq_bench.train import PREEMPT
 from diffq_bench.xp import Xp
 
-VOLATILE = ("wall_time_s",)
-
-
-@pytest.fixture(autouse=True)
-def _clear_preempt():
-    PREEMPT.clear()
-    yield
-    PREEMPT.clear()
-
-
-def _stable(result):
-    return {k: v for k, v in result["metrics"].items() if k not in VOLATILE}
+from fixtures import stable_metrics
 
 
 def _temps(folder: Path):
@@ -178,7 +166,7 @@ def test_wrong_structure_checkpoint_is_one_error_and_deleting_it_works(compose_t
     mine = [line for line in err if line.startswith("diffq-bench:")]
     assert len(mine) == 1 and "delete" in mine[0] and "CheckpointError" not in "\n".join(err)
     xp.checkpoint_path.unlink()  # the advice
-    assert _stable(cli.run(cfg)) == _stable(reference)  # trained again from scratch, same numbers
+    assert stable_metrics(cli.run(cfg)) == stable_metrics(reference)  # trained again from scratch, same numbers
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted", "no model"])
@@ -197,7 +185,7 @@ def test_damaged_best_th_is_rebuilt_not_fatal(compose_toy, damage):
     assert "best.th rebuilt from the final weights" in xp.log_path.read_text()
     assert result["metrics"]["best_epoch"] == 2
     if reference["metrics"]["best_epoch"] == 2:  # the lost best was the final state: same result
-        assert _stable(result) == _stable(reference)
+        assert stable_metrics(result) == stable_metrics(reference)
     else:
         assert "were lost, epoch 2 is used instead" in xp.log_path.read_text()
     assert ckpt.load(xp.best_path)["epoch"] == 2

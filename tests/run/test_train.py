@@ -22,19 +22,11 @@ from diffq_bench.quant import deserialize
 from diffq_bench.train import PREEMPT, Preempted
 from diffq_bench.xp import RunLockedError, Xp
 
+from fixtures import stable_metrics
+
 QUANTIZED = ("diffq", "qat", "lsq")
-VOLATILE = ("wall_time_s",)
 
 
-@pytest.fixture(autouse=True)
-def _clear_preempt():
-    PREEMPT.clear()
-    yield
-    PREEMPT.clear()
-
-
-def _stable(result):
-    return {k: v for k, v in result["metrics"].items() if k not in VOLATILE}
 
 
 def test_lr_factor():
@@ -152,7 +144,7 @@ def test_resume_after_preemption_is_exact(compose_toy, toy_task, monkeypatch, tm
     PREEMPT.clear()
     monkeypatch.setattr(toy_task, "step", original)
     resumed = cli.run(cfg)
-    assert _stable(resumed) == _stable(reference)  # to the last digit
+    assert stable_metrics(resumed) == stable_metrics(reference)  # to the last digit
     assert xp.read_status()["attempt"] == 2
     assert xp.read_history() == [
         {k: v for k, v in h.items() if k != "time"} | {"time": h2["time"]}
@@ -272,7 +264,7 @@ def test_resume_after_kill_is_exact(compose_toy, toy_conf, tmp_path):
     assert again.returncode == 0, again.stderr
     a = json.loads((tmp_path / "ref" / "xps" / sig / "result.json").read_text())
     b = json.loads((root / "xps" / sig / "result.json").read_text())
-    assert _stable(a) == _stable(b)
+    assert stable_metrics(a) == stable_metrics(b)
     assert json.loads((root / "xps" / sig / "status.json").read_text())["attempt"] == 2
 
 
@@ -287,7 +279,7 @@ def test_resume_is_exact_for_every_quantizer(compose_toy, toy_task, monkeypatch,
         cli.run(cfg)
     PREEMPT.clear()
     monkeypatch.setattr(toy_task, "step", original)
-    assert _stable(cli.run(cfg)) == _stable(reference)
+    assert stable_metrics(cli.run(cfg)) == stable_metrics(reference)
 
 
 def test_best_epoch_respects_the_size_target(compose_toy):
