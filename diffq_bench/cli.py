@@ -28,6 +28,7 @@ from .init import InitError
 from .io import LoadError
 from .launch import slurm
 from .launch import status as status_view
+from .launch.reference import reference_line
 from .results.load import DEFAULT_REFERENCE_DIR, load_references, load_results
 from .results.plots import plot_sections
 from .results.render import FORMATS, render, render_sections
@@ -251,9 +252,23 @@ def record_failure(xp: Xp, tb: str) -> None:
 EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 3, 4
 
 
+def _print_float_reference(cfg: DictConfig, result: tp.Mapping[str, tp.Any]) -> None:
+    """After a single quantized run: one line comparing it with its task's float run, when the
+    store has it (a sweep ends with its table instead)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN or not distributed.current().is_main:
+        return
+    line = reference_line(result, to_container(cfg), list(HydraConfig.get().overrides.task))
+    if line is not None:
+        print(line, flush=True)
+
+
 def _hydra_task(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        result = run(cfg)
+        _print_float_reference(cfg, result)
     except ConfigError as exc:
         # Bad config: a one-line message, no traceback, non-zero exit (SystemExit passes Hydra).
         print(f"diffq-bench: config error: {exc}", file=sys.stderr, flush=True)
