@@ -310,6 +310,8 @@ class Trainer:
             self.epoch_rng = ckpt.rng_state()
             self.sums, self.count = {}, 0
         self.model.train()
+        own = self.dist.active and self.task.loads_own_shard()  # the task reads only this rank's part
+        self.task.train_shard = (self.dist.rank, self.dist.world, accum) if own else (0, 1, 1)
         iterator = iter(self.task.train_batches(self.epoch))
         for _ in range(self.step_in_epoch):
             self._next_batch(iterator, steps)
@@ -325,8 +327,9 @@ class Trainer:
             while self.step_in_epoch < steps:
                 batch = self._next_batch(iterator, steps)
                 for k in range(accum):
-                    self._micro_step(distributed.shard_batch(batch, k * self.dist.world + self.dist.rank, pieces),
-                                     accum, k)
+                    piece = (distributed.shard_batch(batch, k, accum) if own
+                             else distributed.shard_batch(batch, k * self.dist.world + self.dist.rank, pieces))
+                    self._micro_step(piece, accum, k)
                 self._optimizer_step(total_steps)
                 bar.update(1)
                 if not bar.disable and time.monotonic() - shown >= 5.0:
@@ -347,6 +350,7 @@ class Trainer:
                     self.xp.heartbeat()
         finally:
             bar.close()
+            self.task.train_shard = (0, 1, 1)  # other readers (calibration) get whole batches
         if self.dist.active:  # the epoch's train metrics over every rank's micro-batches
             sums = distributed.sum_floats({**self.sums, "__count__": float(self.count)})
             count = sums.pop("__count__")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
 
 from .errors import DataCorruptError, DataMissingError
 
@@ -284,8 +284,42 @@ def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return Subset(dataset, indices.tolist())
 
 
+def shard_indices(batch: tp.Sequence[int], rank: int, world: int, accum: int) -> tp.List[int]:
+    """This process's part of one global batch of sample indices under data parallelism: the
+    ``world * accum`` equal slices of ``batch``, keeping slices ``k * world + rank`` for ``k`` in
+    ``range(accum)``, concatenated in ``k`` order (the loop then cuts it into ``accum``
+    micro-batches: micro-batch ``k`` of this process is global slice ``k * world + rank``).
+
+    Raises:
+        ValueError: the batch does not split into ``world * accum`` equal slices.
+    """
+    pieces = world * accum
+    if len(batch) % pieces:
+        raise ValueError(f"a batch of {len(batch)} does not split into {pieces} equal micro-batches "
+                         "(task.batch_size must be a multiple of processes x dist.grad_accum)")
+    size = len(batch) // pieces
+    return [i for k in range(accum) for i in batch[(k * world + rank) * size:(k * world + rank + 1) * size]]
+
+
+class ShardedBatchSampler:
+    """Global batches of ``sampler`` (``batch_size``, ``drop_last``) reduced to this process's
+    part (:func:`shard_indices`): each process reads and augments only its own images."""
+
+    def __init__(self, sampler: tp.Iterable[int], batch_size: int, drop_last: bool, shard: tp.Tuple[int, int, int]):
+        self.batches = BatchSampler(sampler, batch_size, drop_last)  # type: ignore[arg-type]
+        self.shard = shard
+
+    def __iter__(self) -> tp.Iterator[tp.List[int]]:
+        for batch in self.batches:
+            yield shard_indices(batch, *self.shard)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch: int = 0,
-                num_workers: int = 0, repeats: int = 1, skip_bad: bool = False) -> DataLoader:
+                num_workers: int = 0, repeats: int = 1, skip_bad: bool = False,
+                shard: tp.Tuple[int, int, int] = (0, 1, 1)) -> DataLoader:
     """A CPU-safe DataLoader; training order and augmentation depend only on (seed, epoch).
 
     Args:
@@ -300,6 +334,8 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
             still holds ``len(dataset)`` images (so ``1/repeats`` of them are seen per epoch).
         skip_bad: the dataset may return :class:`BadFile` items: batches are
             ``(batch, bad paths)`` pairs (:func:`collate_skipping`), to read through :class:`Batches`.
+        shard: ``(rank, world, accum)``: yield only this process's part of each global training
+            batch (:func:`shard_indices`); ``(0, 1, 1)``: whole batches.
     """
     collate = collate_skipping if skip_bad else None
     if not train:
@@ -312,5 +348,9 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, epoch
     else:
         order = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
         sampler = (order[:, None] * repeats + torch.arange(repeats)).reshape(-1)[:len(dataset)].tolist()
+    drop_last = len(dataset) > batch_size  # type: ignore[arg-type]
+    if tuple(shard) != (0, 1, 1):
+        return DataLoader(seeded, batch_sampler=ShardedBatchSampler(sampler, batch_size, drop_last, shard),
+                          num_workers=num_workers, generator=generator, collate_fn=collate)
     return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=len(dataset) > batch_size, generator=generator, collate_fn=collate)
+                      drop_last=drop_last, generator=generator, collate_fn=collate)

@@ -165,6 +165,21 @@ class Task:
             raise NotImplementedError(f"task {self.name!r} implements neither evaluate() nor evaluate_parts()")
         return self.combine_parts(parts)
 
+    # ---------------------------------------------------------------- sharded training data
+    #: ``(rank, world, accum)`` under data parallelism (set by the loop before each epoch's
+    #: :meth:`train_batches` when :meth:`loads_own_shard` says so): the task then yields only this
+    #: process's part of each global batch, i.e. micro-batches ``k * world + rank`` for ``k`` in
+    #: ``range(accum)`` of the ``world * accum`` equal slices of the global batch, concatenated in
+    #: ``k`` order (see :func:`diffq_bench.data.images.shard_indices`). Same samples, same order
+    #: and same augmentation as the single-process run; only the reading is split.
+    train_shard: tp.ClassVar[tp.Tuple[int, int, int]] = (0, 1, 1)  # per instance once the loop sets it
+
+    def loads_own_shard(self) -> bool:
+        """Whether :meth:`train_batches` honours :attr:`train_shard` (False: every process builds
+        the whole global batch and the loop slices it, as a task whose batch is cheap to build or
+        mixes samples across the batch does)."""
+        return False
+
     # ---------------------------------------------------------------- sharded evaluation
     #: ``(rank, world)``: the evaluation batches :meth:`evaluate_parts` computes are those whose
     #: index ``i`` has ``i % world == rank`` (set by the loop under data parallelism).

@@ -200,9 +200,16 @@ class ImageClassificationTask(Task):
         """``loader``'s batches, unreadable files recorded under ``split`` (``skip_bad_files``)."""
         return Batches(loader, self._skipped[split] if self.skip_bad_files else None)
 
+    def loads_own_shard(self) -> bool:
+        """Each process reads only its part of the global batch, except under mixup/cutmix,
+        which pairs images across the whole global batch."""
+        return self._mixup is None
+
     def train_batches(self, epoch: int) -> tp.Iterable[tp.Any]:
+        shard = self.train_shard if self.loads_own_shard() else (0, 1, 1)
         loader = self._batches(make_loader(self.datasets["train"], self.batch_size, True, self.seed, epoch,
-                                           self.num_workers, self.repeated_aug, self.skip_bad_files), "train")
+                                           self.num_workers, self.repeated_aug, self.skip_bad_files, shard),
+                               "train")
         if self._mixup is not None:
             return _MixedBatches(loader, self._mixup, self.seed, epoch)
         return loader

@@ -22,6 +22,7 @@ import torch
 
 from diffq_bench import cli, distributed
 from diffq_bench.config import find_conf_dir
+from diffq_bench.data.images import shard_indices
 from diffq_bench.tasks import get_task
 from diffq_bench.xp import Xp
 
@@ -169,6 +170,39 @@ def test_shard_batch_splits_nested_batches():
     assert first[0].tolist() == [[4, 5], [6, 7]] and first[1]["y"].tolist() == [2, 3] and first[2] == "tag"
     with pytest.raises(ValueError, match="multiple of processes"):
         distributed.shard_batch(batch, 0, 3)
+
+
+def test_shard_indices_give_each_rank_its_micro_batches():
+    batch = list(range(12))
+    world, accum = 2, 3
+    parts = {r: shard_indices(batch, r, world, accum) for r in range(world)}
+    for r in range(world):  # the loop's micro-batch k of rank r is global slice k * world + r
+        for k in range(accum):
+            assert parts[r][2 * k:2 * k + 2] == batch[(k * world + r) * 2:(k * world + r) * 2 + 2]
+    assert sorted(parts[0] + parts[1]) == batch
+    with pytest.raises(ValueError, match="multiple of processes"):
+        shard_indices(list(range(10)), 0, 2, 3)
+
+
+def test_image_ranks_read_only_their_part_of_each_global_batch(tmp_path):
+    """Each rank decodes and augments only its images, and gets exactly the pixels the global
+    batch would have given it (augmentation is seeded per sample, not per process)."""
+    task = get_task("digits", batch_size=16, train_subset=64)
+    task.setup(tmp_path / "data", tmp_path / "cache", "cpu")
+    assert task.loads_own_shard()
+    world, accum = 2, 2
+    whole = list(task.train_batches(1))
+    for rank in range(world):
+        task.train_shard = (rank, world, accum)
+        mine = list(task.train_batches(1))
+        task.train_shard = (0, 1, 1)
+        assert len(mine) == len(whole)
+        for local, full in zip(mine, whole):
+            assert local[0].shape[0] == 16 // world
+            for k in range(accum):
+                got = distributed.shard_batch(local, k, accum)
+                want = distributed.shard_batch(full, k * world + rank, world * accum)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.slow
