@@ -138,6 +138,7 @@ class PlannedRun:
     reason: str = ""
     job_id: tp.Optional[str] = None
     parent: tp.Optional[str] = None  # signature of its init run (init=run:...), if any
+    device: str = "auto"             # its ``device`` (what a launcher must give it: a GPU or not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,8 @@ def plan(runs: tp.Sequence[tp.Tuple[tp.List[str], tp.Any]], force: bool = False,
             logger.info("same run as %s (signature %s): %s", " ".join(by_sig[xp.sig].overrides),
                         xp.sig, " ".join(overrides))
             continue
-        item = PlannedRun(list(overrides), xp.sig, xp.folder, parent=_parent_sig(cfg))
+        item = PlannedRun(list(overrides), xp.sig, xp.folder, parent=_parent_sig(cfg),
+                          device=str(OmegaConf.select(cfg, "device", default="auto")))
         by_sig[xp.sig] = item
         planned.append(item)
         status = xp.read_status() or {}
@@ -241,12 +243,15 @@ def _parent_sig(cfg: tp.Any) -> tp.Optional[str]:
 #: launcher records submissions and orders runs without composing every config a second time.
 _FOLDERS: tp.Dict[tp.Tuple[str, ...], Path] = {}
 _DEPENDS: tp.Dict[tp.Tuple[str, ...], Dependency] = {}
+#: the last sweep's plan (every run, skipped ones included), for a launcher's dry run
+_PLANNED: tp.List[PlannedRun] = []
 
 
 def remember(planned: tp.Sequence[PlannedRun]) -> None:
     """Cache each planned run's folder (:func:`run_folder`) and what it waits for
     (:func:`dependency`); called by the sweeper before it calls the launcher."""
     by_sig = {item.sig: item for item in planned}
+    _PLANNED[:] = list(planned)
     for item in planned:
         key = tuple(item.overrides)
         _FOLDERS[key] = item.folder
@@ -257,6 +262,11 @@ def remember(planned: tp.Sequence[PlannedRun]) -> None:
             _DEPENDS[key] = Dependency(job_id=parent.job_id, sig=parent.sig)
         else:
             _DEPENDS.pop(key, None)
+
+
+def last_plan() -> tp.List[PlannedRun]:
+    """Every run of the last sweep's plan (:func:`remember`), skipped ones included."""
+    return list(_PLANNED)
 
 
 def dependency(overrides: tp.Sequence[str]) -> tp.Optional[Dependency]:

@@ -8,6 +8,7 @@ Failed runs are listed at the end and make the command exit non-zero.
 """
 
 import logging
+import sys
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,11 @@ class GridSweeper(Sweeper):
         failed: tp.List[tp.Tuple[tp.Any, JobReturn]] = []
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            results = self.launcher.launch([p.overrides for p in batch], initial_job_idx=start)
+            try:
+                results = self.launcher.launch([p.overrides for p in batch], initial_job_idx=start)
+            except ConfigError as exc:  # a launcher's request that can only fail: one line, exit 2
+                print(f"diffq-bench: config error: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None  # diffq_bench.cli.EXIT_CONFIG
             returns.append(results)
             failed += [(p, r) for p, r in zip(batch, results) if r.status == JobStatus.FAILED]
         if not any(r.status == JobStatus.UNKNOWN for batch in returns for r in batch):

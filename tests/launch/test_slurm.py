@@ -10,6 +10,7 @@ per-step delay so a run can be caught mid-training). 1 CPU per job.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,9 @@ LM_DEBUG = ["task=wikitext_mini", "task.source=pydoc", "task.model.d_model=32", 
 # Interrupted runs: the runner's toy task, 4 epochs x 6 steps x 0.15 s of delay (TOY_TASK_DELAY)
 # ~ 4 s of training, so a run can be caught in the middle of training.
 TOY = ["task=toy", "task.n_train=96", "task.hidden=32", "train.epochs=4"]
+# the test cluster has no GPU (the launcher asks one per task by default)
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         "hydra.launcher.partition=debug"]
+         "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null"]
 # Runs the real CLI with the runner's test task registered (cloudpickle ships `task_fn` by value
 # to the job; the job imports conftest from PYTHONPATH).
 APP = """\
@@ -223,6 +225,9 @@ def test_grid_runs_as_one_job_array(bench, grid_sweep):
     proc, elapsed = grid_sweep
     assert proc.returncode == 0, _output(proc)[-3000:]
     assert "4 runs: 4 to launch, 0 done, 0 queued/running" in _output(proc)
+    # one line per run as it finishes, then the sweep's table (the same as diffq-bench-table --grid)
+    assert sorted(re.findall(r"\[(\d)/4\] DONE .* \| test ppl ", _output(proc))) == ["1", "2", "3", "4"]
+    assert "sweep table: 4 of 4 run(s) finished (diffq-bench-table --root " in proc.stdout
     runs = bench.runs("store")
     assert len(runs) == 4
     job_ids = [Xp.at(bench.base / "store" / "xps" / sig).read_submissions()[-1]["job_id"] for sig in runs]
