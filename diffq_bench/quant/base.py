@@ -214,10 +214,13 @@ class BaseQuantizer:
         if train and self._eval_cache:  # weights are about to change: free the eval copies
             self._eval_cache.clear()
         values: tp.Dict[int, torch.Tensor] = {}
+        if train:  # all of the subtree's values in one call (DiffQ draws one noise for the set)
+            roots = list({id(qp.other or qp): qp.other or qp for qp in self._subtree[module]}.values())
+            values = dict(zip(map(id, roots), self._train_values(roots)))
         for qp in self._subtree[module]:
             root = qp.other or qp
             if id(root) not in values:
-                values[id(root)] = self._train_value(root) if train else self._cached_eval(root)
+                values[id(root)] = self._cached_eval(root)
             self._shadow(qp.module, qp.attr, values[id(root)])
         if not train:
             for owner, attr, param in self._float_subtree[module]:
@@ -261,6 +264,12 @@ class BaseQuantizer:
     def _train_value(self, qp: QParam) -> torch.Tensor:
         """The weight seen by a train-mode forward (differentiable)."""
         raise NotImplementedError
+
+    def _train_values(self, qps: tp.Sequence[QParam]) -> tp.List[torch.Tensor]:
+        """The train-mode weights of ``qps`` (first occurrences, in the order the forward's subtree
+        meets them), all needed by one forward. Default: :meth:`_train_value` of each, in order;
+        methods that handle the set at once (DiffQ: one noise draw) override it."""
+        return [self._train_value(qp) for qp in qps]
 
     def _eval_value(self, qp: QParam) -> torch.Tensor:
         """The truly quantized weight seen by an eval-mode forward."""

@@ -31,7 +31,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, Display, QParam
+from .base import MB, BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_uint, unpack_uint
 from .rng import fill_noise
@@ -39,28 +39,6 @@ from .uniform import check_bits_order, tensor_range
 
 NOISES = {"gaussian": 0.5, "uniform": 1.0}  # name -> coefficient c of Δ in the noise c·Δ·u
 _BLOCK = 256  # many short rows: amax(dim=1) parallelizes over rows and vectorizes
-
-
-def _argminmax(flat: torch.Tensor) -> tp.Tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Indices and values of min and max of a 1-D tensor in about one memory pass."""
-    n = flat.numel()
-    rows = n // _BLOCK
-    if rows < 4:
-        imin, imax = int(flat.argmin()), int(flat.argmax())
-        return imin, imax, flat[imin], flat[imax]
-    blocks = flat[:rows * _BLOCK].view(rows, _BLOCK)
-    mins, maxs = blocks.amin(dim=1), blocks.amax(dim=1)  # fast paths; aminmax(dim) is not
-    rmin, rmax = int(mins.argmin()), int(maxs.argmax())
-    imin = rmin * _BLOCK + int(flat[rmin * _BLOCK:(rmin + 1) * _BLOCK].argmin())
-    imax = rmax * _BLOCK + int(flat[rmax * _BLOCK:(rmax + 1) * _BLOCK].argmax())
-    if rows * _BLOCK < n:  # the tail that does not fill a block
-        tail = flat[rows * _BLOCK:]
-        tmin, tmax = int(tail.argmin()), int(tail.argmax())
-        if tail[tmin] < flat[imin]:
-            imin = rows * _BLOCK + tmin
-        if tail[tmax] > flat[imax]:
-            imax = rows * _BLOCK + tmax
-    return imin, imax, flat[imin], flat[imax]
 
 
 def _code_width(max_code: int) -> int:
@@ -189,55 +167,162 @@ class _NoisePool:
             self.free.append(buf)
 
 
+class _Layout:
+    """Where each tensor of a set of quantized tensors lives in one flat buffer, so that the whole
+    set costs a few whole-buffer operations per step instead of a few operations per tensor.
+
+    Tensor ``t`` (``n_t`` entries) starts at ``offsets[t]``, a multiple of ``align`` = lcm(row
+    width, 256), and is followed by ``pads[t]`` copies of its first entry up to the next multiple
+    (zero when its size is already one, as for most layers): blocks of 256 entries then hold one
+    tensor each, for its min and max, and rows of ``width`` entries carry the group arithmetic,
+    one row per group when ``group_size`` > 0 (the shorter remainder group is a row ending in
+    padding), rows of 256 entries of one tensor when it is 0. Rows that only hold padding map to a
+    dummy group (index ``n_groups``) whose value is never used.
+    """
+
+    def __init__(self, sizes: tp.Sequence[int], groups: tp.Sequence[int], group_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        width = group_size if group_size > 0 else _BLOCK
+        align = width * _BLOCK // math.gcd(width, _BLOCK)
+        self.sizes, self.groups, self.width = list(sizes), list(groups), width
+        self.pads = [-n % align for n in sizes]
+        spans = [n + pad for n, pad in zip(sizes, self.pads)]
+        self.offsets = [sum(spans[:i]) for i in range(len(spans))]
+        self.total, self.n_groups = sum(spans), sum(groups)
+        ids = torch.arange(len(sizes), device=device)
+        self.block_tensor = ids.repeat_interleave(torch.tensor([s // _BLOCK for s in spans], device=device))
+        self.block_index = torch.arange(self.total // _BLOCK, device=device)
+        rows = [s // width for s in spans]
+        if group_size == 0:  # each tensor is one group
+            self.group_tensor = ids
+            self.row_group: tp.Optional[torch.Tensor] = ids.repeat_interleave(torch.tensor(rows, device=device))
+        else:
+            self.group_tensor = ids.repeat_interleave(torch.tensor(groups, device=device))
+            self.row_group = None
+            if rows != list(groups):
+                real = torch.ones(self.total // width, dtype=torch.bool, device=device)
+                for offset, count, n_rows in zip(self.offsets, groups, rows):
+                    real[offset // width + count:offset // width + n_rows] = False
+                self.row_group = torch.full_like(real, self.n_groups, dtype=torch.long)
+                self.row_group[real] = torch.arange(self.n_groups, device=device)
+        self.ones = torch.ones(width, dtype=dtype, device=device)  # row sums as a matrix-vector product
+        lengths = torch.full((self.n_groups,), float(group_size), device=device)
+        ends = torch.tensor(groups, device=device).cumsum(0) - 1
+        lengths[ends] = torch.tensor([float(n - group_size * (count - 1)) for n, count in zip(sizes, groups)],
+                                     device=device)  # the remainder group; the whole tensor at 0
+        self.lengths = lengths  # entries of each group (the size term's weights)
+        self.pool = _NoisePool()
+
+    def flatten(self, tensors: tp.Sequence[torch.Tensor], pad_with_first: bool) -> torch.Tensor:
+        """One new flat buffer holding ``tensors`` at their offsets; padding repeats each tensor's
+        first entry (``pad_with_first``) or is zero."""
+        parts = []
+        for tensor, pad in zip(tensors, self.pads):
+            flat = tensor.reshape(-1)
+            parts.append(flat)
+            if pad:
+                parts.append(flat[:1].expand(pad) if pad_with_first else flat.new_zeros(pad))
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    def split(self, flat: torch.Tensor, likes: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
+        """Views of ``flat`` with the shapes of ``likes`` (inverse of :meth:`flatten`)."""
+        return [flat[o:o + n].view_as(like) for o, n, like in zip(self.offsets, self.sizes, likes)]
+
+    def per_row(self, per_group: torch.Tensor) -> torch.Tensor:
+        """A per-group value repeated on each row of the group arithmetic."""
+        if self.row_group is None:
+            return per_group
+        return torch.cat([per_group, per_group.new_zeros(1)]).index_select(0, self.row_group)
+
+    def group_sums(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sum over each group of a ``(rows, width)`` buffer."""
+        if rows.dtype in (torch.float32, torch.float64):
+            sums = torch.mv(rows, self.ones)
+        else:
+            sums = rows.sum(1)
+        if self.row_group is None:
+            return sums
+        return sums.new_zeros(self.n_groups + 1).index_add_(0, self.row_group, sums)[:self.n_groups]
+
+    def per_tensor(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-group value over each tensor's groups."""
+        return per_group.new_zeros(len(self.sizes)).index_add_(0, self.group_tensor, per_group)
+
+    def extreme(self, flat: torch.Tensor, largest: bool) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor: the min (max) value and the flat index of its first occurrence."""
+        blocks = flat.view(-1, _BLOCK)
+        tops = blocks.amax(1) if largest else blocks.amin(1)  # fast over rows of 256
+        k, n_blocks = len(self.sizes), len(tops)
+        reduce = "amax" if largest else "amin"
+        best = tops.new_full((k,), -math.inf if largest else math.inf).scatter_reduce_(
+            0, self.block_tensor, tops, reduce)
+        hits = torch.where(tops == best.index_select(0, self.block_tensor), self.block_index, n_blocks)
+        first = hits.new_full((k,), n_blocks).scatter_reduce_(0, self.block_tensor, hits, "amin")
+        first.clamp_(max=n_blocks - 1)  # only reached with a NaN weight (then any index will do)
+        inside = blocks.index_select(0, first)
+        cols = inside.argmax(1) if largest else inside.argmin(1)  # first occurrence, as torch's argmin
+        return best, first * _BLOCK + cols
+
+
 class _PseudoQuantNoise(torch.autograd.Function):
-    """``w + c·Δ_g·u`` with ``Δ_g = scale / (2**bits_g - 1)``, gradients to ``w`` and the logits."""
+    """``w + c·Δ_g·u`` with ``Δ_g = scale_t / (2**bits_g - 1)`` for every tensor ``t`` of a set at
+    once (:class:`_Layout`), gradients to the weights and the logits.
+
+    Inputs: the layout, ``(min_bits, span, coef, noise kind)``, the fixed noise per tensor (or
+    None: one fresh draw for the whole set), then the ``k`` weights and their ``k`` logit vectors.
+    Returns the ``k`` noisy weights (views of one buffer).
+    """
 
     @staticmethod
-    def forward(ctx, weight, logits, min_bits, span, group_size, coef, noise, pool, fixed):
-        flat = weight.detach().reshape(-1)
-        imin, imax, low, high = _argminmax(flat)
-        scale = high - low
-        sig = torch.sigmoid(logits.detach())
+    def forward(ctx, layout, config, fixed, *tensors):
+        min_bits, span, coef, noise = config
+        k = len(layout.sizes)
+        weights = [w.detach() for w in tensors[:k]]
+        flat = layout.flatten(weights, pad_with_first=True)
+        low, imin = layout.extreme(flat, largest=False)
+        high, imax = layout.extreme(flat, largest=True)
+        scale = (high - low).index_select(0, layout.group_tensor)
+        logits = [logit.detach() for logit in tensors[k:]]
+        sig = torch.sigmoid(torch.cat(logits) if k > 1 else logits[0])
         den = torch.exp2(min_bits + span * sig) - 1
         delta = scale * coef / den
         if fixed is not None:
-            u = fixed.reshape(-1).to(flat)
+            u = layout.flatten([f.to(flat) for f in fixed], pad_with_first=False)
         else:
-            u = fill_noise(pool.take(flat), noise)
+            u = fill_noise(layout.pool.take(flat), noise)
         out = torch.empty_like(flat)
-        out_parts = _grouped(out, group_size)
-        for (w_v, sl), (u_v, _), (o_v, _) in zip(_grouped(flat, group_size),
-                                                  _grouped(u, group_size), out_parts):
-            torch.addcmul(w_v, u_v, delta[sl].unsqueeze(1), out=o_v)
-        ctx.u, ctx.pool, ctx.owned = u, pool, fixed is None
-        ctx.meta = (imin, imax, group_size, coef, span)
-        ctx.save_for_backward(sig, den, scale)
-        return out.view_as(weight)
+        width = layout.width
+        torch.addcmul(flat.view(-1, width), u.view(-1, width), layout.per_row(delta).unsqueeze(1),
+                      out=out.view(-1, width))
+        ctx.u, ctx.owned, ctx.layout, ctx.config = u, fixed is None, layout, config
+        ctx.save_for_backward(sig, den, scale, torch.cat([imax, imin]))
+        return tuple(layout.split(out, weights))
 
     @staticmethod
-    def backward(ctx, grad_out):
-        sig, den, scale = ctx.saved_tensors
-        imin, imax, group_size, coef, span = ctx.meta
+    def backward(ctx, *grad_outs):
+        sig, den, scale, extremes = ctx.saved_tensors
+        layout, (_, span, coef, _) = ctx.layout, ctx.config
         u = ctx.u
         if u is None:
             raise RuntimeError("DiffQ noise: backward ran twice through the same forward "
                                "(retain_graph is not supported by the pseudo-quantization noise)")
         ctx.u = None
-        grad = grad_out.reshape(-1)
+        grad = layout.flatten(grad_outs, pad_with_first=False)  # ours: returned as the weight grads
         if not ctx.owned:
             u = u.clone()
         u.mul_(grad)  # u is ours and not needed afterwards: reuse it for grad·u
-        grad_delta = torch.cat([part.sum(1) for part, _ in _grouped(u, group_size)])
+        grad_delta = layout.group_sums(u.view(-1, layout.width)).to(den.dtype)
         if ctx.owned:
-            ctx.pool.give(u)
+            layout.pool.give(u)
         # Δ = c·scale/den, den = 2**bits - 1, bits = min + span·sigmoid(logit)
-        grad_scale = (grad_delta * coef / den).sum()
+        grad_scale = layout.per_tensor(grad_delta * coef / den)
         dden = (den + 1) * math.log(2) * span * sig * (1 - sig)
         grad_logits = -grad_delta * coef * scale / den.square() * dden
-        grad_w = grad.clone()
-        grad_w[imax] += grad_scale
-        grad_w[imin] -= grad_scale
-        return grad_w.view_as(grad_out), grad_logits, None, None, None, None, None, None, None
+        # the range max - min: its gradient goes to the first arg-max (+) and arg-min (-) entries
+        grad.index_add_(0, extremes, torch.cat([grad_scale, -grad_scale]).to(grad.dtype))
+        k = len(layout.sizes)
+        return (None, None, None, *layout.split(grad, grad_outs[:k]),
+                *grad_logits.split(layout.groups))
 
 
 class DiffQuantizer(BaseQuantizer):
@@ -291,7 +376,7 @@ class DiffQuantizer(BaseQuantizer):
         for qp in self.qparams:
             groups = self._num_groups(qp)
             self.logits[qp.name] = nn.Parameter(torch.full((groups,), logit0, device=qp.param.device))
-        self._pools = {qp.name: _NoisePool() for qp in self.qparams}
+        self._layouts: tp.Dict[tp.Any, _Layout] = {}
         self._bits_lo = int(round(min_bits))
         self._bits_hi = int(round(max_bits))
 
@@ -321,11 +406,45 @@ class DiffQuantizer(BaseQuantizer):
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
         return [self.logits[qp.name] for qp in self.qparams]
 
+    def _layout(self, qps: tp.Sequence[QParam], device: torch.device, dtype: torch.dtype) -> _Layout:
+        key = (tuple(id(qp) for qp in qps), device, dtype)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _Layout([qp.param.numel() for qp in qps], [self._num_groups(qp) for qp in qps],
+                             self.group_size, device, dtype)
+            self._layouts[key] = layout
+        return layout
+
+    def _train_values(self, qps: tp.Sequence[QParam]) -> tp.List[torch.Tensor]:
+        return self.noisy_weights(qps)
+
     def _train_value(self, qp: QParam, fixed_noise: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _PseudoQuantNoise.apply(qp.param, self._logit(qp), float(self.min_bits),
-                                       float(self.max_bits - self.min_bits), self.group_size,
-                                       NOISES[self.noise], self.noise, self._pools[qp.name],
-                                       fixed_noise)
+        return self.noisy_weights([qp], None if fixed_noise is None else [fixed_noise])[0]
+
+    def noisy_weights(self, qps: tp.Sequence[QParam],
+                      fixed_noise: tp.Optional[tp.Sequence[torch.Tensor]] = None) -> tp.List[torch.Tensor]:
+        """The train-mode (noisy) weights of ``qps``, all computed together: one noise draw for the
+        whole set (in this order), one autograd node (see :class:`_PseudoQuantNoise`).
+
+        Args:
+            qps: the parameters (first occurrences).
+            fixed_noise: one N(0, 1) / U(-½, ½) tensor per parameter instead of a fresh draw (tests).
+        Returns:
+            the noisy weights, in the order of ``qps``.
+        """
+        config = (float(self.min_bits), float(self.max_bits - self.min_bits), NOISES[self.noise], self.noise)
+        sets: tp.Dict[tp.Any, tp.List[int]] = {}  # one set per device and dtype (usually one)
+        for i, qp in enumerate(qps):
+            sets.setdefault((qp.param.device, qp.param.dtype), []).append(i)
+        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(qps)
+        for (device, dtype), members in sets.items():
+            chosen = [qps[i] for i in members]
+            fixed = None if fixed_noise is None else [fixed_noise[i] for i in members]
+            values = _PseudoQuantNoise.apply(self._layout(chosen, device, dtype), config, fixed,
+                                             *(qp.param for qp in chosen), *(self._logit(qp) for qp in chosen))
+            for i, value in zip(members, values):
+                out[i] = value
+        return tp.cast(tp.List[torch.Tensor], out)
 
     def _eval_key(self, qp: QParam) -> tp.Any:
         logit = self._logit(qp)
@@ -399,8 +518,27 @@ class DiffQuantizer(BaseQuantizer):
             bits: its bits per group (default: the current continuous ones).
         """
         bits = self.get_bits(qp) if bits is None else bits
-        codes = 1 + round(float(bits.detach().max())) - self.min_bits
+        return self._bits_bits_of(float(bits.detach().max()))
+
+    def _bits_bits_of(self, top: float) -> int:
+        codes = 1 + round(top) - self.min_bits
         return max(0, math.ceil(math.log2(codes))) if codes > 1 else 0
+
+    def model_size(self) -> torch.Tensor:
+        """Size in MiB, differentiable in the logits: one size term over all quantized tensors
+        (``Σ len_g · bits_g`` as one dot product, the per-tensor constants added once)."""
+        qps = self.qparams
+        logits = [self._logit(qp) for qp in qps]
+        if not qps or len({logit.device for logit in logits}) > 1:
+            return super().model_size()
+        layout = self._layout(qps, logits[0].device, qps[0].param.dtype)
+        flat = torch.cat(logits) if len(logits) > 1 else logits[0]
+        bits = self.min_bits + torch.sigmoid(flat) * (self.max_bits - self.min_bits)  # as get_bits
+        tops = bits.detach().new_full((len(qps),), -math.inf).scatter_reduce_(
+            0, layout.group_tensor, bits.detach(), "amax").tolist()
+        constant = sum(64 + 8 + self._bits_bits_of(top) * groups for top, groups in zip(tops, layout.groups))
+        constant += sum(p.numel() for _, p in self._float_params) * (16 if self.float16 else 32)
+        return (torch.dot(bits, layout.lengths) + constant) / 8 / MB
 
     def true_model_size(self) -> float:
         """Analytic size (MiB) with the exported (rounded) bit widths."""
