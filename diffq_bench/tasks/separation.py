@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing as tp
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data import musdb as mdb
+from ..data import musdb_stems
 from ..data import sfmix as sfmix_data
 from ..data.errors import DataMissingError
 from ..data.images import Batches
@@ -41,7 +43,9 @@ ARCH_FIELDS = ("audio_channels", "channels", "depth", "growth", "kernel_size", "
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class MusdbDemucsTask(Task):
-    """Demucs v2 on MusDB18-HQ (``<data>/musdb18hq/{train,test}/<track>/<stem>.wav``).
+    """Demucs v2 on MusDB18-HQ (``<data>/musdb18hq/{train,test}/<track>/<stem>.wav``) or on MUSDB18
+    (``<data>/musdb18/{train,test}/<track>.stem.mp4``, decoded once into the cache:
+    :mod:`diffq_bench.data.musdb_stems`); the format is detected from the files present.
 
     Args:
         samplerate: Hz of the data (MusDB18-HQ: 44100; other rates are rejected by the loader).
@@ -69,6 +73,9 @@ class MusdbDemucsTask(Task):
             stems of unequal length: found when the set is indexed) is left out and its bad files
             counted (:meth:`skipped_files`, ``skipped_files_<split>`` in result.json) instead of
             failing the run with the file's path (the default).
+        valid_tracks: names of the train tracks held out for validation (default: MusDB's
+            standard 14, :data:`diffq_bench.data.musdb.MUSDB_VALIDATION_TRACKS`); a partial copy
+            names its own.
     """
     name: tp.ClassVar[str] = "musdb_demucs"
     metric: tp.ClassVar[str] = "nsdr"
@@ -104,9 +111,11 @@ class MusdbDemucsTask(Task):
     eval_subset: int = 0
     sdr: bool = False
     skip_bad_files: bool = False
+    valid_tracks: tp.List[str] = dataclasses.field(default_factory=lambda: list(mdb.MUSDB_VALIDATION_TRACKS))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_valid_tracks()
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(sorted(LOSSES))}")
         self._int_field("samplerate")
@@ -133,17 +142,33 @@ class MusdbDemucsTask(Task):
         self.eval_segment_samples = int(round(self.eval_segment * rate))
         self.loss_fn = LOSSES[self.loss]
         self.db: tp.Optional[mdb.MusdbHQ] = None
+        self.stems_root: tp.Optional[Path] = None  # the .stem.mp4 folder when the data is MUSDB18
+
+    def _check_valid_tracks(self) -> None:
+        names = self.valid_tracks
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or \
+                not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"task.valid_tracks must be a non-empty list of distinct train track names, "
+                             f"got {names!r}")
+        self.valid_tracks = list(names)
 
     # ------------------------------------------------------------------------------- data
     def _open(self) -> mdb.MusdbHQ:
-        root = self.data_root / self.data_subdir
-        hint = (f"Download MusDB18-HQ (zenodo record 3338373) and unpack it so that {root}/train "
-                "and test/ hold one folder per track (set paths.data or DIFFQ_BENCH_DATA to "
-                "the parent folder); or run the embedded set: task=sfmix")
-        if not root.is_dir():
-            raise DataMissingError(f"MusDB18-HQ not found at {root}. {hint}")
-        return mdb.MusdbHQ(root, self.samplerate, self.audio_channels, prepare_hint=hint,
-                           skip_bad_files=self.skip_bad_files)
+        hq, stems = self.data_root / self.data_subdir, self.data_root / "musdb18"
+        hint = (f"Download MusDB18-HQ (zenodo record 3338373) and unpack it so that {hq}/train "
+                f"and test/ hold one folder per track, or MUSDB18 (zenodo record 1117372, .stem.mp4 "
+                f"files) into {stems}/{{train,test}} (set paths.data or DIFFQ_BENCH_DATA to the parent "
+                "folder; a partial copy sets task.valid_tracks); or run the embedded set: task=sfmix")
+        root = next((folder for folder in (hq, stems) if folder.is_dir()), None)
+        if root is None:
+            raise DataMissingError(f"MusDB18-HQ not found at {hq} (nor MUSDB18 at {stems}). {hint}")
+        kwargs = dict(prepare_hint=hint, skip_bad_files=self.skip_bad_files, valid_tracks=self.valid_tracks)
+        if musdb_stems.detect_format(root) == "stem.mp4":
+            self.stems_root = root
+            decoded = musdb_stems.decode(root, self.cache_dir, self.samplerate, self.audio_channels)
+            return mdb.MusdbHQ(decoded, self.samplerate, self.audio_channels,
+                               fix=f"delete {decoded} (decoded from {root}) to decode it again", **kwargs)
+        return mdb.MusdbHQ(root, self.samplerate, self.audio_channels, **kwargs)
 
     def skipped_files(self) -> tp.Dict[str, int]:
         """{split: bad files whose tracks were left out} (``skip_bad_files``; zeros otherwise)."""
@@ -155,7 +180,7 @@ class MusdbDemucsTask(Task):
         """Index the dataset and check its format (sample rate, channels, stems)."""
         super().setup(data_root, cache_dir, device, num_workers, seed)
         self.db = self._open()
-        self.data_dir = self.db.root
+        self.data_dir = self.stems_root or self.db.root  # the fingerprint covers the files the user has
         length = self._geometry.valid_length(self.segment_samples) + self.shift_samples
         if self.repitch > 0:  # repitch cuts every source to (1 - max tempo) of its length
             length = int(length / (1 - MAX_TEMPO / 100))
@@ -251,7 +276,7 @@ class SfmixTask(MusdbDemucsTask):
         train_tracks, test_tracks, duration, data_seed: the set's size and seed
             (:func:`diffq_bench.data.sfmix.build_sfmix`); ``data_seed`` is independent of the run
             seed, so every run of a grid sees the same data.
-        valid_tracks: how many train tracks are held out for validation.
+        valid_tracks: how many train tracks are held out for validation (the last ones).
         others: as :class:`MusdbDemucsTask`, with small-model defaults (16 kHz, 16 channels,
             depth 4, 1 s segments, batches of 4).
     """
@@ -275,11 +300,13 @@ class SfmixTask(MusdbDemucsTask):
     repitch: float = 0.0
     repeat: int = 1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_valid_tracks(self) -> None:
         if not 1 <= self.valid_tracks < self.train_tracks:
             raise ValueError(f"valid_tracks must be in [1, train_tracks - 1] = "
                              f"[1, {self.train_tracks - 1}], got {self.valid_tracks}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.set_kwargs = dict(samplerate=self.samplerate, train_tracks=self.train_tracks,
                                test_tracks=self.test_tracks, duration=self.duration,
                                seed=self.data_seed)
