@@ -121,14 +121,29 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     return _run_single(cfg, plain, xp, device, rank)
 
 
+def _make_task(plain: tp.Mapping[str, tp.Any]) -> tp.Any:
+    """The task of a resolved config (constructor only: no data is touched)."""
+    return get_task(plain["task"]["name"], **{k: v for k, v in plain["task"].items() if k != "name"})
+
+
+def _setup_task(task: tp.Any, plain: tp.Mapping[str, tp.Any], device: torch.device) -> None:
+    task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
+               num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+
+
+def _train_and_finish(plain: tp.Dict[str, tp.Any], task: tp.Any, xp: Xp, device: torch.device) -> tp.Dict[str, float]:
+    """Train (or resume) then test, export and check the export; the final metrics."""
+    trainer = Trainer(plain, task, xp, device, plain.get("runtime", {}))
+    trainer.fit()
+    return finish(trainer)
+
+
 def _run_single(cfg: DictConfig, plain: tp.Dict[str, tp.Any], xp: Xp, device: torch.device,
                 rank: distributed.Dist) -> tp.Dict[str, tp.Any]:
     runtime = plain.get("runtime", {})
-    task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
-    task = get_task(plain["task"]["name"], **task_kw)
+    task = _make_task(plain)
     if xp.is_done() and not runtime.get("force"):
-        task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
-                   num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+        _setup_task(task, plain, device)
         _check_data(xp, task)
         result = xp.read_result()
         if result is None:  # is_done() checked the file exists: it vanished in between
@@ -155,15 +170,12 @@ def _run_single(cfg: DictConfig, plain: tp.Dict[str, tp.Any], xp: Xp, device: to
         try:
             _check_env(xp, env, previous)
             seed_all(int(plain["seed"]))
-            task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
-                       num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+            _setup_task(task, plain, device)
             data = _check_data(xp, task)
             if data is not None:
                 xp.write_data(data)
             distributed.share_start("start")  # the others set up now (embedded data is written)
-            trainer = Trainer(plain, task, xp, device, runtime)
-            trainer.fit()
-            metrics = finish(trainer)
+            metrics = _train_and_finish(plain, task, xp, device)
         except (Preempted, KeyboardInterrupt) as exc:
             where = str(exc) if isinstance(exc, Preempted) else "interrupted"
             if INTERRUPT.signum is not None or isinstance(exc, KeyboardInterrupt):
@@ -211,17 +223,12 @@ def _run_rank(cfg: DictConfig, plain: tp.Dict[str, tp.Any], xp: Xp, device: torc
         return xp.read_result() or {}
     if started != "start":
         raise RuntimeError(f"rank 0 did not start the run: {started}")
-    runtime = plain.get("runtime", {})
-    task_kw = {k: v for k, v in plain["task"].items() if k != "name"}
-    task = get_task(plain["task"]["name"], **task_kw)
+    task = _make_task(plain)
     try:
         seed_all(int(plain["seed"]))
-        task.setup(plain["paths"]["data"], plain["paths"]["cache"], device,
-                   num_workers=int(plain.get("num_workers", 0)), seed=int(plain["seed"]))
+        _setup_task(task, plain, device)
         _check_data(xp, task)
-        trainer = Trainer(plain, task, xp, device, runtime)
-        trainer.fit()
-        metrics = finish(trainer)
+        metrics = _train_and_finish(plain, task, xp, device)
     except (Preempted, KeyboardInterrupt):
         raise
     except BaseException:
