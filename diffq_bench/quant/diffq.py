@@ -18,10 +18,13 @@ tensor ``w`` (flattened, ``N`` entries):
 Remainder rule: when ``group_size`` does not divide ``N``, the last group is shorter
 (``N mod group_size`` entries); it has its own logit and counts ``len_g · bits_g`` in the size.
 
-Speed: the noisy weight is one custom autograd function per tensor: one fused
-``addcmul`` forward over a reused noise buffer (drawn in parallel chunks on CPU:
-:mod:`diffq_bench.quant.noise`), a hand-written backward (one in-place product
-and one group reduction), and the range gradient routed to the arg-min/arg-max entries only.
+Speed: every tensor of a forward is handled at once (a small model has a dozen tensors, and a
+dozen small ops per tensor cost more than the arithmetic): one flat buffer of all the weights,
+one noise draw for all (in parallel seeded chunks on CPU: :mod:`diffq_bench.quant.rng`), one
+custom autograd node whose forward is a few whole-buffer ops (block min/max, one ``addcmul``)
+and whose hand-written backward is one product and one group reduction, with the range gradient
+routed to the arg-min/arg-max entries only; the size term is one node too. Big buffers are reused
+across steps once nothing refers to them (fresh ones fault their pages in on every step).
 """
 from __future__ import annotations
 
@@ -150,21 +153,32 @@ def _from_widths(read: tp.Callable[[int, int], torch.Tensor], bits: torch.Tensor
     return levels
 
 
-class _NoisePool:
-    """Reusable noise buffers: fresh large allocations cost page faults on every step."""
+def _unused(buffer: torch.Tensor) -> bool:
+    """Whether nothing but ``buffer`` itself holds its memory (no view, no ``.grad``, no autograd
+    graph): the storage's use count, 2 with the temporary storage object of this call."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is not None and count(buffer.untyped_storage()._cdata) <= 2
 
-    def __init__(self) -> None:
-        self.free: tp.List[torch.Tensor] = []
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        for i, buf in enumerate(self.free):
-            if buf.numel() == like.numel() and buf.device == like.device and buf.dtype == like.dtype:
-                return self.free.pop(i)
-        return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+class _Buffers:
+    """Flat buffers of one size reused across steps: a fresh allocation of several MB faults its
+    pages in on every step, which costs more than the arithmetic on them. :meth:`take` hands out a
+    view of a held buffer only when nothing else refers to its memory any more (see
+    :func:`_unused`), so a reused buffer is never one still seen by a caller."""
 
-    def give(self, buf: torch.Tensor) -> None:
-        if len(self.free) < 2:
-            self.free.append(buf)
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, limit: int = 6):
+        self.numel, self.dtype, self.device, self.limit = numel, dtype, device, limit
+        self.held: tp.List[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor:
+        """A flat buffer of ``numel`` entries (uninitialized) that nobody else uses."""
+        for buffer in self.held:
+            if _unused(buffer):
+                return buffer.view(-1)  # a new tensor on the memory: the count says it is in use
+        buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        if len(self.held) < self.limit:
+            self.held.append(buffer)
+        return buffer.view(-1)
 
 
 class _Layout:
@@ -190,8 +204,9 @@ class _Layout:
         self.offsets = [sum(spans[:i]) for i in range(len(spans))]
         self.total, self.n_groups = sum(spans), sum(groups)
         ids = torch.arange(len(sizes), device=device)
-        self.block_tensor = ids.repeat_interleave(torch.tensor([s // _BLOCK for s in spans], device=device))
-        self.block_index = torch.arange(self.total // _BLOCK, device=device)
+        blocks = ids.repeat_interleave(torch.tensor([s // _BLOCK for s in spans], device=device))
+        self.block_tensor = torch.cat([blocks, blocks + len(sizes)])  # for the max, then the min
+        self.block_index = torch.arange(2 * len(blocks), device=device)
         rows = [s // width for s in spans]
         if group_size == 0:  # each tensor is one group
             self.group_tensor = ids
@@ -211,18 +226,21 @@ class _Layout:
         lengths[ends] = torch.tensor([float(n - group_size * (count - 1)) for n, count in zip(sizes, groups)],
                                      device=device)  # the remainder group; the whole tensor at 0
         self.lengths = lengths  # entries of each group (the size term's weights)
-        self.pool = _NoisePool()
+        self.buffers = _Buffers(self.total, dtype, device)
 
     def flatten(self, tensors: tp.Sequence[torch.Tensor], pad_with_first: bool) -> torch.Tensor:
-        """One new flat buffer holding ``tensors`` at their offsets; padding repeats each tensor's
-        first entry (``pad_with_first``) or is zero."""
+        """A flat buffer of our own (:class:`_Buffers`) holding ``tensors`` at their offsets;
+        padding repeats each tensor's first entry (``pad_with_first``) or is zero."""
         parts = []
         for tensor, pad in zip(tensors, self.pads):
             flat = tensor.reshape(-1)
             parts.append(flat)
             if pad:
                 parts.append(flat[:1].expand(pad) if pad_with_first else flat.new_zeros(pad))
-        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        out = self.buffers.take()
+        if len(parts) > 1:
+            return torch.cat(parts, out=out)
+        return out.copy_(parts[0])
 
     def split(self, flat: torch.Tensor, likes: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
         """Views of ``flat`` with the shapes of ``likes`` (inverse of :meth:`flatten`)."""
@@ -248,20 +266,21 @@ class _Layout:
         """Sum of a per-group value over each tensor's groups."""
         return per_group.new_zeros(len(self.sizes)).index_add_(0, self.group_tensor, per_group)
 
-    def extreme(self, flat: torch.Tensor, largest: bool) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-        """Per tensor: the min (max) value and the flat index of its first occurrence."""
+    def ranges(self, flat: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per tensor of ``flat`` (as :meth:`flatten` lays it out): min, max, and the flat indices
+        of the first arg-max then of the first arg-min (``2k``; as torch's argmax/argmin)."""
         blocks = flat.view(-1, _BLOCK)
-        tops = blocks.amax(1) if largest else blocks.amin(1)  # fast over rows of 256
-        k, n_blocks = len(self.sizes), len(tops)
-        reduce = "amax" if largest else "amin"
-        best = tops.new_full((k,), -math.inf if largest else math.inf).scatter_reduce_(
-            0, self.block_tensor, tops, reduce)
-        hits = torch.where(tops == best.index_select(0, self.block_tensor), self.block_index, n_blocks)
-        first = hits.new_full((k,), n_blocks).scatter_reduce_(0, self.block_tensor, hits, "amin")
-        first.clamp_(max=n_blocks - 1)  # only reached with a NaN weight (then any index will do)
+        n_blocks, k = blocks.shape[0], len(self.sizes)
+        # the max of a tensor is minus the min of its negated entries: one reduction for both
+        # (amin/amax over rows of 256 are fast paths, aminmax(dim) is not)
+        tops = torch.cat([blocks.amax(1).neg_(), blocks.amin(1)])
+        best = tops.new_full((2 * k,), math.inf).scatter_reduce_(0, self.block_tensor, tops, "amin")
+        hits = torch.where(tops == best.index_select(0, self.block_tensor), self.block_index, 2 * n_blocks)
+        first = hits.new_full((2 * k,), 2 * n_blocks).scatter_reduce_(0, self.block_tensor, hits, "amin")
+        first.remainder_(n_blocks)  # the block (2·n_blocks, no hit, only happens with a NaN weight)
         inside = blocks.index_select(0, first)
-        cols = inside.argmax(1) if largest else inside.argmin(1)  # first occurrence, as torch's argmin
-        return best, first * _BLOCK + cols
+        inside[:k].neg_()
+        return best[k:], best[:k].neg(), first * _BLOCK + inside.argmin(1)
 
 
 class _PseudoQuantNoise(torch.autograd.Function):
@@ -276,26 +295,24 @@ class _PseudoQuantNoise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layout, config, fixed, *tensors):
         min_bits, span, coef, noise = config
-        k = len(layout.sizes)
-        weights = [w.detach() for w in tensors[:k]]
+        k = len(layout.sizes)  # no grad is recorded in here: the inputs need no detach
+        weights, logits = tensors[:k], tensors[k:]
         flat = layout.flatten(weights, pad_with_first=True)
-        low, imin = layout.extreme(flat, largest=False)
-        high, imax = layout.extreme(flat, largest=True)
+        low, high, extremes = layout.ranges(flat)
         scale = (high - low).index_select(0, layout.group_tensor)
-        logits = [logit.detach() for logit in tensors[k:]]
         sig = torch.sigmoid(torch.cat(logits) if k > 1 else logits[0])
         den = torch.exp2(min_bits + span * sig) - 1
         delta = scale * coef / den
         if fixed is not None:
             u = layout.flatten([f.to(flat) for f in fixed], pad_with_first=False)
         else:
-            u = fill_noise(layout.pool.take(flat), noise)
-        out = torch.empty_like(flat)
+            u = fill_noise(layout.buffers.take(), noise)
+        out = layout.buffers.take()
         width = layout.width
         torch.addcmul(flat.view(-1, width), u.view(-1, width), layout.per_row(delta).unsqueeze(1),
                       out=out.view(-1, width))
-        ctx.u, ctx.owned, ctx.layout, ctx.config = u, fixed is None, layout, config
-        ctx.save_for_backward(sig, den, scale, torch.cat([imax, imin]))
+        ctx.u, ctx.layout, ctx.config = u, layout, config
+        ctx.save_for_backward(sig, den, scale, extremes)
         return tuple(layout.split(out, weights))
 
     @staticmethod
@@ -308,12 +325,9 @@ class _PseudoQuantNoise(torch.autograd.Function):
                                "(retain_graph is not supported by the pseudo-quantization noise)")
         ctx.u = None
         grad = layout.flatten(grad_outs, pad_with_first=False)  # ours: returned as the weight grads
-        if not ctx.owned:
-            u = u.clone()
         u.mul_(grad)  # u is ours and not needed afterwards: reuse it for grad·u
         grad_delta = layout.group_sums(u.view(-1, layout.width)).to(den.dtype)
-        if ctx.owned:
-            layout.pool.give(u)
+        del u  # back to the buffers
         # Δ = c·scale/den, den = 2**bits - 1, bits = min + span·sigmoid(logit)
         grad_scale = layout.per_tensor(grad_delta * coef / den)
         dden = (den + 1) * math.log(2) * span * sig * (1 - sig)
@@ -323,6 +337,31 @@ class _PseudoQuantNoise(torch.autograd.Function):
         k = len(layout.sizes)
         return (None, None, None, *layout.split(grad, grad_outs[:k]),
                 *grad_logits.split(layout.groups))
+
+
+class _SizeTerm(torch.autograd.Function):
+    """Size in MiB of a set of tensors from their logits, one node: ``(Σ_g len_g · bits_g +
+    header(tops)) / 8 / MB``, ``bits_g = min_bits + span · sigmoid(logit_g)``, ``tops`` the largest
+    bits of each tensor (the header, a constant of the size, follows them). Inputs: the layout,
+    ``min_bits``, ``span``, ``header``, then the logit vectors."""
+
+    @staticmethod
+    def forward(ctx, layout, min_bits, span, header, *logits):
+        detached = [logit.detach() for logit in logits]
+        sig = torch.sigmoid(torch.cat(detached) if len(detached) > 1 else detached[0])
+        bits = min_bits + sig * span  # as get_bits
+        tops = bits.new_full((len(layout.sizes),), -math.inf).scatter_reduce_(
+            0, layout.group_tensor, bits, "amax").tolist()
+        ctx.layout, ctx.span = layout, span
+        ctx.save_for_backward(sig)
+        return (torch.dot(bits, layout.lengths) + header(tops)) / 8 / MB
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sig, = ctx.saved_tensors
+        grad = torch.addcmul(sig, sig, sig, value=-1)  # d sigmoid = sig · (1 - sig)
+        grad.mul_(ctx.layout.lengths).mul_(grad_out * (ctx.span / 8 / MB))
+        return (None, None, None, None, *grad.split(ctx.layout.groups))
 
 
 class DiffQuantizer(BaseQuantizer):
@@ -403,6 +442,15 @@ class DiffQuantizer(BaseQuantizer):
         return bits.long().clamp_(self._bits_lo, self._bits_hi)
 
     # ----------------------------------------------------------------------- quantizer API
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: tp.Optional[float] = None,
+                        separate_adam: bool = False, **kwargs: tp.Any) -> tp.List[torch.optim.Optimizer]:
+        """As :meth:`BaseQuantizer.setup_optimizer`; the logits' group uses the optimizer's
+        multi-tensor (``foreach``) implementation where it has one (the same update): a model has
+        one small logit vector per quantized tensor, a dozen ops each in the per-tensor loop."""
+        if "foreach" in optimizer.defaults and not optimizer.defaults.get("differentiable"):
+            kwargs.setdefault("foreach", True)
+        return super().setup_optimizer(optimizer, lr=lr, separate_adam=separate_adam, **kwargs)
+
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
         return [self.logits[qp.name] for qp in self.qparams]
 
@@ -526,19 +574,20 @@ class DiffQuantizer(BaseQuantizer):
 
     def model_size(self) -> torch.Tensor:
         """Size in MiB, differentiable in the logits: one size term over all quantized tensors
-        (``Σ len_g · bits_g`` as one dot product, the per-tensor constants added once)."""
+        (``Σ len_g · bits_g`` as one dot product, the per-tensor constants added once; one autograd
+        node, :class:`_SizeTerm`)."""
         qps = self.qparams
         logits = [self._logit(qp) for qp in qps]
         if not qps or len({logit.device for logit in logits}) > 1:
             return super().model_size()
         layout = self._layout(qps, logits[0].device, qps[0].param.dtype)
-        flat = torch.cat(logits) if len(logits) > 1 else logits[0]
-        bits = self.min_bits + torch.sigmoid(flat) * (self.max_bits - self.min_bits)  # as get_bits
-        tops = bits.detach().new_full((len(qps),), -math.inf).scatter_reduce_(
-            0, layout.group_tensor, bits.detach(), "amax").tolist()
-        constant = sum(64 + 8 + self._bits_bits_of(top) * groups for top, groups in zip(tops, layout.groups))
-        constant += sum(p.numel() for _, p in self._float_params) * (16 if self.float16 else 32)
-        return (torch.dot(bits, layout.lengths) + constant) / 8 / MB
+        float_bits = sum(p.numel() for _, p in self._float_params) * (16 if self.float16 else 32)
+
+        def header(tops: tp.List[float]) -> int:  # per tensor: range, bits_lo, widths; the floats
+            widths = sum(self._bits_bits_of(top) * groups for top, groups in zip(tops, layout.groups))
+            return (64 + 8) * len(tops) + widths + float_bits
+
+        return _SizeTerm.apply(layout, self.min_bits, float(self.max_bits - self.min_bits), header, *logits)
 
     def true_model_size(self) -> float:
         """Analytic size (MiB) with the exported (rounded) bit widths."""

@@ -167,3 +167,71 @@ def test_cuda_matches_cpu():
         assert torch.allclose(a, b.detach().cpu(), atol=1e-6, rtol=0)
     sum(v.sum() for v in cuda).backward()
     assert all(qp.param.grad.is_cuda for qp in q.qparams)
+
+
+def test_range_gradient_goes_to_the_first_argmax_and_argmin():
+    """Ties of the max (min) inside one tensor, in different blocks of 256 entries: the gradient
+    of the range goes to the first occurrence only (as torch.argmax), never to the padding."""
+    model = mixed_model()
+    q = get_quantizer("diffq", model, group_size=8, min_size=0, exclude=["*bias"])
+    qps = q.qparams
+    with torch.no_grad():
+        for qp, (i, j) in zip(qps, [(700, 300), (5, 600), (455, 0), (767, 1)]):
+            flat = qp.param.view(-1)
+            flat[[i, j]] = flat.max() + 1  # two maxima
+            flat[[j + 1, i - 1]] = flat.min() - 1  # two minima
+    u = [torch.randn_like(qp.param) for qp in qps]
+    values = q.noisy_weights(qps, fixed_noise=u)
+    gouts = [torch.randn_like(v) for v in values]
+    grads = torch.autograd.grad(sum((v * g).sum() for v, g in zip(values, gouts)), [qp.param for qp in qps])
+    for qp, grad, gout in zip(qps, grads, gouts):
+        moved = (grad - gout).view(-1)
+        flat = qp.param.detach().view(-1)
+        imax, imin = int(flat.argmax()), int(flat.argmin())
+        assert moved.nonzero().view(-1).tolist() == sorted([imax, imin])
+        assert float(moved[imax]) == pytest.approx(-float(moved[imin]), rel=1e-4)
+
+
+def test_reused_buffers_never_alias_live_tensors():
+    """The flat buffers are reused across steps only once nothing refers to them: values and
+    gradients still held by the caller are never overwritten by a later forward or backward."""
+    model = mixed_model()
+    q = get_quantizer("diffq", model, group_size=16, min_size=0, exclude=["*bias"])
+    qps = q.qparams
+    first = q.noisy_weights(qps)
+    kept = [v.detach().clone() for v in first]
+    second = q.noisy_weights(qps)  # before any backward: fresh memory for the second set
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    assert not torch.equal(first[0], second[0])
+    sum(v.sum() for v in first).backward()
+    grads = [qp.param.grad.clone() for qp in qps]
+    sum(v.sum() for v in second).backward()  # accumulates into the .grad the first one left
+    for _ in range(3):  # the memory of dead steps comes back: still nothing live is touched
+        sum(v.sum() for v in q.noisy_weights(qps)).backward()
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    assert all(not torch.equal(qp.param.grad, g) for qp, g in zip(qps, grads))
+    assert all(torch.isfinite(qp.param.grad).all() for qp in qps)
+
+
+@pytest.mark.parametrize("separate_adam", [False, True])
+def test_logit_group_is_multi_tensor_with_the_same_update(separate_adam):
+    """The logits' optimizer group uses the multi-tensor implementation (a few ops for all the
+    small logit vectors); its update equals the per-tensor loop's."""
+    results = []
+    for foreach in (None, False):
+        model = mixed_model()
+        q = get_quantizer("diffq", model, min_size=0, penalty=1.0)
+        randomize_logits(q)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1) if separate_adam else torch.optim.Adam(model.parameters())
+        extra = q.setup_optimizer(opt, separate_adam=separate_adam, **({} if foreach is None else {"foreach": False}))
+        group = (extra[0] if separate_adam else opt).param_groups[-1]
+        assert group["foreach"] is (foreach is None)
+        for _ in range(3):
+            for o in [opt] + extra:
+                o.zero_grad()
+            torch.manual_seed(1)  # the same noise in both runs
+            (sum(v.square().sum() for v in q.noisy_weights(q.qparams)) + q.penalty_term()).backward()
+            for o in [opt] + extra:
+                o.step()
+        results.append([p.detach().clone() for p in q.quantizer_parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(*results))
