@@ -336,7 +336,7 @@ class Trainer:
                     # the size costs a pass over every bit logit: refresh it every few seconds only
                     shown = time.monotonic()
                     bar.set_postfix(loss=f"{self.sums['loss'] / self.count:.4g}",
-                                    bits=f"{self.quantizer.bits_per_weight():.2f}",
+                                    bits=f"{self.quantizer.bits_per_weight() if self.quantizer.qparams else 32.0:.2f}",
                                     size=f"{self.quantizer.true_model_size():.3g}MiB", refresh=False)
                 if self._stop_requested():
                     self.save_checkpoint()

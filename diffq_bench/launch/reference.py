@@ -78,5 +78,5 @@ def reference_line(result: tp.Mapping[str, tp.Any], plain: tp.Mapping[str, tp.An
     size_mine, size_ref = result["metrics"].get("true_size_mb"), ref["metrics"].get("true_size_mb")
     if None in (mine, theirs, size_mine, size_ref) or not size_mine:
         return f"float reference (run {ref['sig']}): its result lacks {name} or true_size_mb"
-    return (f"float reference (run {ref['sig']}): test {metric} {theirs:.4g}, {size_ref:.3g} MiB -> "
-            f"this run is {size_ref / size_mine:.2f}× smaller, test {metric} {mine - theirs:+.3g}")
+    return (f"float reference (run {ref['sig']}): test {metric} {theirs:#.4g}, {size_ref:.4g} MiB file -> "
+            f"this run's file is {size_ref / size_mine:.2f}× smaller, test {metric} {mine - theirs:+.3g}")

@@ -18,7 +18,8 @@ ROW_COLUMNS = (("test", "test {metric}"), ("true_size_mb", "size (MiB)"),
                ("compression", "compression"), ("bits_per_weight", "bits/weight"),
                ("wall_time_s", "wall time (s)"))
 #: how each column's value is printed (size: bytes of the exported quantized.th / 2^20)
-ROW_FORMATS = {"compression": "{:.2f}×", "bits_per_weight": "{:.2f}", "wall_time_s": "{:.1f}"}
+#: (test metric: 4 significant digits, trailing zeros kept, so 243.0 does not read as an integer)
+ROW_FORMATS = {"test": "{:#.4g}", "compression": "{:.2f}×", "bits_per_weight": "{:.2f}", "wall_time_s": "{:.1f}"}
 
 
 def row_cells(result: tp.Mapping[str, tp.Any]) -> tp.Tuple[tp.List[str], tp.List[tp.Optional[str]]]:

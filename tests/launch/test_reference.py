@@ -31,8 +31,8 @@ def test_the_default_run_is_compared_with_the_float_run_of_the_same_recipe(tmp_p
     float_xp = _done(tmp_path, ["quant=none", "train.epochs=1"], 237.3, 3.26)
     plain = to_container(compose(["train.epochs=1", f"paths.root={tmp_path}"]))
     line = reference_line(_result("q", "diffq", 242.8, 0.452), plain, ["train.epochs=1", f"paths.root={tmp_path}"])
-    assert line == (f"float reference (run {float_xp.sig}): test ppl 237.3, 3.26 MiB -> "
-                    "this run is 7.21× smaller, test ppl +5.5")
+    assert line == (f"float reference (run {float_xp.sig}): test ppl 237.3, 3.26 MiB file -> "
+                    "this run's file is 7.21× smaller, test ppl +5.5")
 
 
 def test_a_missing_float_run_names_the_command_that_makes_it(tmp_path):
@@ -48,7 +48,7 @@ def test_a_fine_tuned_run_is_compared_with_its_parent(tmp_path):
     _done(tmp_path, ["quant=none", "train.epochs=1"], 999.0, 3.26)  # same command line minus quant: not the parent
     plain = to_container(compose(["train.epochs=1", "init='run:quant=none train.epochs=2'", f"paths.root={tmp_path}"]))
     line = reference_line(_result("q", "diffq", 240.0, 0.5), plain, ["train.epochs=1"])
-    assert line.startswith(f"float reference (run {parent.sig}): test ppl 230,")
+    assert line.startswith(f"float reference (run {parent.sig}): test ppl 230.0,")
 
 
 def test_a_float_run_prints_no_reference(tmp_path):

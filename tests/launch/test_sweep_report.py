@@ -28,6 +28,12 @@ def test_the_sweep_line_has_the_cells_of_the_run_row():
     assert format_line({"sig": "x", "value": 3}) == ""  # not a diffq-bench result: no row
 
 
+def test_a_metric_that_rounds_to_an_integer_keeps_its_decimal():
+    # 242.996 printed "243" next to the float run's "236.7": it read as a rounded, other kind of number
+    result = {**RESULT, "metric": "ppl", "metrics": {**RESULT["metrics"], "test_ppl": 242.996}}
+    assert format_line(result).startswith("test ppl 243.0 | ")
+
+
 def _cli(*args: str, cwd: Path, env: dict = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from diffq_bench.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
