@@ -115,6 +115,11 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     xp = Xp(plain["paths"]["root"], cfg)
     device = distributed.local_device(resolve_device(str(plain.get("device", "auto"))))
     dist_cfg = plain.get("dist") or {}
+    if dist_cfg.get("sync_bn") and distributed.env_world().world > 1:
+        try:  # before any data: the run would fail at model set-up
+            distributed.check_sync_bn(device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     rank = distributed.setup(device, str(dist_cfg.get("backend", "auto")), float(dist_cfg.get("timeout_s", 1800)))
     if rank.active:
         return _run_rank(cfg, plain, xp, device, rank)

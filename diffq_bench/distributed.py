@@ -109,6 +109,25 @@ def shutdown() -> None:
 
 
 # ----------------------------------------------------------------------------- batches
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm computing its training statistics over all processes
+    (``torch.nn.SyncBatchNorm``; same parameters, buffers and state-dict keys, so checkpoints and
+    exports are unchanged). torch's SyncBatchNorm runs on CUDA only.
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device.
+    """
+    check_sync_bn(device)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def check_sync_bn(device: torch.device) -> None:
+    """Raise ValueError (one line) when ``dist.sync_bn=true`` cannot run on ``device``."""
+    if device.type != "cuda":
+        raise ValueError(f"dist.sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on "
+                         f"{device.type}); set dist.sync_bn=false")
+
+
 def shard_batch(batch: tp.Any, index: int, pieces: int) -> tp.Any:
     """Piece ``index`` of ``pieces`` equal slices of ``batch`` along its first dimension (tensors,
     recursively through tuples, lists and dicts; other values are kept whole)."""

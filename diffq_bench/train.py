@@ -82,6 +82,8 @@ class Trainer:
         if not xp.checkpoint_path.exists():  # a resumed run gets everything from its checkpoint
             self._load_initial_weights()
         self.model.to(device)
+        if self.dist.active and (cfg.get("dist") or {}).get("sync_bn"):
+            self.model = distributed.sync_batchnorm(self.model, device)
         quant_kw = {k: v for k, v in cfg["quant"].items() if k != "name"}
         self.quantizer: BaseQuantizer = get_quantizer(cfg["quant"]["name"], self.model, **quant_kw)
         self.amp = bool(self.train_cfg["amp"]) and device.type == "cuda"

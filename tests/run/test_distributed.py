@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from diffq_bench import cli, distributed
-from diffq_bench.config import find_conf_dir
+from diffq_bench.config import ConfigError, find_conf_dir
 from diffq_bench.data.images import shard_indices
 from diffq_bench.tasks import get_task
 from diffq_bench.xp import Xp
@@ -170,6 +170,21 @@ def test_shard_batch_splits_nested_batches():
     assert first[0].tolist() == [[4, 5], [6, 7]] and first[1]["y"].tolist() == [2, 3] and first[2] == "tag"
     with pytest.raises(ValueError, match="multiple of processes"):
         distributed.shard_batch(batch, 0, 3)
+
+
+def test_sync_bn_converts_batchnorm_and_keeps_the_state_dict():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    keys = list(model.state_dict())
+    synced = distributed.sync_batchnorm(model, torch.device("cuda"))  # conversion only: no CUDA needed
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm) and list(synced.state_dict()) == keys
+
+
+def test_sync_bn_on_cpu_is_one_clear_config_error(compose_toy, toy_conf, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=r"^dist.sync_bn=true needs CUDA devices \(torch's SyncBatchNorm does "
+                                          r"not run on cpu\); set dist.sync_bn=false$"):
+        cli.run(compose_toy("dist.sync_bn=true", "device=cpu"))
 
 
 def test_shard_indices_give_each_rank_its_micro_batches():
