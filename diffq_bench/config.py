@@ -7,6 +7,7 @@ and quant keys are checked against their constructor signatures, and the numeric
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import itertools
@@ -219,7 +220,26 @@ def _override_values(override: tp.Any) -> tp.Optional[tp.List[str]]:
     return None
 
 
-def _check_path(cfg: DictConfig, key: str) -> None:
+def _other_options_hint(conf_dir: Path, group: str, name: tp.Any, key: str, own: tp.Collection[str]) -> str:
+    """``; bits is a key of quant=dsq, lsq, qat`` when other options of ``group`` take ``key`` (or
+    its closest spelling) and the chosen one (keys ``own``) does not: the user may have meant another
+    option, not another key."""
+    owners: tp.Dict[str, tp.List[str]] = {}
+    for path in sorted((conf_dir / group).glob("*.yaml")):
+        if path.stem == name:
+            continue
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        node = data.get(group) if group == "task" and isinstance(data, dict) else data
+        for k in node if isinstance(node, dict) else ():
+            if str(k) not in ("name", "defaults"):
+                owners.setdefault(str(k), []).append(path.stem)
+    match = key if key in owners else next(iter(difflib.get_close_matches(key, list(owners), n=1)), None)
+    if match is None or match in own:
+        return ""
+    return f"; {match} is a key of {group}={', '.join(sorted(set(owners[match])))}"
+
+
+def _check_path(cfg: DictConfig, key: str, conf_dir: tp.Optional[Path] = None) -> None:
     """Refuse ``key=value`` (no ``+``) when ``key`` is not in the composed config."""
     node: tp.Any = cfg
     parts = key.split(".")
@@ -230,7 +250,8 @@ def _check_path(cfg: DictConfig, key: str) -> None:
         if part not in keys:
             where = ".".join(parts[:depth])
             if depth == 1 and where in ("task", "quant", "optim"):
-                raise _does_not_take(where, node.get("name"), [part], keys)
+                hint = _other_options_hint(conf_dir or find_conf_dir(), where, node.get("name"), part, keys)
+                raise _does_not_take(where, node.get("name"), [part], keys, hint)
             hint = (f" (a free-form option takes new keys with +{key}=...)" if depth >= 2 else "")
             raise _unknown_key(where, part, keys, hint)
         try:
@@ -300,7 +321,7 @@ def check_overrides(args: tp.Sequence[str], conf_dir: tp.Optional[Path] = None) 
             return
         for override, _ in keys:
             if not (override.is_add() or override.is_force_add()):
-                _check_path(cfg, override.key_or_group)
+                _check_path(cfg, override.key_or_group, conf_dir)
         try:
             plain = to_container(compose(chosen + [text(o, values[0]) for o, values in keys] + deletions,
                                          conf_dir))

@@ -16,6 +16,10 @@ def _options(group: str) -> str:
     return ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
 
 
+#: DiffQ has no `bits`: the message names the quantizers that do
+BITS_ELSEWHERE = "; bits is a key of quant=dsq, lsq, oneshot_mpq, qat, quant_noise"
+
+
 def _keys(path: str) -> str:
     return ", ".join(sorted(OmegaConf.load(CONF / path).keys()))
 
@@ -49,11 +53,13 @@ def test_group_option_typo_is_one_line(monkeypatch, capsys, tmp_path, args, line
 
 @pytest.mark.parametrize("args, line", [
     (["quant.bitz=4"], "quant 'diffq' does not take bitz; valid keys of quant.*: "
-                       + _keys("quant/diffq.yaml")),
+                       + _keys("quant/diffq.yaml") + BITS_ELSEWHERE),
     (["quant=qat", "quant.bitz=4"], "quant 'qat' does not take bitz (did you mean 'bits'?); valid keys of "
                                     "quant.*: " + _keys("quant/qat.yaml")),
     (["quant.bits=20"], "quant 'diffq' does not take bits (did you mean 'min_bits'?); valid keys of quant.*: "
-                        + _keys("quant/diffq.yaml")),
+                        + _keys("quant/diffq.yaml") + BITS_ELSEWHERE),
+    (["optim.momentum=0.9"], "optim 'adam' does not take momentum; valid keys of optim.*: "
+                             + _keys("optim/adam.yaml") + "; momentum is a key of optim=nag, sgd"),
     (["task=digits", "task.batchsize=3"], "task 'digits' does not take batchsize (did you mean 'batch_size'?); "
                                           "valid keys of task.*: " + ", ".join(sorted(
                                               OmegaConf.load(CONF / "task/digits.yaml").task.keys()))),
