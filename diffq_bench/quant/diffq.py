@@ -36,7 +36,7 @@ from torch import nn
 
 from .base import MB, BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
-from .pack import pack_uint, unpack_uint
+from .pack import pack_groups, pack_uint, unpack_groups, unpack_uint
 from .rng import fill_noise
 from .uniform import check_bits_order, tensor_range
 
@@ -92,65 +92,6 @@ def grouped_dequantize(levels: torch.Tensor, bits: torch.Tensor, low: float, hig
         torch.mul(l_v, step[sl].unsqueeze(1), out=o_v)
         o_v.add_(low_t)
     return out
-
-
-def _by_width(levels: torch.Tensor, bits: torch.Tensor, group_size: int
-              ) -> tp.List[tp.Tuple[int, torch.Tensor]]:
-    """``[(width, levels of all groups of that width)]`` in ascending width, groups in order.
-
-    Full groups are gathered with one stable sort (no per-width pass over all weights); the
-    shorter remainder group, if any, goes at the end of its width's chunk.
-    """
-    n = levels.numel()
-    g = group_size or n
-    n_full, rem = n // g, n % g
-    widths_full = bits[:n_full]
-    order = torch.sort(widths_full, stable=True).indices
-    rows = levels[:n_full * g].view(n_full, g).index_select(0, order)
-    counts = torch.bincount(widths_full, minlength=17).tolist() if n_full else [0] * 17
-    tail = levels[n_full * g:] if rem else None
-    tail_width = int(bits[-1]) if tail is not None else -1
-    out, start = [], 0
-    for width in range(1, 17):
-        pieces = []
-        if counts[width]:
-            pieces.append(rows[start:start + counts[width]].reshape(-1))
-            start += counts[width]
-        if width == tail_width:
-            pieces.append(tail.reshape(-1))
-        if pieces:
-            out.append((width, torch.cat(pieces) if len(pieces) > 1 else pieces[0]))
-    return out
-
-
-def _from_widths(read: tp.Callable[[int, int], torch.Tensor], bits: torch.Tensor, n: int,
-                 group_size: int) -> torch.Tensor:
-    """Inverse of :func:`_by_width`: ``read(width, count)`` returns the next chunk's levels."""
-    g = group_size or n
-    n_full, rem = n // g, n % g
-    widths_full = bits[:n_full]
-    order = torch.sort(widths_full, stable=True).indices
-    counts = torch.bincount(widths_full, minlength=17).tolist() if n_full else [0] * 17
-    tail_width = int(bits[-1]) if rem else -1
-    rows = torch.empty(n_full, g, dtype=torch.int32)
-    tail = torch.empty(rem, dtype=torch.int32)
-    start = 0
-    for width in range(1, 17):
-        count = counts[width] * g + (rem if width == tail_width else 0)
-        if not count:
-            continue
-        chunk = read(width, count)
-        rows[start:start + counts[width]] = chunk[:counts[width] * g].view(-1, g)
-        start += counts[width]
-        if width == tail_width:
-            tail = chunk[counts[width] * g:]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n_full)
-    levels = torch.empty(n, dtype=torch.int32)
-    # a gather (index_select) is much cheaper than scattering rows back with advanced indexing
-    torch.index_select(rows, 0, inverse, out=levels[:n_full * g].view(n_full, g))
-    levels[n_full * g:] = tail
-    return levels
 
 
 def _unused(buffer: torch.Tensor) -> bool:
@@ -510,9 +451,17 @@ class DiffQuantizer(BaseQuantizer):
         return out.view_as(qp.param).to(qp.param.dtype)
 
     def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
-        levels, bits, low, high = self._quantize(qp)
-        levels, bits = levels.cpu(), bits.cpu()
-        chunks = [pack_uint(values, width) for width, values in _by_width(levels, bits, self.group_size)]
+        # the eval levels (as :meth:`_quantize`; base.export has checked the weight is finite),
+        # computed slice by slice as the packing asks for them (a slice is whole groups)
+        on_device = self.eval_bits(qp)
+        low, high = tensor_range(qp.param)
+        flat, g = qp.param.detach().reshape(-1), self.group_size or qp.param.numel()
+
+        def levels(start: int, stop: int) -> torch.Tensor:
+            return grouped_levels(flat[start:stop], on_device[start // g:-(-stop // g)], low, high,
+                                  self.group_size)
+
+        bits = on_device.cpu()
         codes = bits - self._bits_lo
         # the width of the codes of this tensor: its largest code fits (= bits_bits(...) of the
         # size accounting for an integer min_bits; one more bit at most for a fractional one)
@@ -520,7 +469,8 @@ class DiffQuantizer(BaseQuantizer):
         return {"shape": list(qp.param.shape), "min": low, "max": high,
                 "group_size": self.group_size, "bits_lo": self._bits_lo, "bits_bits": width,
                 "bits": pack_uint(codes, width) if width else torch.zeros(0, dtype=torch.uint8),
-                "levels": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}
+                # grouped_levels clamps each level into [0, 2**bits - 1]: no range check needed
+                "levels": pack_groups(levels, bits, self.group_size, count=flat.numel(), check=False)}
 
     @classmethod
     def _restore_param(cls, entry: tp.Dict[str, tp.Any], like: torch.Tensor) -> torch.Tensor:
@@ -529,23 +479,16 @@ class DiffQuantizer(BaseQuantizer):
         nb = int(entry["bits_bits"])
         codes = unpack_uint(entry["bits"], nb, groups) if nb else torch.zeros(groups, dtype=torch.long)
         bits = codes + int(entry["bits_lo"])
-        data, offset = entry["levels"], 0
+        low, high, width = entry["min"], entry["max"], g or n
 
-        def read(width: int, count: int) -> torch.Tensor:
-            nonlocal offset
-            size = (count * width + 7) // 8
-            if offset + size > data.numel():
-                raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths "
-                                     f"need more: corrupt state")
-            offset += size
-            return unpack_uint(data[offset - size:offset], width, count, dtype=torch.int32)
+        def dequantize(levels: torch.Tensor, start: int) -> torch.Tensor:  # a slice of whole groups
+            stop = start + levels.numel()
+            return grouped_dequantize(levels, bits[start // width:-(-stop // width)], low, high, g)
 
-        levels = _from_widths(read, bits, n, g)
-        if offset != data.numel():
-            raise QuantizerError(f"DiffQ levels hold {data.numel()} bytes, the bit widths need "
-                                 f"{offset}: corrupt state")
-        out = grouped_dequantize(levels.to(like.device), bits.to(like.device), entry["min"],
-                                 entry["max"], g)
+        try:
+            out = unpack_groups(entry["levels"], bits, n, g, dtype=torch.float32, apply=dequantize)
+        except ValueError as exc:
+            raise QuantizerError(f"DiffQ levels: {exc}") from None
         return out.view(like.shape)
 
     def _param_bits(self, qp: QParam, rounded: bool = False) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffq_bench.quant import DiffQuantizer, QuantizerError, get_quantizer, restore
+from diffq_bench.quant import DiffQuantizer, QuantizerError, get_quantizer, pack, restore
 from diffq_bench.quant.base import MB
 
 
@@ -210,6 +210,37 @@ def test_export_exact_over_widths(kwargs):
         assert torch.equal(fresh(x), expected)
     # true size: the analytic bits plus a bounded serialization overhead
     assert q.true_size_bytes() * 8 >= q.true_model_size() * 8 * MB * 0.99
+
+
+@pytest.mark.parametrize("group_size", [0, 8, 16, 24])
+def test_restored_weights_are_the_eval_weights_bit_for_bit(monkeypatch, group_size):
+    # the export packs (and restore unpacks) in slices of whole groups, computing the levels and the
+    # dequantized weights slice by slice: the result must be the eval weights exactly, every width
+    monkeypatch.setattr(pack, "_SLICE_VALUES", 96)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(48, 40), nn.Linear(40, 19))  # 1920 and 760 weights
+    q = get_quantizer("diffq", model, group_size=group_size, min_size=0, min_bits=1, max_bits=16,
+                      init_bits=8)
+    with torch.no_grad():
+        for logit in q.quantizer_parameters():
+            logit.uniform_(-8, 8)
+    expected = {qp.name: q._eval_value(qp) for qp in q.qparams}
+    fresh = restore(nn.Sequential(nn.Linear(48, 40), nn.Linear(40, 19)), q.export())
+    restored = dict(fresh.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(restored[name], value), name
+
+
+def test_corrupt_levels_are_a_quantizer_error():
+    model = linear()
+    q = get_quantizer("diffq", model, group_size=16, min_size=0)
+    with torch.no_grad():
+        q.quantizer_parameters()[0].uniform_(-4, 4)
+    state = q.export()
+    entry = state["quantized"]["weight"]
+    entry["levels"] = entry["levels"][:-3]
+    with pytest.raises(QuantizerError, match="DiffQ levels: .*truncated or corrupt"):
+        restore(linear(), state)
 
 
 def test_eval_weight_is_truly_quantized():
