@@ -411,6 +411,10 @@ def validate(cfg: DictConfig) -> None:
     _number("train.epochs", train.get("epochs"), 1, integer=True)
     if train.get("steps_per_epoch") is not None:
         _number("train.steps_per_epoch", train["steps_per_epoch"], 1, integer=True)
+    finish = plain.get("finish") or {}
+    if finish.get("restore_check", "subset") not in ("subset", "full"):
+        raise ConfigError(f"finish.restore_check must be subset or full, got {finish.get('restore_check')!r}")
+    _number("finish.restore_subset", finish.get("restore_subset", 8), 1, integer=True)
     dist = plain.get("dist", {})
     _number("dist.grad_accum", dist.get("grad_accum", 1), 1, integer=True)
     _number("dist.timeout_s", dist.get("timeout_s", 1800), 1.0)

@@ -26,8 +26,9 @@ from .config import compose, to_container
 
 logger = logging.getLogger(__name__)
 
-#: top-level keys that never enter the signature.
-EXCLUDED = ("paths", "device", "num_workers", "dist", "runtime", "grid", "hydra", "launcher")
+#: top-level keys that never enter the signature (``finish``: how the export is checked, which
+#: changes no trained weight and no test metric; result.json records the check that ran).
+EXCLUDED = ("paths", "device", "num_workers", "dist", "runtime", "finish", "grid", "hydra", "launcher")
 #: top-level aliases -> the quant key they feed by interpolation (conf/quant/*.yaml). They are not
 #: hashed themselves (their effect is in quant.*), so `quant=none lambda=5` is the same run as
 #: `quant=none lambda=1`; tables show them when the quantizer uses them.

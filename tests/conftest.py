@@ -33,6 +33,7 @@ class ToyTask(Task):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n_train, self.batch_size, self.hidden, self.dropout = n_train, batch_size, hidden, dropout
+        self.eval_subset = 0  # as a real task's (not a config key here): the first N items (0: all)
         # Seconds of sleep per step (not a kwarg: it must not change the run identity), so a test
         # can kill a run in the middle of training.
         self.delay = float(os.environ.get("TOY_TASK_DELAY", "0"))
@@ -66,6 +67,8 @@ class ToyTask(Task):
 
     def evaluate(self, model, split):
         x, y = self.data[split]
+        if self.eval_subset:
+            x, y = x[:self.eval_subset], y[:self.eval_subset]
         logits = model(x.to(self.device))
         return {"loss": float(nn.functional.cross_entropy(logits, y)),
                 "acc": float((logits.argmax(-1) == y).float().mean())}

@@ -369,6 +369,19 @@ class BaseQuantizer:
         floats = {name: p.detach().to("cpu", dtype).clone() for name, p in self._float_params}
         return make_state(self.name, self.config(), quantized, floats, dict(self._tied))
 
+    def eval_weights(self) -> tp.Dict[str, torch.Tensor]:
+        """The weight the eval forward uses for each parameter of the model, by name (tied copies
+        included): a quantized one's quantized value, a float one as stored (rounded through
+        float16 with ``float16``). :meth:`restore_model` of :meth:`export` gives exactly these
+        (diffq_bench/finish.py checks it bit for bit at the end of every run)."""
+        with torch.no_grad():
+            out = {qp.name: self._cached_eval(qp.other or qp) for qp in self._qparams}
+            for name, param in self._float_params:
+                out[name] = param.detach().half().to(param.dtype) if self.float16 else param.detach()
+            for name, first in self._tied.items():
+                out.setdefault(name, out[first])
+        return out
+
     @classmethod
     def restore_model(cls, model: nn.Module, state: tp.Dict[str, tp.Any]) -> nn.Module:
         """Write the dequantized weights of ``state`` into ``model`` (in place) and return it.

@@ -231,7 +231,9 @@ class ImageClassificationTask(Task):
         ``split``, for the batches of this process's shard."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        dataset = self.datasets[split]
+        # eval_subset may shrink after setup (diffq_bench/finish.py's restore check on a subset of
+        # the test set): the same fixed subset rule, applied again (a no-op when it did not change)
+        dataset = subset(self.datasets[split], self.eval_subset, 1)
         order = list(BatchSampler(SequentialSampler(dataset), self.eval_batch_size, drop_last=False))
         mine = [batch for i, batch in enumerate(order) if self.shard_owns(i)]
         loader = self._batches(DataLoader(dataset, batch_sampler=mine, num_workers=self.num_workers,

@@ -41,7 +41,8 @@ def test_default_debug_run(quant, data_dir, tmp_path, monkeypatch, capsys):
     result = json.loads((folder / "result.json").read_text())
     m = result["metrics"]
     assert result["task"] == "wikitext_mini" and result["quant"] == quant and result["metric"] == "ppl"
-    assert m["test_ppl"] > 1 and m["test_ppl"] == m["test_ppl_restored"]
+    assert m["test_ppl"] > 1 and m["test_ppl_subset"] == m["test_ppl_subset_restored"]
+    assert m["restore_check"] == "subset" and m["restore_exact"] == 1.0
     if quant == "none":
         assert m["bits_per_weight"] == 32 and m["compression"] == 1.0
     else:

@@ -81,10 +81,12 @@ def test_run_writes_the_run_folder(compose_toy, capsys):
     saved = json.loads(xp.result_path.read_text())
     assert saved == result and saved["metric"] == "acc" and saved["lower_is_better"] is False
     m = saved["metrics"]
-    for key in ("test_acc", "valid_acc", "test_acc_restored", "true_size_mb", "float_size_mb",
-                "compression", "bits_per_weight", "analytic_size_mb", "wall_time_s", "params"):
+    for key in ("test_acc", "valid_acc", "test_acc_subset", "test_acc_subset_restored", "true_size_mb",
+                "float_size_mb", "compression", "bits_per_weight", "analytic_size_mb", "wall_time_s", "params"):
         assert key in m, key
-    assert m["restore_exact"] == 1.0 and m["test_acc"] == m["test_acc_restored"]
+    # the default restore check: bitwise weights, then both models on the first 8 test items
+    assert m["restore_check"] == "subset" and m["restore_subset"] == 8 and "test_acc_restored" not in m
+    assert m["restore_exact"] == 1.0 and m["test_acc_subset"] == m["test_acc_subset_restored"]
     assert m["params"] == 32 * 128 + 128 + 128 * 128 + 128 + 128 * 4 + 4
     state = deserialize(xp.quantized_path.read_bytes())
     assert state["method"] == "none"
@@ -221,7 +223,7 @@ def test_quantized_runs(compose_toy, quant):
     result = cli.run(compose_toy(f"quant={quant}", "train.epochs=2", "train.steps_per_epoch=3"))
     m = result["metrics"]
     assert 0 < m["bits_per_weight"] < 32 and m["compression"] > 1.0
-    assert m["restore_exact"] == 1.0, (m["test_acc"], m["test_acc_restored"])
+    assert m["restore_exact"] == 1.0, (m["test_acc_subset"], m["test_acc_subset_restored"])
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -78,7 +78,7 @@ def test_e2e_every_task_every_quantizer(task, quant, data_root, tmp_path, capsys
     m = result["metrics"]
     assert result["task"] == task and result["metric"] == "top1"
     assert 0 <= m["test_top1"] <= 100 and 0 <= m["test_top5"] <= 100 and m["test_loss"] > 0
-    assert m["test_top1"] == m["test_top1_restored"] and m["restore_exact"] == 1.0
+    assert m["test_top1_subset"] == m["test_top1_subset_restored"] and m["restore_exact"] == 1.0
     assert m["true_size_mb"] > 0
     if quant != "none":
         assert m["compression"] > 1.2, m
@@ -98,7 +98,7 @@ def test_digits_cifar_format_e2e(data_root, tmp_path):
     cfg = compose(["task=digits_cifar", "quant=diffq", "task.train_subset=32", "task.eval_subset=24",
                    "task.batch_size=16", *COMMON, *_paths(data_root, tmp_path)])
     result = cli.run(cfg)
-    assert result["metrics"]["test_top1"] == result["metrics"]["test_top1_restored"]
+    assert result["metrics"]["test_top1_subset"] == result["metrics"]["test_top1_subset_restored"]
     assert (data_root / "digits" / "cifar-10-batches-py" / "checksums.json").is_file()
 
 
@@ -265,3 +265,18 @@ def test_skipped_files_recorded_in_result_json(tmp_path):
     # valid and test both read val/ (no test/ folder); nothing was skipped in train
     assert metrics["skipped_files_valid"] == metrics["skipped_files_test"] == 1
     assert "skipped_files_train" not in metrics
+
+
+def test_eval_subset_set_after_setup_is_honoured(tmp_path):
+    # finish.py's restore check shrinks task.eval_subset after setup: the image tasks apply it when
+    # they evaluate too (before, only at setup: the check's "subset" was the whole test set)
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.to_container(compose(DEBUG["digits"]).task, resolve=True)
+    task = get_task(cfg.pop("name"), **cfg)
+    task.setup(tmp_path / "data", tmp_path / "cache", "cpu")
+    model = task.build_model().eval()
+    assert sum(task.evaluate_parts(model, "test")["count"]) == 24
+    task.eval_subset = 5
+    assert sum(task.evaluate_parts(model, "test")["count"]) == 5
+    task.eval_subset = 24  # back: the same 24 items as set up
+    assert sum(task.evaluate_parts(model, "test")["count"]) == 24
