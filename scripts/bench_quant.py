@@ -1,22 +1,35 @@
-"""Benchmark of the quantizer library; writes results/bench/quant.json.
+"""Benchmark of DiffQ against float training and the official diffq package (issue 17's table).
 
-Measures, on CPU by default:
-1. DiffQ train step time / float train step time, same model, batch and optimizer (Adam), on a
-   transformer LM of the embedded size (4 layers, d=256, vocab 15k, batch 8x128). Steps of the two
-   models are interleaved and the median ratio reported, so load from other processes hits both.
-2. Pack (export) and unpack (restore) throughput on a ~10M-parameter LM with learned-like mixed
-   bit widths.
-3. Packed bytes (true_size_bytes) over the information-theoretic size (Σ bits/8 plus the small
-   per-tensor header of the analytic accounting), on the same ~10M-parameter model.
-(1) is also measured on the embedded default task itself: wikitext_mini's 0.85M-parameter model,
-its batch and loss (``task.step``), 17 quantized tensors.
+Every row is measured in one interleaved run: the float baseline, this package and (when it can be
+imported; it is never a dependency) the official ``diffq`` package take turns, one step or one call
+each in rotating order, so that the load other processes put on the machine hits all of them;
+the figures are medians of per-round ratios. Only the ratios mean anything on a shared machine: the
+load average before and after is recorded with the thread counts.
 
-Usage: python scripts/bench_quant.py [--steps 20] [--threads 2] [--device cpu] [--data DIR] [--out PATH]
+Rows:
+1. train step (Adam, forward + penalty + backward + step) of DiffQ over float, on the bench LM
+   (pre-norm transformer, 4 layers, d=256, vocab 15k, batch 8x128, 7.3M params, g=8) and on the
+   embedded default task's own model, batch and loss (wikitext_mini: 0.85M params, 17 tensors,
+   g=8 and g=16), at each thread count;
+2. eval forward with quantized weights over float (the bench LM, cached eval weights; the official
+   package quantizes and restores the weights around every eval forward);
+3. pack (export) and unpack + restore of a ~10M-parameter LM at 8 bits everywhere and at mixed
+   per-group widths 2..14 (what DiffQ produces): Mparam/s, and this package over the official;
+4. packed bytes over the information content (the weights' bits plus the per-tensor header of the
+   size accounting), for both packages.
+
+results/bench/quant.json keys the issue checks: ``step_time.ratio_median`` and
+``step_time_embedded_lm.ratio_median`` (the largest of the per-configuration medians: the goal holds
+for every one), ``mixed_widths.pack_speedup_vs_official`` and ``unpack_speedup_vs_official`` (the
+smallest over thread counts).
+
+Usage: python scripts/bench_quant.py [--threads 1,2] [--steps 20] [--reps 5] [--quick] [--out PATH]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import os
 import platform
 import statistics
@@ -30,8 +43,18 @@ from torch.nn import functional as F
 
 from diffq_bench.io import write_json
 from diffq_bench.quant import get_quantizer, restore
-from diffq_bench.quant.base import MB
-from diffq_bench.quant.pack import pack_uint, unpack_uint
+
+Step = tp.Callable[[], float]
+
+
+def load_official() -> tp.Tuple[tp.Any, tp.Optional[str]]:
+    """The official ``diffq`` module and its version, or (None, None) when it is not installed."""
+    try:
+        import diffq
+    except ImportError:
+        return None, None
+    from importlib import metadata
+    return diffq, metadata.version("diffq")
 
 
 class TinyLM(nn.Module):
@@ -55,85 +78,111 @@ class TinyLM(nn.Module):
         return F.linear(self.norm(x), self.emb.weight)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def interleaved(calls: tp.Dict[str, Step], rounds: int, warmup: int = 2) -> tp.Dict[str, tp.List[float]]:
+    """Seconds of each call, once per round in rotating order (after ``warmup`` rounds)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: tp.Dict[str, tp.List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(calls[name]())
+    return times
 
 
-def _paired_steps(base: nn.Module, loss_fn: tp.Callable[[nn.Module], torch.Tensor],
-                  penalty: float, device: torch.device, steps: int) -> tp.Dict[str, tp.Any]:
-    """Train steps (Adam) of ``base`` and of a DiffQ copy of it (g=16, λ=``penalty``), interleaved
-    in alternating order so that load from other processes hits both; wall and CPU medians."""
-    models = {"float": base, "diffq": copy.deepcopy(base)}
-    quantizer = get_quantizer("diffq", models["diffq"], group_size=16, penalty=penalty)
-    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
-    quantizer.setup_optimizer(optims["diffq"])
+def ratio(times: tp.Dict[str, tp.List[float]], num: str, den: str) -> float:
+    """Median over the rounds of ``num``'s time over ``den``'s (same round: same machine load)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
-    def step(kind: str) -> tp.Tuple[float, float]:
-        model, opt = models[kind], optims[kind]
-        model.train()
-        _sync(device)
-        begin, cpu_begin = time.perf_counter(), time.process_time()
-        loss = loss_fn(model)
+
+def timed(fn: tp.Callable[[], tp.Any]) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def train_calls(base: nn.Module, loss_fn: tp.Callable[[nn.Module], torch.Tensor], group_size: int,
+                penalty: float, official: tp.Any) -> tp.Dict[str, Step]:
+    """One Adam train step of the float model, of a DiffQ copy, and of an official DiffQ copy."""
+    calls: tp.Dict[str, Step] = {}
+    for kind in ("float", "diffq", "official") if official is not None else ("float", "diffq"):
+        model = copy.deepcopy(base)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        size: tp.Callable[[], torch.Tensor] = lambda: torch.zeros(())  # noqa: E731
         if kind == "diffq":
-            loss = loss + quantizer.penalty_term()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        return time.perf_counter() - begin, time.process_time() - cpu_begin
+            quantizer = get_quantizer("diffq", model, group_size=group_size, penalty=penalty)
+            quantizer.setup_optimizer(opt)
+            size = quantizer.penalty_term
+        elif kind == "official":
+            quantizer = official.DiffQuantizer(model, group_size=group_size)
+            quantizer.setup_optimizer(opt)
+            size = (lambda q=quantizer: penalty * q.model_size())  # noqa: E731
 
-    for _ in range(3):  # warm-up: allocator, kernels, Adam state
-        step("float"), step("diffq")
-    times: tp.Dict[str, tp.List[float]] = {"float": [], "diffq": []}
-    ratios, cpu_ratios = [], []
-    for i in range(steps):
-        order = ("float", "diffq") if i % 2 == 0 else ("diffq", "float")
-        got = {kind: step(kind) for kind in order}
-        for kind in got:
-            times[kind].append(got[kind][0])
-        ratios.append(got["diffq"][0] / got["float"][0])
-        # CPU seconds of this process: robust to other processes taking the cores (wall is not)
-        cpu_ratios.append(got["diffq"][1] / got["float"][1])
-    return {"params": sum(p.numel() for p in base.parameters()),
-            "quantized_tensors": len(quantizer.qparams),
-            "quantizer": f"diffq(group_size=16, penalty={penalty:g})",
-            "float_step_s": statistics.median(times["float"]),
-            "diffq_step_s": statistics.median(times["diffq"]),
-            "ratio_median": statistics.median(ratios), "ratios": ratios,
-            "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
-            "_diffq_model": models["diffq"]}
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt,
+                 size: tp.Callable[[], torch.Tensor] = size) -> float:
+            def run() -> None:
+                model.train()
+                loss = loss_fn(model) + size()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return timed(run)
+        calls[kind] = step
+    return calls
 
 
-def bench_step_ratio(device: torch.device, steps: int, vocab: int) -> tp.Dict[str, tp.Any]:
+def summarize(times: tp.Dict[str, tp.List[float]]) -> tp.Dict[str, tp.Any]:
+    """Median seconds and median ratios to float (``ratio_median``: DiffQ over float)."""
+    out = {f"{name}_s": statistics.median(values) for name, values in times.items()}
+    out["ratio_median"] = ratio(times, "diffq", "float")
+    if "official" in times:
+        out["official_ratio_median"] = ratio(times, "official", "float")
+    return out
+
+
+def bench_lm_steps(threads: tp.List[int], rounds: int, vocab: int, batch: tp.Tuple[int, int],
+                   official: tp.Any, dim: int = 256, layers: int = 4) -> tp.Dict[str, tp.Any]:
     torch.manual_seed(0)
-    base = TinyLM(vocab).to(device)
-    tokens = torch.randint(0, vocab, (8, 129), device=device)
+    base = TinyLM(vocab, dim, layers)
+    tokens = torch.randint(0, vocab, (batch[0], batch[1] + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def loss_fn(model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(inputs).reshape(-1, vocab), targets.reshape(-1))
 
-    out = _paired_steps(base, loss_fn, 1e-3, device, steps)
-    model = out.pop("_diffq_model")
-    model.eval()
-    with torch.no_grad():
-        _sync(device)
-        begin = time.perf_counter()
-        model(inputs)  # first eval forward quantizes
-        _sync(device)
-        first = time.perf_counter() - begin
-        begin = time.perf_counter()
-        model(inputs)  # cached eval weights
-        _sync(device)
-        cached = time.perf_counter() - begin
-    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "batch": "8x128", **out,
-            "eval_forward_first_s": first, "eval_forward_cached_s": cached}
+    per_thread, evals = {}, {}
+    for t in threads:
+        torch.set_num_threads(t)
+        per_thread[str(t)] = summarize(interleaved(train_calls(base, loss_fn, 8, 1e-3, official), rounds))
+        evals[str(t)] = bench_eval_forward(base, inputs, official, rounds)
+    return {"model": f"TinyLM(vocab={vocab}, d={dim}, layers={layers})", "batch": f"{batch[0]}x{batch[1]}",
+            "params": sum(p.numel() for p in base.parameters()), "group_size": 8, "penalty": 1e-3,
+            "threads": per_thread, "eval_forward": evals,
+            "ratio_median": max(v["ratio_median"] for v in per_thread.values())}
 
 
-def bench_embedded_lm_ratio(device: torch.device, steps: int, data: str) -> tp.Dict[str, tp.Any]:
-    """The same ratio on the embedded default task itself (wikitext_mini: its model, batch and
-    loss through ``task.step``, DiffQ with the default λ=1, g=16)."""
+def bench_eval_forward(base: nn.Module, inputs: torch.Tensor, official: tp.Any, rounds: int
+                       ) -> tp.Dict[str, tp.Any]:
+    """Eval forward with quantized weights over float (DiffQ's eval weights are cached after the
+    first forward; the official package quantizes and restores around each forward)."""
+    models = {"float": copy.deepcopy(base).eval(), "diffq": copy.deepcopy(base).eval()}
+    get_quantizer("diffq", models["diffq"], group_size=8)
+    if official is not None:
+        models["official"] = copy.deepcopy(base).eval()
+        official.DiffQuantizer(models["official"], group_size=8)
+    calls: tp.Dict[str, Step] = {}
+    for kind, model in models.items():
+        def call(model: nn.Module = model) -> float:
+            with torch.no_grad():
+                return timed(lambda: model(inputs))
+        calls[kind] = call
+    return summarize(interleaved(calls, rounds))
+
+
+def bench_embedded_steps(threads: tp.List[int], rounds: int, data: str, official: tp.Any,
+                         group_sizes: tp.Sequence[int] = (8, 16)) -> tp.Dict[str, tp.Any]:
+    """The embedded default task's model, batch and loss (``task.step``), DiffQ at λ=1."""
     from omegaconf import OmegaConf
 
     from diffq_bench.config import compose
@@ -141,123 +190,164 @@ def bench_embedded_lm_ratio(device: torch.device, steps: int, data: str) -> tp.D
 
     task_cfg = OmegaConf.to_container(compose([]).task, resolve=True)
     task = get_task(task_cfg.pop("name"), **task_cfg)
-    task.setup(data, str(Path(data).parent / ".cache"), device)
+    task.setup(data, str(Path(data).parent / ".cache"), torch.device("cpu"))
     torch.manual_seed(0)
     batch = next(iter(task.train_batches(0)))
-    out = _paired_steps(task.build_model().to(device), lambda m: task.step(m, batch)[0], 1.0,
-                        device, steps)
-    out.pop("_diffq_model")
-    return {"model": "wikitext_mini task model (conf/task/wikitext_mini.yaml)", **out}
+    base = task.build_model()
+    configs: tp.Dict[str, tp.Any] = {}
+    for g in group_sizes:
+        for t in threads:
+            torch.set_num_threads(t)
+            try:
+                calls = train_calls(base, lambda m: task.step(m, batch)[0], g, 1.0, official)
+            except Exception as exc:  # noqa: BLE001 - the official package refuses some models
+                calls = train_calls(base, lambda m: task.step(m, batch)[0], g, 1.0, None)
+                configs.setdefault("official_error", f"{type(exc).__name__}: {exc}")
+            configs[f"g{g}_threads{t}"] = summarize(interleaved(calls, rounds))
+    quantized = get_quantizer("diffq", copy.deepcopy(base), group_size=16).qparams
+    results = {k: v for k, v in configs.items() if isinstance(v, dict)}
+    return {"model": "wikitext_mini task model (conf/task/wikitext_mini.yaml)",
+            "params": sum(p.numel() for p in base.parameters()), "quantized_tensors": len(quantized),
+            "penalty": 1.0, "configs": configs,
+            "ratio_median": max(v["ratio_median"] for v in results.values())}
 
 
-def bench_packing(device: torch.device, vocab: int) -> tp.Dict[str, tp.Any]:
-    torch.manual_seed(1)
-    model = TinyLM(vocab).to(device)
-    quantizer = get_quantizer("diffq", model, group_size=16)
-    with torch.no_grad():  # spread the widths over 2..8 bits, as after training with a penalty
+def set_widths(quantizer: tp.Any, mode: str, seed: int = 3) -> None:
+    """Logits giving round(bits) = 8 everywhere, or uniform over 2..14 per group (DiffQ's range)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for logit in quantizer.quantizer_parameters():
-            logit.uniform_(-4.0, -1.0)
+            bits = torch.full(logit.shape, 8.0) if mode == "8bit" else \
+                torch.randint(2, 15, logit.shape, generator=gen).float()
+            p = (bits - quantizer.min_bits) / (quantizer.max_bits - quantizer.min_bits)
+            logit.copy_(torch.log(p / (1 - p)).clamp(-20, 20))
+
+
+def bench_packing(mode: str, vocab: int, threads: tp.List[int], rounds: int, official: tp.Any,
+                  dim: int = 256, layers: int = 4) -> tp.Dict[str, tp.Any]:
+    """export() and restore() of a DiffQ LM (g=16) against the official get_quantized_state() and
+    restore_quantized_state() of the same weights and widths."""
+    torch.manual_seed(1)
+    model = TinyLM(vocab, dim, layers)
     params = sum(p.numel() for p in model.parameters())
-    begin, cpu_begin = time.perf_counter(), time.process_time()
-    state = quantizer.export()
-    pack_s, pack_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
-    true_bytes = quantizer.true_size_bytes()
-    fresh = TinyLM(vocab).to(device)
-    begin, cpu_begin = time.perf_counter(), time.process_time()
-    restore(fresh, state)
-    unpack_s, unpack_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
-    packed = sum(e["levels"].numel() + e["bits"].numel() for e in state["quantized"].values())
-    info_bits = sum(float(quantizer._param_bits(qp, rounded=True)) for qp in quantizer.qparams)
-    weight_bits = sum(float((_group_lengths(qp.param.numel(), quantizer.group_size)
-                             * quantizer.eval_bits(qp).float()).sum()) for qp in quantizer.qparams)
-    float_bytes = sum(p.numel() * 4 for _, p in quantizer._float_params)
-    ideal = info_bits / 8 + float_bytes
-    return {"model": f"TinyLM(vocab={vocab}, d=256, layers=4)", "params": params,
-            "bits_per_weight": quantizer.bits_per_weight(),
-            "pack_s": pack_s, "unpack_restore_s": unpack_s,
-            "pack_mparam_per_s": params / pack_s / 1e6, "unpack_mparam_per_s": params / unpack_s / 1e6,
-            "pack_mparam_per_cpu_s": params / pack_cpu / 1e6,
-            "unpack_mparam_per_cpu_s": params / unpack_cpu / 1e6,
-            "pack_float_mb_per_s": params * 4 / MB / pack_s,
-            "unpack_float_mb_per_s": params * 4 / MB / unpack_s,
-            "packed_mb_per_s": packed / MB / pack_s,
-            "true_size_bytes": true_bytes, "ideal_bytes": ideal,
-            "bytes_over_ideal": true_bytes / ideal,
-            "bytes_over_pure_bits": true_bytes / (weight_bits / 8 + float_bytes)}
+    ours = get_quantizer("diffq", model, group_size=16)
+    set_widths(ours, mode)
+    fresh = TinyLM(vocab, dim, layers)
+    calls: tp.Dict[str, Step] = {}
+    state: tp.Dict[str, tp.Any] = {"ours": ours.export()}
+    calls["pack"] = lambda: timed(lambda: state.update(ours=ours.export()))
+    calls["unpack"] = lambda: timed(lambda: restore(fresh, state["ours"]))
+    official_bytes = None
+    if official is not None:
+        theirs_model = TinyLM(vocab, dim, layers)
+        theirs_model.load_state_dict(model.state_dict())
+        theirs = official.DiffQuantizer(theirs_model, group_size=16)
+        names = {id(p): n for n, p in theirs_model.named_parameters()}
+        for qp in theirs._qparams:
+            qp.logit.data.copy_(ours.logits[names[id(qp.param)]].data)
+        receiver = official.DiffQuantizer(TinyLM(vocab, dim, layers), group_size=16)
+        state["official"] = theirs.get_quantized_state()
+        calls["official_pack"] = lambda: timed(lambda: state.update(official=theirs.get_quantized_state()))
+        calls["official_unpack"] = lambda: timed(lambda: receiver.restore_quantized_state(state["official"]))
+        buf = io.BytesIO()
+        torch.save(state["official"], buf)
+        official_bytes = len(buf.getvalue())
+    per_thread = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        times = interleaved(calls, rounds, warmup=1)
+        med = {name: statistics.median(values) for name, values in times.items()}
+        entry = {"pack_s": med["pack"], "unpack_restore_s": med["unpack"],
+                 "pack_mparam_per_s": params / med["pack"] / 1e6, "unpack_mparam_per_s": params / med["unpack"] / 1e6}
+        if official is not None:  # speedup: the official's time over ours, round by round
+            entry.update(official_pack_mparam_per_s=params / med["official_pack"] / 1e6,
+                         official_unpack_mparam_per_s=params / med["official_unpack"] / 1e6,
+                         pack_speedup_vs_official=ratio(times, "official_pack", "pack"),
+                         unpack_speedup_vs_official=ratio(times, "official_unpack", "unpack"))
+        per_thread[str(t)] = entry
+    widths = torch.cat([ours.eval_bits(qp) for qp in ours.qparams])
+    ideal = ours.true_model_size() * 2 ** 20  # the analytic size: bits of the weights, headers, floats
+    true_bytes = ours.true_size_bytes()
+    result: tp.Dict[str, tp.Any] = {
+        "model": f"TinyLM(vocab={vocab}, d={dim}, layers={layers})", "params": params, "group_size": 16,
+        "widths": [int(widths.min()), int(widths.max())], "bits_per_weight": ours.bits_per_weight(),
+        "threads": per_thread, "true_size_bytes": true_bytes, "ideal_bytes": ideal,
+        "bytes_over_ideal": true_bytes / ideal}
+    if official is not None:
+        result.update(official_bytes=official_bytes, official_bytes_over_ideal=official_bytes / ideal,
+                      pack_speedup_vs_official=min(v["pack_speedup_vs_official"] for v in per_thread.values()),
+                      unpack_speedup_vs_official=min(v["unpack_speedup_vs_official"] for v in per_thread.values()))
+    else:
+        result.update(pack_speedup_vs_official=None, unpack_speedup_vs_official=None)
+    return result
 
 
-def _group_lengths(n: int, group_size: int) -> torch.Tensor:
-    """Entries per group of a tensor of ``n`` entries (the last group may be shorter)."""
-    g = group_size or n
-    lengths = torch.full((-(-n // g),), float(g))
-    lengths[-1] = n - g * (len(lengths) - 1)
-    return lengths
-
-
-def bench_raw_packing(count: int = 10_000_000) -> tp.Dict[str, tp.Any]:
-    """pack_uint / unpack_uint alone, per width, on ``count`` random values."""
-    out = {}
-    gen = torch.Generator().manual_seed(2)
-    for nbits in (2, 3, 4, 8, 15):
-        values = torch.randint(0, 2 ** nbits, (count,), generator=gen, dtype=torch.int32)
-        begin = time.perf_counter()
-        packed = pack_uint(values, nbits)
-        pack_s = time.perf_counter() - begin
-        begin = time.perf_counter()
-        back = unpack_uint(packed, nbits, count)
-        unpack_s = time.perf_counter() - begin
-        assert torch.equal(back, values.long()) and packed.numel() == (count * nbits + 7) // 8
-        out[str(nbits)] = {"pack_mvalues_per_s": count / pack_s / 1e6,
-                           "unpack_mvalues_per_s": count / unpack_s / 1e6,
-                           "pack_out_mb_per_s": packed.numel() / MB / pack_s,
-                           "unpack_in_mb_per_s": packed.numel() / MB / unpack_s}
-    return out
-
-
-def main() -> None:
+def main(argv: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, tp.Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--vocab", type=int, default=15000, help="vocab of the step-time LM")
-    parser.add_argument("--pack-vocab", type=int, default=27000, help="vocab of the ~10M LM")
+    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="interleaved rounds of the bench-LM steps")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds of pack/unpack")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few rounds (tests; figures meaningless)")
     parser.add_argument("--data", default=os.environ.get("DIFFQ_BENCH_DATA", "data"),
                         help="where the embedded LM corpus is (written there on first use)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
-                                                / "results" / "bench" / "quant.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    step = bench_step_ratio(device, args.steps, args.vocab)
-    print(f"(1) train step: float {step['float_step_s'] * 1e3:.1f} ms, DiffQ "
-          f"{step['diffq_step_s'] * 1e3:.1f} ms, median ratio {step['ratio_median']:.3f} wall, "
-          f"{step['cpu_ratio_median']:.3f} CPU time (target <= 1.10); "
-          f"eval forward {step['eval_forward_first_s'] * 1e3:.1f} ms first, "
-          f"{step['eval_forward_cached_s'] * 1e3:.1f} ms cached")
-    emb = bench_embedded_lm_ratio(device, 4 * args.steps, args.data)
-    print(f"    embedded default LM ({emb['params'] / 1e6:.2f}M params, {emb['quantized_tensors']} "
-          f"quantized tensors): float {emb['float_step_s'] * 1e3:.1f} ms, DiffQ "
-          f"{emb['diffq_step_s'] * 1e3:.1f} ms, median ratio {emb['ratio_median']:.3f}")
-    pack = bench_packing(device, args.pack_vocab)
-    print(f"(2) pack {pack['pack_mparam_per_s']:.1f} Mparam/s ({pack['pack_float_mb_per_s']:.0f} "
-          f"MB/s of float32 weights), unpack+restore {pack['unpack_mparam_per_s']:.1f} Mparam/s "
-          f"({pack['unpack_float_mb_per_s']:.0f} MB/s) on {pack['params'] / 1e6:.1f}M params; per CPU "
-          f"second: {pack['pack_mparam_per_cpu_s']:.1f} / {pack['unpack_mparam_per_cpu_s']:.1f} Mparam")
-    print(f"(3) true size {pack['true_size_bytes']} B / information-theoretic "
-          f"{pack['ideal_bytes']:.0f} B = {pack['bytes_over_ideal']:.4f} (target <= 1.01); "
-          f"over pure Σbits/8 + floats: {pack['bytes_over_pure_bits']:.4f}; "
-          f"{pack['bits_per_weight']:.2f} bits/weight")
-    raw = bench_raw_packing()
-    print("    raw pack_uint/unpack_uint, Mvalues/s by width: " + ", ".join(
-        f"{k} bits {v['pack_mvalues_per_s']:.0f}/{v['unpack_mvalues_per_s']:.0f}" for k, v in raw.items()))
-    result = {"step_time": step, "step_time_embedded_lm": emb, "packing": pack, "raw_packing": raw,
-              "env": {"torch": torch.__version__, "threads": args.threads, "device": str(device),
-                      "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                      "load_average_1min": os.getloadavg()[0],
-                      "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "bench" / "quant.json"))
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    official, version = load_official()
+    load_before = os.getloadavg()
+    began = time.time()
+    if args.quick:  # every row, on tiny models, for a test: the figures mean nothing
+        lm = bench_lm_steps(threads, 2, 500, (2, 16), official, dim=64, layers=1)
+        emb = bench_embedded_steps(threads, 2, args.data, official, group_sizes=(16,))
+        packs = {mode: bench_packing(mode, 500, threads, 2, official, dim=64, layers=1)
+                 for mode in ("8bit", "mixed")}
+    else:
+        lm = bench_lm_steps(threads, args.steps, 15000, (8, 128), official)
+        emb = bench_embedded_steps(threads, 4 * args.steps, args.data, official)
+        packs = {mode: bench_packing(mode, 27000, threads, args.reps, official) for mode in ("8bit", "mixed")}
+    result = {
+        "step_time": lm, "step_time_embedded_lm": emb, "all_8bit": packs["8bit"], "mixed_widths": packs["mixed"],
+        "env": {"torch": torch.__version__, "official_diffq": version, "threads": threads, "quick": args.quick,
+                "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+                "seconds": time.time() - began, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    report(result)
     out = Path(args.out)
     write_json(out, result)
     print(f"wrote {out}")
+    return result
+
+
+def report(r: tp.Dict[str, tp.Any]) -> None:
+    """The issue's table: float = 1, then official and ours."""
+    def pair(entry: tp.Dict[str, tp.Any], key: str = "ratio_median") -> str:
+        theirs = entry.get(f"official_{key}")
+        return f"{theirs:.2f}" if theirs is not None else "-", f"{entry[key]:.2f}"
+
+    env = r["env"]
+    print(f"load average {env['load_average_before'][0]:.2f} -> {env['load_average_after'][0]:.2f} "
+          f"on {env['cpu_count']} CPUs; official diffq {env['official_diffq'] or 'not installed'}")
+    print("| what | threads | official | ours |")
+    print("|---|---|---|---|")
+    for t, entry in r["step_time"]["threads"].items():
+        print(f"| train step, bench LM, over float | {t} | {' | '.join(pair(entry))} |")
+    for name, entry in r["step_time_embedded_lm"]["configs"].items():
+        if isinstance(entry, dict):
+            g, t = name[1:].split("_threads")
+            print(f"| train step, embedded model g{g}, over float | {t} | {' | '.join(pair(entry))} |")
+    for t, entry in r["step_time"]["eval_forward"].items():
+        print(f"| eval forward, quantized weights, over float | {t} | {' | '.join(pair(entry))} |")
+    for label, key in (("pack, all 8 bits", "all_8bit"), ("pack, mixed widths 2-14", "mixed_widths")):
+        for t, entry in r[key]["threads"].items():
+            for what, field in (("", "pack"), (" unpack+restore", "unpack")):
+                theirs = entry.get(f"official_{field}_mparam_per_s")
+                ratio = entry.get(f"{field}_speedup_vs_official")
+                print(f"| {label}{what}, Mparam/s | {t} | {f'{theirs:.0f}' if theirs else '-'} | "
+                      f"{entry[f'{field}_mparam_per_s']:.0f}{f' ({ratio:.2f}x)' if ratio else ''} |")
+    mixed = r["mixed_widths"]
+    theirs = mixed.get("official_bytes_over_ideal")
+    print(f"| packed / information size, mixed widths | - | {f'{theirs:.4f}' if theirs else '-'} | "
+          f"{mixed['bytes_over_ideal']:.4f} |")
 
 
 if __name__ == "__main__":
