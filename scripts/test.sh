@@ -16,8 +16,10 @@ python3 -m pip install -q -e '.[eval]' || echo "scripts/test.sh: could not insta
 python3 -m ruff check .
 # A fresh environment must resolve a torch/torchvision/torchaudio/timm set that imports together.
 python3 -c "import torch, torchvision, torchaudio, timm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| torchaudio', torchaudio.__version__, '| timm', timm.__version__)"
+# Two workers (the CI machine has 2 cores; tests run single-threaded); a file's tests stay on one
+# worker, so module/session fixtures (the SLURM test cluster, shared torchrun sessions) start once.
 set +e
-python3 -m pytest "$@"
+python3 -m pytest -n 2 --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
