@@ -107,12 +107,15 @@ class _Buffers:
     view of a held buffer only when nothing else refers to its memory any more (see
     :func:`_unused`), so a reused buffer is never one still seen by a caller."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, limit: int = 6):
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, limit: int = 8):
         self.numel, self.dtype, self.device, self.limit = numel, dtype, device, limit
         self.held: tp.List[torch.Tensor] = []
 
-    def take(self) -> torch.Tensor:
-        """A flat buffer of ``numel`` entries (uninitialized) that nobody else uses."""
+    def take(self, dtype: tp.Optional[torch.dtype] = None) -> torch.Tensor:
+        """A flat buffer of ``numel`` entries (uninitialized) that nobody else uses; a fresh one
+        when ``dtype`` is not the pool's."""
+        if dtype is not None and dtype != self.dtype:
+            return torch.empty(self.numel, dtype=dtype, device=self.device)
         for buffer in self.held:
             if _unused(buffer):
                 return buffer.view(-1)  # a new tensor on the memory: the count says it is in use
@@ -168,6 +171,12 @@ class _Layout:
                                      device=device)  # the remainder group; the whole tensor at 0
         self.lengths = lengths  # entries of each group (the size term's weights)
         self.buffers = _Buffers(self.total, dtype, device)
+        self.group_buffers = _Buffers(self.n_groups, torch.float32, device)  # logits are float32
+
+    def cat_groups(self, logits: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logit vectors in one flat buffer of our own."""
+        out = self.group_buffers.take(logits[0].dtype)
+        return torch.cat(logits, out=out) if len(logits) > 1 else out.copy_(logits[0])
 
     def flatten(self, tensors: tp.Sequence[torch.Tensor], pad_with_first: bool) -> torch.Tensor:
         """A flat buffer of our own (:class:`_Buffers`) holding ``tensors`` at their offsets;
@@ -196,7 +205,8 @@ class _Layout:
     def group_sums(self, rows: torch.Tensor) -> torch.Tensor:
         """Sum over each group of a ``(rows, width)`` buffer."""
         if rows.dtype in (torch.float32, torch.float64):
-            sums = torch.mv(rows, self.ones)
+            pooled = self.row_group is None and rows.shape[0] == self.n_groups
+            sums = torch.mv(rows, self.ones, out=self.group_buffers.take(rows.dtype) if pooled else None)
         else:
             sums = rows.sum(1)
         if self.row_group is None:
@@ -240,10 +250,12 @@ class _PseudoQuantNoise(torch.autograd.Function):
         weights, logits = tensors[:k], tensors[k:]
         flat = layout.flatten(weights, pad_with_first=True)
         low, high, extremes = layout.ranges(flat)
-        scale = (high - low).index_select(0, layout.group_tensor)
-        sig = torch.sigmoid(torch.cat(logits) if k > 1 else logits[0])
-        den = torch.exp2(min_bits + span * sig) - 1
-        delta = scale * coef / den
+        scale = high - low  # per tensor
+        sig = layout.cat_groups(logits).sigmoid_()
+        # den = 2**bits - 1, Δ = c·scale/den: in place on buffers of our own (fewer passes)
+        den = torch.mul(sig, span, out=layout.group_buffers.take(sig.dtype)).add_(min_bits).exp2_().sub_(1)
+        delta = torch.index_select(scale, 0, layout.group_tensor, out=layout.group_buffers.take(scale.dtype))
+        delta.mul_(coef).div_(den)
         if fixed is not None:
             u = layout.flatten([f.to(flat) for f in fixed], pad_with_first=False)
         else:
@@ -253,12 +265,12 @@ class _PseudoQuantNoise(torch.autograd.Function):
         torch.addcmul(flat.view(-1, width), u.view(-1, width), layout.per_row(delta).unsqueeze(1),
                       out=out.view(-1, width))
         ctx.u, ctx.layout, ctx.config = u, layout, config
-        ctx.save_for_backward(sig, den, scale, extremes)
+        ctx.save_for_backward(sig, den, delta, extremes)
         return tuple(layout.split(out, weights))
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        sig, den, scale, extremes = ctx.saved_tensors
+        sig, den, delta, extremes = ctx.saved_tensors
         layout, (_, span, coef, _) = ctx.layout, ctx.config
         u = ctx.u
         if u is None:
@@ -267,12 +279,15 @@ class _PseudoQuantNoise(torch.autograd.Function):
         ctx.u = None
         grad = layout.flatten(grad_outs, pad_with_first=False)  # ours: returned as the weight grads
         u.mul_(grad)  # u is ours and not needed afterwards: reuse it for grad·u
-        grad_delta = layout.group_sums(u.view(-1, layout.width)).to(den.dtype)
+        grad_delta = layout.group_sums(u.view(-1, layout.width)).to(den.dtype)  # ∂L/∂Δ
         del u  # back to the buffers
-        # Δ = c·scale/den, den = 2**bits - 1, bits = min + span·sigmoid(logit)
-        grad_scale = layout.per_tensor(grad_delta * coef / den)
-        dden = (den + 1) * math.log(2) * span * sig * (1 - sig)
-        grad_logits = -grad_delta * coef * scale / den.square() * dden
+        # Δ = c·scale/den, den = 2**bits - 1, bits = min + span·sigmoid(logit), so
+        # ∂Δ/∂scale = c/den and ∂Δ/∂logit = -Δ/den · (den + 1)·ln 2·span·sig·(1 - sig)
+        grad_delta.div_(den)
+        grad_scale = layout.per_tensor(grad_delta).mul_(coef)
+        grad_delta.mul_(sig).addcmul_(grad_delta, sig, value=-1)  # · sig·(1 - sig)
+        grad_delta.mul_(delta).addcmul_(grad_delta, den)  # · Δ·(den + 1)
+        grad_logits = grad_delta.mul_(-math.log(2) * span)
         # the range max - min: its gradient goes to the first arg-max (+) and arg-min (-) entries
         grad.index_add_(0, extremes, torch.cat([grad_scale, -grad_scale]).to(grad.dtype))
         k = len(layout.sizes)
@@ -288,9 +303,8 @@ class _SizeTerm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout, min_bits, span, header, *logits):
-        detached = [logit.detach() for logit in logits]
-        sig = torch.sigmoid(torch.cat(detached) if len(detached) > 1 else detached[0])
-        bits = min_bits + sig * span  # as get_bits
+        sig = layout.cat_groups(logits).sigmoid_()  # no grad is recorded in here
+        bits = torch.mul(sig, span, out=layout.group_buffers.take(sig.dtype)).add_(min_bits)  # as get_bits
         tops = bits.new_full((len(layout.sizes),), -math.inf).scatter_reduce_(
             0, layout.group_tensor, bits, "amax").tolist()
         ctx.layout, ctx.span = layout, span
@@ -300,7 +314,7 @@ class _SizeTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         sig, = ctx.saved_tensors
-        grad = torch.addcmul(sig, sig, sig, value=-1)  # d sigmoid = sig · (1 - sig)
+        grad = torch.addcmul(sig, sig, sig, value=-1, out=ctx.layout.group_buffers.take(sig.dtype))  # sig·(1 - sig)
         grad.mul_(ctx.layout.lengths).mul_(grad_out * (ctx.span / 8 / MB))
         return (None, None, None, None, *grad.split(ctx.layout.groups))
 

@@ -211,6 +211,16 @@ def test_reused_buffers_never_alias_live_tensors():
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
     assert all(not torch.equal(qp.param.grad, g) for qp, g in zip(qps, grads))
     assert all(torch.isfinite(qp.param.grad).all() for qp in qps)
+    # gradients a caller still holds after .grad was reset (the weights' and the logits', the
+    # size term's included) are never reused either
+    tensors = [qp.param for qp in qps] + q.quantizer_parameters()
+    held = [t.grad for t in tensors]
+    copies = [g.clone() for g in held]
+    for _ in range(3):
+        for t in tensors:
+            t.grad = None
+        (sum(v.sum() for v in q.noisy_weights(qps)) + q.model_size()).backward()
+    assert all(torch.equal(a, b) for a, b in zip(held, copies))
 
 
 @pytest.mark.parametrize("separate_adam", [False, True])
