@@ -78,6 +78,36 @@ def grouped_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: f
     return out
 
 
+def _export_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: float,
+                   group_size: int) -> torch.Tensor:
+    """:func:`grouped_levels` with the same operations on each entry in the same order (so the same
+    bits; tests/quant/test_diffq.py compares them and every run's restore check would fail on a
+    difference), applied in place to one buffer: the export calls it on slices of half a million
+    weights, where fresh temporaries cost more than the arithmetic."""
+    flat = weight.detach().reshape(-1).float()
+    if high - low <= 0:  # constant tensor: every weight is exactly ``low``
+        return torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
+    steps = torch.exp2(bits.float()) - 1
+    work = torch.sub(flat, low).div_(high - low)
+    for w_v, sl in _grouped(work, group_size):
+        st = steps[sl].unsqueeze(1)
+        w_v.mul_(st).round_().clamp_(min=0)
+        torch.minimum(w_v, st, out=w_v)
+    return work.to(torch.int32)
+
+
+def _restore_weights(levels: torch.Tensor, bits: torch.Tensor, low: float, high: float,
+                     group_size: int, out: torch.Tensor) -> None:
+    """:func:`grouped_dequantize` into ``out``: the same operations on each entry (so the same bits;
+    tests/quant/test_diffq.py compares them), with no temporary of the size of the levels."""
+    steps = torch.exp2(bits.float()) - 1
+    step = torch.tensor(high - low, dtype=torch.float32, device=levels.device) / steps
+    low_t = torch.tensor(low, dtype=torch.float32, device=levels.device)
+    for (l_v, sl), (o_v, _) in zip(_grouped(levels, group_size), _grouped(out, group_size)):
+        torch.mul(l_v, step[sl].unsqueeze(1), out=o_v)
+        o_v.add_(low_t)
+
+
 def grouped_dequantize(levels: torch.Tensor, bits: torch.Tensor, low: float, high: float,
                        group_size: int) -> torch.Tensor:
     """``levels * ((max - min) / (2**bits_g - 1)) + min`` per group (float32, flat).
@@ -465,14 +495,14 @@ class DiffQuantizer(BaseQuantizer):
         return out.view_as(qp.param).to(qp.param.dtype)
 
     def _export_param(self, qp: QParam) -> tp.Dict[str, tp.Any]:
-        # the eval levels (as :meth:`_quantize`; base.export has checked the weight is finite),
-        # computed slice by slice as the packing asks for them (a slice is whole groups)
+        # the eval levels (grouped_levels as :meth:`_quantize`; base.export has checked the weight is
+        # finite), computed slice by slice as the packing asks for them (a slice is whole groups)
         on_device = self.eval_bits(qp)
         low, high = tensor_range(qp.param)
         flat, g = qp.param.detach().reshape(-1), self.group_size or qp.param.numel()
 
         def levels(start: int, stop: int) -> torch.Tensor:
-            return grouped_levels(flat[start:stop], on_device[start // g:-(-stop // g)], low, high,
+            return _export_levels(flat[start:stop], on_device[start // g:-(-stop // g)], low, high,
                                   self.group_size)
 
         bits = on_device.cpu()
@@ -483,7 +513,7 @@ class DiffQuantizer(BaseQuantizer):
         return {"shape": list(qp.param.shape), "min": low, "max": high,
                 "group_size": self.group_size, "bits_lo": self._bits_lo, "bits_bits": width,
                 "bits": pack_uint(codes, width) if width else torch.zeros(0, dtype=torch.uint8),
-                # grouped_levels clamps each level into [0, 2**bits - 1]: no range check needed
+                # each level is clamped into [0, 2**bits - 1]: no range check needed
                 "levels": pack_groups(levels, bits, self.group_size, count=flat.numel(), check=False)}
 
     @classmethod
@@ -495,9 +525,9 @@ class DiffQuantizer(BaseQuantizer):
         bits = codes + int(entry["bits_lo"])
         low, high, width = entry["min"], entry["max"], g or n
 
-        def dequantize(levels: torch.Tensor, start: int) -> torch.Tensor:  # a slice of whole groups
+        def dequantize(levels: torch.Tensor, start: int, out: torch.Tensor) -> None:  # whole groups
             stop = start + levels.numel()
-            return grouped_dequantize(levels, bits[start // width:-(-stop // width)], low, high, g)
+            _restore_weights(levels, bits[start // width:-(-stop // width)], low, high, g, out)
 
         try:
             out = unpack_groups(entry["levels"], bits, n, g, dtype=torch.float32, apply=dequantize)

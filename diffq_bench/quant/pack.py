@@ -42,8 +42,9 @@ _LITTLE = sys.byteorder == "little"  # blocks are read as the bytes of int64 wor
 Width = tp.Union[int, torch.Tensor]  # one width, or one per row as an (m, 1) int64 column
 #: the values ``[start, stop)`` to pack (whole groups), or the tensor itself
 Source = tp.Union[torch.Tensor, tp.Callable[[int, int], torch.Tensor]]
-#: ``apply(levels, start)``: what the unpacked result holds for the values ``[start, ...)``
-Sink = tp.Callable[[torch.Tensor, int], torch.Tensor]
+#: ``apply(levels, start, out)``: writes into ``out`` what the unpacked result holds for the values
+#: ``[start, start + len(levels))`` (whole groups)
+Sink = tp.Callable[[torch.Tensor, int, torch.Tensor], None]
 
 
 def _check_nbits(nbits: int) -> int:
@@ -108,13 +109,15 @@ class _Consts(tp.NamedTuple):
 
     @classmethod
     def per_row(cls, widths: torch.Tensor) -> "_Consts":
-        """Columns for rows of the given widths: one lookup in the table of all widths."""
+        """``(m, 1)`` columns of the constants for rows of the given widths: one lookup in a
+        ``(constants, widths)`` table (each constant's column comes out contiguous)."""
         table = _TABLES.get(widths.device)
         if table is None:
             table = _TABLES[widths.device] = torch.tensor(
-                [cls.of(w)[:-1] for w in range(MAX_BITS + 1)], dtype=torch.long, device=widths.device)
-        cols = table.index_select(0, widths)
-        return cls(*(cols[:, j:j + 1] for j in range(len(cls._fields) - 1)), int(widths.max()) > 15)
+                [[getattr(cls.of(w), name) for w in range(MAX_BITS + 1)] for name in cls._fields[:-1]],
+                dtype=torch.long, device=widths.device)
+        cols = table.index_select(1, widths)
+        return cls(*(col.view(-1, 1) for col in cols), int(widths.max()) > 15)
 
 
 _TABLES: tp.Dict[torch.device, torch.Tensor] = {}
@@ -453,9 +456,9 @@ def unpack_groups(packed: torch.Tensor, widths: torch.Tensor, count: int, group_
         count: how many values were packed.
         group_size: values per group (0: one group).
         dtype: dtype of the result.
-        apply: optional ``apply(levels, start)`` -> what the result holds for the values
-            ``[start, start + len(levels))`` (whole groups, slices of a few MiB, computed while
-            they are in cache: e.g. DiffQ's dequantized weights).
+        apply: optional ``apply(levels, start, out)``: writes into ``out`` (a slice of the result)
+            what it holds for the values ``[start, start + len(levels))`` (whole groups, slices of
+            a few MiB, computed while they are in cache: e.g. DiffQ's dequantized weights).
     Returns:
         a 1-D CPU tensor of ``count`` entries in their original order: the levels, or what
         ``apply`` made of them.
@@ -467,13 +470,13 @@ def unpack_groups(packed: torch.Tensor, widths: torch.Tensor, count: int, group_
     _check_packed(packed, groups.nbytes(), f"{count} values of these group widths")
     packed = packed.cpu()
     g, n_full, rem, tail_width = groups.g, groups.n_full, groups.rem, groups.tail_width
-    sink: Sink = apply or (lambda values, start: values)
+    sink: Sink = apply or (lambda values, start, dest: dest.copy_(values))
     present = [w for w, size in enumerate(groups.sizes()) if size]
     out = torch.empty(count, dtype=dtype)
     if len(present) <= 1:  # one width: one stream, in slices of whole groups
         for a, levels in _unpack_slices(packed, present[0] if present else 8, count,
                                         _span(group_size, count)):
-            out[a:a + levels.numel()] = sink(levels, a)
+            sink(levels, a, out[a:a + levels.numel()])
         return out
     step = max(1, _SLICE_VALUES // g)
     offset, start = 0, 0
@@ -497,7 +500,7 @@ def unpack_groups(packed: torch.Tensor, widths: torch.Tensor, count: int, group_
             b = min(a + step, n_full)
             _decode_blocks(_take_rows(words, inverse[a:b]), _Consts.per_row(groups.widths[a:b]),
                            values[:b - a])
-            out[a * g:b * g] = sink(values[:b - a].view(-1), a * g)
+            sink(values[:b - a].view(-1), a * g, out[a * g:b * g])
     else:
         rows = torch.empty(n_full, g, dtype=torch.int32)
         for width in present:
@@ -511,9 +514,9 @@ def unpack_groups(packed: torch.Tensor, widths: torch.Tensor, count: int, group_
                 tail = chunk[cnt * g:]
         rows = rows.index_select(0, torch.argsort(groups.order))
         for a in range(0, n_full, step):
-            out[a * g:min(a + step, n_full) * g] = sink(rows[a:a + step].reshape(-1), a * g)
+            sink(rows[a:a + step].reshape(-1), a * g, out[a * g:min(a + step, n_full) * g])
     if tail is not None:
-        out[n_full * g:] = sink(tail, n_full * g)
+        sink(tail, n_full * g, out[n_full * g:])
     return out
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from diffq_bench.quant import DiffQuantizer, QuantizerError, get_quantizer, pack, restore
 from diffq_bench.quant.base import MB
+from diffq_bench.quant.diffq import _export_levels, _restore_weights, grouped_dequantize, grouped_levels
 
 
 def linear(n_in=64, n_out=64, seed=0):
@@ -229,6 +230,24 @@ def test_restored_weights_are_the_eval_weights_bit_for_bit(monkeypatch, group_si
     restored = dict(fresh.named_parameters())
     for name, value in expected.items():
         assert torch.equal(restored[name], value), name
+
+
+@pytest.mark.parametrize("group_size", [0, 1, 16, 24])
+def test_export_arithmetic_is_the_eval_arithmetic(group_size):
+    # the export's in-place copies of grouped_levels / grouped_dequantize give the same bits
+    torch.manual_seed(2)
+    weight = torch.randn(1000) * 3
+    g = group_size or 1000
+    bits = torch.randint(1, 17, (-(-1000 // g),))
+    low, high = float(weight.min()), float(weight.max())
+    levels = grouped_levels(weight, bits, low, high, group_size)
+    assert torch.equal(_export_levels(weight, bits, low, high, group_size), levels)
+    out = torch.empty(1000)
+    _restore_weights(levels, bits, low, high, group_size, out)
+    assert torch.equal(out, grouped_dequantize(levels, bits, low, high, group_size))
+    constant = torch.full((64,), 0.5)
+    assert torch.equal(_export_levels(constant, bits[:4], 0.5, 0.5, 16),
+                       grouped_levels(constant, bits[:4], 0.5, 0.5, 16))
 
 
 def test_corrupt_levels_are_a_quantizer_error():
