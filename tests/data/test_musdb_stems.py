@@ -2,6 +2,7 @@
 files (decoded once through stempeg into the MusDB18-HQ layout). Before, the task refused any copy
 without the 14 standard validation tracks and read MusDB18-HQ WAVs only."""
 import json
+import logging
 import shutil
 import sys
 import types
@@ -149,6 +150,9 @@ def test_the_cli_prints_the_missing_package_as_one_line(tmp_path, monkeypatch, c
     from diffq_bench.config import compose
     _stem_files(tmp_path / "musdb18")
     monkeypatch.setitem(sys.modules, "stempeg", None)
+    # handlers an earlier test left on the root logger (Hydra's, bound to a closed captured stream
+    # when tests share a worker process) would print '--- Logging error ---' into stderr
+    monkeypatch.setattr(logging.root, "handlers", [])
     cfg = compose(["task=musdb_demucs", 'task.valid_tracks=["B - Two"]', f"paths.root={tmp_path / 'out'}",
                    f"paths.data={tmp_path}", f"paths.cache={tmp_path / 'cache'}", "task.channels=4",
                    "task.depth=2", "task.lstm_layers=0", "runtime.progress=false"])

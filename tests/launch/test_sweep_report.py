@@ -97,7 +97,7 @@ hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base=
 
 @pytest.mark.slow
 def test_local_sweep_failed_run_is_failed_in_its_line_and_the_summary(tmp_path):
-    from conftest import TOY_YAML
+    from fixtures import TOY_YAML
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf)
     small = TOY_YAML.replace("n_train: 192", "n_train: 32").replace("hidden: 128", "hidden: 16")
