@@ -37,6 +37,12 @@ class ToyTask(Task):
         # Seconds of sleep per step (not a kwarg: it must not change the run identity), so a test
         # can kill a run in the middle of training.
         self.delay = float(os.environ.get("TOY_TASK_DELAY", "0"))
+        # TOY_TASK_HOLD=<steps>:<file>: after that many steps of this process, a step waits while
+        # the file exists (or until a preemption signal), so a test holds a run in training
+        # instead of racing it.
+        hold = os.environ.get("TOY_TASK_HOLD", "")
+        self.hold_after, _, self.hold_file = hold.partition(":") if hold else (0, "", "")
+        self.hold_after, self.steps_done = int(self.hold_after or 0), 0
 
     def setup(self, data_root, cache_dir, device, num_workers=0, seed=0):
         super().setup(data_root, cache_dir, device, num_workers, seed)
@@ -60,6 +66,11 @@ class ToyTask(Task):
     def step(self, model, batch):
         if self.delay:
             time.sleep(self.delay)
+        if self.hold_file and self.steps_done >= self.hold_after:
+            from diffq_bench.train import PREEMPT
+            while os.path.exists(self.hold_file) and not PREEMPT.is_set():
+                time.sleep(0.05)
+        self.steps_done += 1
         x, y = batch
         logits = model(x.to(self.device))
         loss = nn.functional.cross_entropy(logits, y.to(self.device))

@@ -167,7 +167,11 @@ class Bench:
         (base / "app.py").write_text(APP)
         # TOY_TASK_DELAY: seconds of sleep per step (not part of the run identity); SLURM passes the
         # submitting environment to the jobs
+        # TOY_TASK_HOLD: while self.hold_file exists, toy runs wait after their first epoch (6
+        # steps), so a test catches a run in training without racing it (released by deleting it)
+        self.hold_file = base / "hold"
         self.env = {**os.environ, "DIFFQ_BENCH_CONF": str(self.conf), "TOY_TASK_DELAY": "0.15",
+                    "TOY_TASK_HOLD": f"6:{self.hold_file}",
                     "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
 
     def command(self, root: str, *overrides: str) -> list:
@@ -271,6 +275,7 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench):
     """The same config in two stores: one left alone, one hit by `scontrol requeue` mid-training."""
     args = (*TOY, "quant=qat", "seed=3", "hydra.launcher.wait=false")
     cluster.start_bumper()
+    bench.hold_file.touch()  # both runs wait after their first epoch until released
     try:
         for root in ("reference", "requeue"):
             proc = bench.launch(root, *args)
@@ -279,7 +284,7 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench):
         (ref_folder,) = list((bench.base / "reference" / "xps").iterdir())
         assert folder.name == ref_folder.name  # same signature: the store root is not part of it
         job = Xp.at(folder).read_submissions()[-1]["job_id"]
-        again = bench.launch("requeue", *args)  # queued or running: must not be submitted again
+        again = bench.launch("requeue", *args)  # queued or running (held): must not be submitted again
         assert "1 runs: 0 to launch, 0 done, 1 queued/running" in _output(again), _output(again)[-2000:]
         assert len(Xp.at(folder).read_submissions()) == 1
 
@@ -289,9 +294,12 @@ def test_requeued_run_resumes_to_the_uninterrupted_result(cluster, bench):
         wait_for(lambda: state(folder).get("state") == "RUNNING" and state(folder).get("epoch", 0) >= 1,
                  120, "the run to finish its first epoch")
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        wait_for(lambda: state(folder).get("attempt") == 2, 120, "the requeued run to start again")
+        bench.hold_file.unlink()
         wait_for(lambda: state(folder).get("state") == "DONE" and state(ref_folder).get("state") == "DONE",
                  150, "both runs to finish")
     finally:
+        bench.hold_file.unlink(missing_ok=True)
         cluster.stop_bumper()
     status = state(folder)
     assert status["requeues"] == 1 and status["attempt"] == 2, status
@@ -326,6 +334,7 @@ def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench, failin
     def status():
         return json.loads(status_path.read_text()) if status_path and status_path.exists() else {}
     cluster.start_bumper()
+    bench.hold_file.touch()  # the run waits after its first epoch (and after resuming) until released
     try:
         proc = bench.launch("usr2", *TOY, "quant=none", "seed=5", "hydra.launcher.wait=false",
                             "hydra.launcher.max_requeues=1")
@@ -342,6 +351,7 @@ def test_usr2_checkpoints_and_requeues_up_to_max_requeues(cluster, bench, failin
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         wait_for(lambda: status().get("state") == "FAILED", 60, "the run to give up")
     finally:
+        bench.hold_file.unlink(missing_ok=True)
         cluster.stop_bumper()
     final = status()
     assert "max_requeues=1" in final["traceback"] and final["requeues"] == 2, final
