@@ -80,8 +80,15 @@ class TinyLM(nn.Module):
         return F.linear(self.norm(x), self.emb.weight)
 
 
-def interleaved(calls: tp.Dict[str, Step], rounds: int, warmup: int = 2) -> tp.Dict[str, tp.List[float]]:
-    """Seconds of each call, once per round in rotating order (after ``warmup`` rounds)."""
+def interleaved(calls: tp.Dict[str, Step], rounds: int, warmup: int = 2, settle: float = 0.0
+                ) -> tp.Dict[str, tp.List[float]]:
+    """Seconds of each call, once per round in rotating order (after ``warmup`` rounds).
+
+    ``settle``: seconds of sleep before each timed call, so that every call starts with torch's
+    OpenMP worker threads asleep. After a parallel operation they spin for a few milliseconds; on
+    this 2-vCPU machine a spinning worker slows the serial code that follows by ~1.5x, so without
+    it a call's time depends on which call ran before it (used for the one-off export/restore
+    calls; train steps run back to back, as in training)."""
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -89,6 +96,8 @@ def interleaved(calls: tp.Dict[str, Step], rounds: int, warmup: int = 2) -> tp.D
     times: tp.Dict[str, tp.List[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if settle:
+                time.sleep(settle)
             times[name].append(calls[name]())
     return times
 
@@ -257,7 +266,7 @@ def bench_packing(mode: str, vocab: int, threads: tp.List[int], rounds: int, off
     per_thread = {}
     for t in threads:
         torch.set_num_threads(t)
-        times = interleaved(calls, rounds, warmup=1)
+        times = interleaved(calls, rounds, warmup=1, settle=0.05)
         med = {name: statistics.median(values) for name, values in times.items()}
         entry = {"pack_s": med["pack"], "unpack_restore_s": med["unpack"],
                  "pack_mparam_per_s": params / med["pack"] / 1e6, "unpack_mparam_per_s": params / med["unpack"] / 1e6}
