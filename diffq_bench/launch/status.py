@@ -181,11 +181,16 @@ def run_row(folder: Path, job_state: tp.Mapping[str, str], label: str = "",
         reason = reasons[job]
         fix = slurm.impossible_reason(reason)
         note = f"pending: {reason}" + (f" - can never start: {fix}" if fix else "")
-    epochs = None
+    epochs, subset = None, 0
     try:
-        epochs = (xp.read_config() or {})["train"]["epochs"]
+        config = xp.read_config() or {}
+        epochs = config["train"]["epochs"]
+        subset = int(config["task"].get("eval_subset") or 0)
     except Exception:  # noqa: BLE001 - config.yaml not written yet or unreadable
         pass
+    if subset > 0:  # e.g. +preset=debug: its metric is not a real result
+        partial = f"tested on the first {subset} items only (task.eval_subset={subset})"
+        note = f"{note}; {partial}" if note else partial
     epoch = str(status.get("epoch", 0)) + (f"/{epochs}" if epochs else "") if status else "-"
     if not label or label.startswith("("):
         label = f"{_label(xp)} {label}".strip()

@@ -154,6 +154,12 @@ def build_table(results: tp.Sequence[tp.Dict[str, tp.Any]]
 # ---------------------------------------------------------------------------------------------
 # Paper tables: sections of grouped rows with references
 
+def _eval_subset(result: tp.Mapping[str, tp.Any]) -> int:
+    """The ``task.eval_subset`` a run was tested with (0: the whole test set)."""
+    value = (result.get("axes") or {}).get("task.eval_subset")
+    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
 def _same(a: tp.Any, b: tp.Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
@@ -225,6 +231,13 @@ def build_sections(results: tp.Sequence[tp.Dict[str, tp.Any]],
         rows.sort(key=lambda r: (order.index(r.quant) if r.quant in order else len(order), r.quant,
                                  [order_key(r.axes.get(k)) for k in method_axes(r.quant)],
                                  [order_key(r.axes.get(k)) for k in extra], not r.runs, r.label))
+        subsets = sorted({_eval_subset(run) for row in rows for run in row.runs} - {0})
+        if subsets:  # e.g. +preset=debug runs: their metric is not a real result
+            for row in rows:
+                if any(_eval_subset(run) for run in row.runs):
+                    row.label += " †"
+            notes.append(f"† tested on the first {'/'.join(map(str, subsets))} evaluation items only "
+                         "(task.eval_subset, e.g. +preset=debug): not comparable with a full test set")
         metric = str(runs[0].get("metric", "metric"))
         sections.append(Section(task, model or None, metric, bool(runs[0].get("lower_is_better")),
                                 rows, extra, notes))

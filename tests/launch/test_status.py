@@ -168,3 +168,22 @@ def test_pending_reason_is_shown_and_impossible_ones_say_what_to_change(tmp_path
     assert "hydra.launcher.cpus_per_task" in row["note"]
     row = status.run_row(xp.folder, {"7_0": "PENDING"}, reasons={"7_0": "Resources"})
     assert row["note"] == "pending: Resources"
+
+
+def test_run_tested_on_a_subset_says_so(tmp_path):
+    """A run evaluated on the first N items (task.eval_subset, e.g. +preset=debug) is flagged in
+    the note column: its metric is not a real result (found by the first-hour walkthrough)."""
+    cfg = OmegaConf.create({"paths": {"root": str(tmp_path)}, "task": {"name": "toy", "eval_subset": 4},
+                            "quant": {"name": "none"}, "seed": 0, "train": {"epochs": 1}})
+    xp = Xp(tmp_path, cfg)
+    xp.create()
+    xp.write_status("DONE", epoch=1)
+    row = status.run_row(xp.folder, {})
+    assert row["note"] == "tested on the first 4 items only (task.eval_subset=4)", row
+    full = _run(tmp_path, 7, "DONE", epoch=4)
+    assert status.run_row(full.folder, {})["note"] == "-"
+    failed = Xp(tmp_path, OmegaConf.merge(cfg, {"seed": 1}))
+    failed.create()
+    failed.write_status("FAILED", traceback="boom")
+    assert status.run_row(failed.folder, {})["note"] == \
+        "failed before training: boom; tested on the first 4 items only (task.eval_subset=4)"

@@ -232,3 +232,18 @@ def test_published_numbers_state_their_provenance():
     assert all("REFERENCE.md" not in r.source for r in refs)  # not a file of this repository
     demucs = {(r.quant, r.metric): (r.value, r.size_mb) for r in refs if r.task == "musdb_demucs"}
     assert demucs[("none", "sdr")] == (6.3, None) and demucs[("diffq", "sdr")] == (None, 150.0)
+
+
+def test_rows_tested_on_a_subset_are_marked(tmp_path):
+    """Rows evaluated on the first N items (task.eval_subset > 0, e.g. +preset=debug) carry a † and
+    a note; full-test rows do not (found by the first-hour walkthrough: debug rows looked real)."""
+    root = tmp_path / "store"
+    write_run(root, "full", "none", 18.5, 100.0, **{"task.eval_subset": 0})
+    write_run(root, "dbg", "qat", 40.0, 12.5, **{"quant.bits": 4, "task.eval_subset": 4})
+    (section,) = build_sections(load_results(root))
+    labels = {row.runs[0]["sig"]: row.label for row in section.rows}
+    assert labels == {"full": "Float", "dbg": "QAT 4 bits †"}
+    assert any(n.startswith("† tested on the first 4 evaluation items only") for n in section.notes)
+    write_run(root, "full8", "qat", 19.0, 25.0, **{"quant.bits": 8})
+    (section,) = build_sections([r for r in load_results(root) if r["sig"] != "dbg"])
+    assert not any("†" in row.label for row in section.rows) and not any("†" in n for n in section.notes)
