@@ -119,6 +119,7 @@ class LocalParallelLauncher(BaseSubmititLauncher):
                     report(pos, submitted.paths.stderr)
             if running or todo:
                 time.sleep(self.poll_s)
+        _remove_empty_placeholder(Path(executor.folder))
         return tp.cast(tp.List[JobReturn], results)
 
     def __call__(self, sweep_overrides: tp.List[str], job_dir_key: str, job_num: int, job_id: str,
@@ -126,6 +127,13 @@ class LocalParallelLauncher(BaseSubmititLauncher):
         # a local job is never requeued: a preempted run exits and the next sweep resumes it
         return job.run_truthfully(self, 0, sweep_overrides, job_dir_key, job_num, job_id,
                                   singleton_state)
+
+
+def _remove_empty_placeholder(folder: Path) -> None:
+    """submitit leaves the job folder's pattern itself (``.submitit/%j``) as an empty folder beside
+    the real job folders; remove it when it is empty (a user looking for logs opens it first)."""
+    if "%j" in folder.name and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def single_run_threads() -> int:

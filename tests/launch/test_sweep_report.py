@@ -60,7 +60,11 @@ def test_local_sweep_prints_each_run_and_the_sweep_table(tmp_path):
     assert table.returncode == 0, table.stderr
     printed = out.stdout.split(head, 1)[1].split("\n", 2)[2]  # after the header line and a blank line
     assert printed == table.stdout
-    assert "| DiffQ (λ=1, g=16) |" in printed and "| 2 |" in printed  # one row, two seeds
+    # one row, two seeds; tested on the debug preset's 4 items: marked
+    assert "| DiffQ (λ=1, g=16) † |" in printed and "| 2 |" in printed
+    assert "† tested on the first 4 evaluation items only" in printed
+    # submitit's folder pattern is not left behind as an empty '%j' folder
+    assert list(tmp_path.rglob(".submitit")) and not list(tmp_path.rglob("%j"))
 
 
 # The real CLI with the test task registered, and a variant that fails in its first step
