@@ -122,7 +122,9 @@ def run(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             raise ConfigError(str(exc)) from None
     rank = distributed.setup(device, str(dist_cfg.get("backend", "auto")), float(dist_cfg.get("timeout_s", 1800)))
     if rank.active:
-        return _run_rank(cfg, plain, xp, device, rank)
+        result = _run_rank(cfg, plain, xp, device, rank)
+        distributed.mark_done()  # leave the process group with the other ranks at exit
+        return result
     return _run_single(cfg, plain, xp, device, rank)
 
 

@@ -27,16 +27,20 @@ variables from SLURM's environment).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
 import hashlib
+import logging
 import os
 import typing as tp
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+
+logger = logging.getLogger(__name__)
 
 _SYNC_INIT = False  # set while the training step runs on every rank (see sync_init)
 
@@ -86,6 +90,7 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0
             torch.cuda.set_device(device)
         tdist.init_process_group(backend, rank=info.rank, world_size=info.world,
                                  timeout=datetime.timedelta(seconds=float(timeout_s)))
+        atexit.register(_leave_at_exit)
     return info
 
 
@@ -103,9 +108,38 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+def shutdown(barrier_timeout_s: float = 300.0) -> None:
+    """Leave the process group together: a barrier (every rank has finished its collectives), then
+    ``destroy_process_group``. Without the barrier a rank that tore its gloo group down and exited
+    first made a slower rank abort at exit under load ('terminate called without an active
+    exception', SIGABRT: torchrun then reports the finished run as failed). A peer that never
+    comes (gloo: ``barrier_timeout_s``) is logged and the group destroyed anyway."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    try:
+        if tdist.get_backend() == "gloo":
+            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout_s))
+        else:
+            tdist.barrier()
+    except RuntimeError as exc:
+        logger.warning("leaving the process group without the other ranks: %s", exc)
+    tdist.destroy_process_group()
+
+
+_done = False  # this process's last run ended normally (see _leave_at_exit)
+
+
+def mark_done() -> None:
+    """The run ended normally on this rank: leave the group with the others at exit."""
+    global _done
+    _done = True
+
+
+def _leave_at_exit() -> None:
+    """At interpreter exit, after a run that ended normally, :func:`shutdown`; after a failure
+    nothing (a barrier could pair with a peer's pending collective)."""
+    if _done:
+        shutdown()
 
 
 # ----------------------------------------------------------------------------- batches
@@ -297,8 +331,9 @@ _start_shared = False
 
 def new_run() -> None:
     """Forget the previous run's start (a process may run several runs, e.g. in tests)."""
-    global _start_shared
+    global _start_shared, _done
     _start_shared = False
+    _done = False
 
 
 def share_start(state: tp.Optional[str]) -> tp.Optional[str]:

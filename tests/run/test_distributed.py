@@ -232,3 +232,29 @@ def test_torchrun_on_the_console_script_with_digits(tmp_path):
     assert json.loads((folder / "status.json").read_text())["state"] == "DONE"
     result = Xp.at(folder).read_result()
     assert result["metrics"]["bits_per_weight"] > 0
+
+
+def test_a_normal_run_leaves_the_process_group_at_exit_a_failed_one_does_not(monkeypatch):
+    """Regression: ranks that exited without leaving the gloo group together sometimes aborted at
+    exit under load ('terminate called without an active exception'); a run that ended normally
+    now leaves it at exit (barrier, then destroy), a failed one does not (a barrier could pair with
+    a peer's pending collective)."""
+    calls = []
+    monkeypatch.setattr(distributed, "shutdown", lambda *a, **k: calls.append("shutdown"))
+    distributed.new_run()
+    distributed._leave_at_exit()
+    assert calls == []
+    distributed.mark_done()
+    distributed._leave_at_exit()
+    assert calls == ["shutdown"]
+    distributed.new_run()  # the next run of the same process starts not done
+    distributed._leave_at_exit()
+    assert calls == ["shutdown"]
+
+
+def test_shutdown_leaves_a_gloo_group(tmp_path):
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    distributed.shutdown(barrier_timeout_s=30)
+    assert not tdist.is_initialized()
+    distributed.shutdown()  # no group: nothing to do
