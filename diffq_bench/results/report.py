@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .load import DEFAULT_REFERENCE_DIR, load_references
 from .render import render, render_sections
-from .table import build_sections
+from .table import build_sections, eval_subset
 
 #: the columns of a run's row: (metric key, title); "test" is the task's test metric
 ROW_COLUMNS = (("test", "test {metric}"), ("true_size_mb", "size (MiB)"),
@@ -40,10 +40,15 @@ def row_cells(result: tp.Mapping[str, tp.Any]) -> tp.Tuple[tp.List[str], tp.List
 
 
 def format_row(result: tp.Mapping[str, tp.Any]) -> str:
-    """The one-row markdown table printed at the end of a run (or for a finished run)."""
+    """The one-row markdown table printed at the end of a run (or for a finished run); a run
+    tested on a subset (``task.eval_subset``, e.g. ``+preset=debug``) gets a line saying so."""
     head, cells = row_cells(result)
-    return render(["run", "task", "quant"] + head, [[result["sig"], result["task"], result["quant"]] + cells],
+    text = render(["run", "task", "quant"] + head, [[result["sig"], result["task"], result["quant"]] + cells],
                   "md").rstrip("\n")
+    subset = eval_subset(result)
+    if subset:
+        text += f"\ntested on the first {subset} items only (task.eval_subset={subset}): not a real result"
+    return text
 
 
 def format_line(result: tp.Mapping[str, tp.Any]) -> str:
@@ -52,7 +57,9 @@ def format_line(result: tp.Mapping[str, tp.Any]) -> str:
     if "metric" not in result or not isinstance(result.get("metrics"), tp.Mapping):
         return ""
     head, cells = row_cells(result)
-    return " | ".join(f"{title} {'—' if cell is None else cell}" for title, cell in zip(head, cells))
+    line = " | ".join(f"{title} {'—' if cell is None else cell}" for title, cell in zip(head, cells))
+    subset = eval_subset(result)
+    return line + (f" | tested on the first {subset} items only" if subset else "")
 
 
 def sweep_table(results: tp.Sequence[tp.Dict[str, tp.Any]], grid: tp.Optional[str] = None,

@@ -154,7 +154,7 @@ def build_table(results: tp.Sequence[tp.Dict[str, tp.Any]]
 # ---------------------------------------------------------------------------------------------
 # Paper tables: sections of grouped rows with references
 
-def _eval_subset(result: tp.Mapping[str, tp.Any]) -> int:
+def eval_subset(result: tp.Mapping[str, tp.Any]) -> int:
     """The ``task.eval_subset`` a run was tested with (0: the whole test set)."""
     value = (result.get("axes") or {}).get("task.eval_subset")
     return int(value) if isinstance(value, (int, float)) and value > 0 else 0
@@ -231,10 +231,10 @@ def build_sections(results: tp.Sequence[tp.Dict[str, tp.Any]],
         rows.sort(key=lambda r: (order.index(r.quant) if r.quant in order else len(order), r.quant,
                                  [order_key(r.axes.get(k)) for k in method_axes(r.quant)],
                                  [order_key(r.axes.get(k)) for k in extra], not r.runs, r.label))
-        subsets = sorted({_eval_subset(run) for row in rows for run in row.runs} - {0})
+        subsets = sorted({eval_subset(run) for row in rows for run in row.runs} - {0})
         if subsets:  # e.g. +preset=debug runs: their metric is not a real result
             for row in rows:
-                if any(_eval_subset(run) for run in row.runs):
+                if any(eval_subset(run) for run in row.runs):
                     row.label += " †"
             notes.append(f"† tested on the first {'/'.join(map(str, subsets))} evaluation items only "
                          "(task.eval_subset, e.g. +preset=debug): not comparable with a full test set")

@@ -128,3 +128,14 @@ def test_local_sweep_failed_run_is_failed_in_its_line_and_the_summary(tmp_path):
     assert len(summary) == 2 and failed.group(1) in summary[1], out.stderr[-3000:]
     assert "FloatingPointError: deliberate failure" in summary[1]
     assert "sweep table: 1 of 2 run(s) finished" in out.stdout and "## toy" in out.stdout, out.stdout
+
+
+def test_a_run_tested_on_a_subset_says_so_in_its_row_and_line():
+    """The debug preset's runs test on 4 items: the printed row and sweep line say so (status and
+    tables already did); a full-test run prints nothing extra."""
+    debug = {**RESULT, "axes": {"task.eval_subset": 4}}
+    assert format_row(debug).splitlines()[-1] == \
+        "tested on the first 4 items only (task.eval_subset=4): not a real result"
+    assert format_line(debug).endswith(" | tested on the first 4 items only")
+    full = {**RESULT, "axes": {"task.eval_subset": 0}}
+    assert format_row(full) == format_row(RESULT) and format_line(full) == format_line(RESULT)
