@@ -64,26 +64,9 @@ def _grouped(flat: torch.Tensor, group_size: int) -> tp.List[tp.Tuple[torch.Tens
 
 def grouped_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: float,
                    group_size: int) -> torch.Tensor:
-    """Levels ``round((w - min) / (max - min) * (2**bits_g - 1))`` per group (int32, flat)."""
-    flat = weight.detach().reshape(-1).float()
-    out = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
-    scale = high - low
-    if scale <= 0:  # constant tensor: every weight is exactly ``low``
-        return out
-    steps = torch.exp2(bits.float()) - 1
-    for (w_v, sl), (o_v, _) in zip(_grouped(flat, group_size), _grouped(out, group_size)):
-        st = steps[sl].unsqueeze(1)
-        levels = torch.round((w_v - low) / scale * st)
-        o_v.copy_(torch.minimum(levels.clamp_(min=0), st))
-    return out
-
-
-def _export_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: float,
-                   group_size: int) -> torch.Tensor:
-    """:func:`grouped_levels` with the same operations on each entry in the same order (so the same
-    bits; tests/quant/test_diffq.py compares them and every run's restore check would fail on a
-    difference), applied in place to one buffer: the export calls it on slices of half a million
-    weights, where fresh temporaries cost more than the arithmetic."""
+    """Levels ``round((w - min) / (max - min) * (2**bits_g - 1))`` per group, clamped into
+    ``[0, 2**bits_g - 1]`` (int32, flat). In place on one working buffer: the export calls it on
+    slices of half a million weights, where fresh temporaries cost more than the arithmetic."""
     flat = weight.detach().reshape(-1).float()
     if high - low <= 0:  # constant tensor: every weight is exactly ``low``
         return torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
@@ -96,28 +79,18 @@ def _export_levels(weight: torch.Tensor, bits: torch.Tensor, low: float, high: f
     return work.to(torch.int32)
 
 
-def _restore_weights(levels: torch.Tensor, bits: torch.Tensor, low: float, high: float,
-                     group_size: int, out: torch.Tensor) -> None:
-    """:func:`grouped_dequantize` into ``out``: the same operations on each entry (so the same bits;
-    tests/quant/test_diffq.py compares them), with no temporary of the size of the levels."""
-    steps = torch.exp2(bits.float()) - 1
-    step = torch.tensor(high - low, dtype=torch.float32, device=levels.device) / steps
-    low_t = torch.tensor(low, dtype=torch.float32, device=levels.device)
-    for (l_v, sl), (o_v, _) in zip(_grouped(levels, group_size), _grouped(out, group_size)):
-        torch.mul(l_v, step[sl].unsqueeze(1), out=o_v)
-        o_v.add_(low_t)
-
-
 def grouped_dequantize(levels: torch.Tensor, bits: torch.Tensor, low: float, high: float,
-                       group_size: int) -> torch.Tensor:
-    """``levels * ((max - min) / (2**bits_g - 1)) + min`` per group (float32, flat).
+                       group_size: int, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``levels * ((max - min) / (2**bits_g - 1)) + min`` per group (float32, flat), into ``out``
+    when given (the restore writes each slice into the result).
 
     The one dequantization used by both the eval forward and restore (bit-identical outputs).
     """
     steps = torch.exp2(bits.float()) - 1
     step = torch.tensor(high - low, dtype=torch.float32, device=levels.device) / steps
     low_t = torch.tensor(low, dtype=torch.float32, device=levels.device)
-    out = torch.empty(levels.numel(), dtype=torch.float32, device=levels.device)
+    if out is None:
+        out = torch.empty(levels.numel(), dtype=torch.float32, device=levels.device)
     for (l_v, sl), (o_v, _) in zip(_grouped(levels, group_size), _grouped(out, group_size)):
         torch.mul(l_v, step[sl].unsqueeze(1), out=o_v)
         o_v.add_(low_t)
@@ -503,7 +476,7 @@ class DiffQuantizer(BaseQuantizer):
         flat, g = qp.param.detach().reshape(-1), self.group_size or qp.param.numel()
 
         def levels(start: int, stop: int) -> torch.Tensor:
-            return _export_levels(flat[start:stop], on_device[start // g:-(-stop // g)], low, high,
+            return grouped_levels(flat[start:stop], on_device[start // g:-(-stop // g)], low, high,
                                   self.group_size)
 
         bits = on_device.cpu()
@@ -528,7 +501,7 @@ class DiffQuantizer(BaseQuantizer):
 
         def dequantize(levels: torch.Tensor, start: int, out: torch.Tensor) -> None:  # whole groups
             stop = start + levels.numel()
-            _restore_weights(levels, bits[start // width:-(-stop // width)], low, high, g, out)
+            grouped_dequantize(levels, bits[start // width:-(-stop // width)], low, high, g, out=out)
 
         try:
             out = unpack_groups(entry["levels"], bits, n, g, dtype=torch.float32, apply=dequantize)

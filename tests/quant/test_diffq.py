@@ -7,7 +7,7 @@ from torch import nn
 
 from diffq_bench.quant import DiffQuantizer, QuantizerError, get_quantizer, pack, restore
 from diffq_bench.quant.base import MB
-from diffq_bench.quant.diffq import _export_levels, _restore_weights, grouped_dequantize, grouped_levels
+from diffq_bench.quant.diffq import grouped_dequantize, grouped_levels
 
 
 def linear(n_in=64, n_out=64, seed=0):
@@ -233,21 +233,26 @@ def test_restored_weights_are_the_eval_weights_bit_for_bit(monkeypatch, group_si
 
 
 @pytest.mark.parametrize("group_size", [0, 1, 16, 24])
-def test_export_arithmetic_is_the_eval_arithmetic(group_size):
-    # the export's in-place copies of grouped_levels / grouped_dequantize give the same bits
+def test_grouped_arithmetic_is_the_formula_entry_by_entry(group_size):
+    # the in-place group arithmetic (eval, export and restore share it) against the formula
+    # written entry by entry with each entry's own bit width (float32, the same operation order)
     torch.manual_seed(2)
     weight = torch.randn(1000) * 3
     g = group_size or 1000
     bits = torch.randint(1, 17, (-(-1000 // g),))
     low, high = float(weight.min()), float(weight.max())
+    steps = (torch.exp2(bits.float()) - 1).repeat_interleave(g)[:1000]
+    expected = torch.minimum(torch.round((weight - low) / (high - low) * steps).clamp(min=0), steps)
     levels = grouped_levels(weight, bits, low, high, group_size)
-    assert torch.equal(_export_levels(weight, bits, low, high, group_size), levels)
+    assert levels.dtype == torch.int32 and torch.equal(levels, expected.to(torch.int32))
+    step = (torch.tensor(high - low, dtype=torch.float32) / (torch.exp2(bits.float()) - 1)).repeat_interleave(g)[:1000]
+    dequantized = levels * step + torch.tensor(low, dtype=torch.float32)
+    assert torch.equal(grouped_dequantize(levels, bits, low, high, group_size), dequantized)
     out = torch.empty(1000)
-    _restore_weights(levels, bits, low, high, group_size, out)
-    assert torch.equal(out, grouped_dequantize(levels, bits, low, high, group_size))
+    assert grouped_dequantize(levels, bits, low, high, group_size, out=out) is out
+    assert torch.equal(out, dequantized)
     constant = torch.full((64,), 0.5)
-    assert torch.equal(_export_levels(constant, bits[:4], 0.5, 0.5, 16),
-                       grouped_levels(constant, bits[:4], 0.5, 0.5, 16))
+    assert torch.equal(grouped_levels(constant, bits[:4], 0.5, 0.5, 16), torch.zeros(64, dtype=torch.int32))
 
 
 def test_corrupt_levels_are_a_quantizer_error():
