@@ -120,6 +120,7 @@ class BaseQuantizer:
         self._handles: tp.List[tp.Any] = []
         self._active: tp.Optional[nn.Module] = None
         self._subtree: tp.Dict[nn.Module, tp.List[QParam]] = {}
+        self._roots: tp.Dict[nn.Module, tp.List[QParam]] = {}  # first occurrences of each subtree
         self._float_subtree: tp.Dict[nn.Module, tp.List[tp.Tuple[nn.Module, str, nn.Parameter]]] = {}
         self._eval_cache: tp.Dict[tp.Any, tp.Tuple[tp.Any, torch.Tensor]] = {}
         self._find_params()
@@ -166,6 +167,7 @@ class BaseQuantizer:
 
     # --------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
+        self._roots.clear()
         owners: tp.Dict[nn.Module, tp.List[QParam]] = {}
         for qp in self._qparams:
             owners.setdefault(qp.module, []).append(qp)
@@ -202,7 +204,9 @@ class BaseQuantizer:
             value = module._parameters[attr]
         else:
             module.__dict__[attr] = value
-        names = getattr(module, "_flat_weights_names", None)
+        # (from the instance dict: a missing attribute through Module.__getattr__ costs more than
+        # the rest of this call, twice per quantized weight and forward)
+        names = module.__dict__.get("_flat_weights_names")
         if names is not None and attr in names:  # RNNs read their weights from this list
             module._flat_weights[names.index(attr)] = value
 
@@ -215,7 +219,10 @@ class BaseQuantizer:
             self._eval_cache.clear()
         values: tp.Dict[int, torch.Tensor] = {}
         if train:  # all of the subtree's values in one call (DiffQ draws one noise for the set)
-            roots = list({id(qp.other or qp): qp.other or qp for qp in self._subtree[module]}.values())
+            roots = self._roots.get(module)
+            if roots is None:
+                roots = list({id(qp.other or qp): qp.other or qp for qp in self._subtree[module]}.values())
+                self._roots[module] = roots
             values = dict(zip(map(id, roots), self._train_values(roots)))
         for qp in self._subtree[module]:
             root = qp.other or qp

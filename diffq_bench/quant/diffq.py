@@ -38,6 +38,7 @@ from .base import MB, BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_groups, pack_uint, unpack_groups, unpack_uint
 from .rng import fill_noise
+from .state import load_tensors
 from .uniform import check_bits_order, tensor_range
 
 NOISES = {"gaussian": 0.5, "uniform": 1.0}  # name -> coefficient c of Δ in the noise c·Δ·u
@@ -167,6 +168,11 @@ class _Layout:
                     real[offset // width + count:offset // width + n_rows] = False
                 self.row_group = torch.full_like(real, self.n_groups, dtype=torch.long)
                 self.row_group[real] = torch.arange(self.n_groups, device=device)
+        # per-tensor sums/maxima of a per-group value: when every row is a group (no padding rows)
+        # and a block of 256 entries holds whole groups, reduce each block's groups, then the
+        # few blocks of each tensor (2 ops, not one per tensor)
+        self.block_groups = _BLOCK // width if self.row_group is None and _BLOCK % width == 0 else 0
+        self.tensor_of_block = blocks
         self.ones = torch.ones(width, dtype=dtype, device=device)  # row sums as a matrix-vector product
         lengths = torch.full((self.n_groups,), float(group_size), device=device)
         ends = torch.tensor(groups, device=device).cumsum(0) - 1
@@ -176,10 +182,30 @@ class _Layout:
         self.buffers = _Buffers(self.total, dtype, device)
         self.group_buffers = _Buffers(self.n_groups, torch.float32, device)  # logits are float32
 
-    def cat_groups(self, logits: tp.Sequence[torch.Tensor]) -> torch.Tensor:
-        """The logit vectors in one flat buffer of our own."""
+    def sigmoid(self, logits: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+        """``sigmoid`` of the logits (one flat vector of all the groups, or one vector per tensor)
+        in a flat buffer of our own."""
         out = self.group_buffers.take(logits[0].dtype)
-        return torch.cat(logits, out=out) if len(logits) > 1 else out.copy_(logits[0])
+        if len(logits) > 1:
+            return torch.cat(logits, out=out).sigmoid_()
+        return torch.sigmoid(logits[0], out=out)
+
+    def keep_sigmoid(self, logits: tp.Sequence[torch.Tensor], sig: torch.Tensor) -> None:
+        """Hand the noise forward's ``sigmoid(logits)`` to the size term of the same step (the
+        logits have not changed in between: same memory, same version)."""
+        self.kept = (logits[0].data_ptr(), logits[0]._version, sig) if len(logits) == 1 else None
+
+    def kept_sigmoid(self, logits: tp.Sequence[torch.Tensor]) -> tp.Optional[torch.Tensor]:
+        """The sigmoid kept by :meth:`keep_sigmoid` when it is still that of ``logits`` (once:
+        the buffer goes back to the pool when its users are done)."""
+        kept, self.kept = getattr(self, "kept", None), None
+        if kept is None or len(logits) != 1 or kept[:2] != (logits[0].data_ptr(), logits[0]._version):
+            return None
+        return kept[2]
+
+    def split_groups(self, per_group: torch.Tensor, count: int) -> tp.Tuple[torch.Tensor, ...]:
+        """A per-group gradient as the ``count`` logit inputs were given: whole (1) or per tensor."""
+        return (per_group,) if count == 1 else tuple(per_group.split(self.groups))
 
     def flatten(self, tensors: tp.Sequence[torch.Tensor], pad_with_first: bool) -> torch.Tensor:
         """A flat buffer of our own (:class:`_Buffers`) holding ``tensors`` at their offsets;
@@ -217,8 +243,16 @@ class _Layout:
         return sums.new_zeros(self.n_groups + 1).index_add_(0, self.row_group, sums)[:self.n_groups]
 
     def per_tensor(self, per_group: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-        """Sum (``reduce="amax"``: max) of a per-group value over each tensor's groups (one
-        vectorized reduction per tensor: a scatter over all the groups is several times slower)."""
+        """Sum (``reduce="amax"``: max) of a per-group value over each tensor's groups: through
+        the blocks of 256 entries when they hold whole groups, else one vectorized reduction per
+        tensor (a scatter over all the groups is several times slower)."""
+        k = len(self.sizes)
+        if self.block_groups:
+            blocks = per_group.view(-1, self.block_groups)
+            if reduce == "sum":
+                return per_group.new_zeros(k).index_add_(0, self.tensor_of_block, blocks.sum(1))
+            return per_group.new_full((k,), -math.inf).scatter_reduce_(
+                0, self.tensor_of_block, blocks.amax(1), "amax")
         parts = per_group.split(self.groups)
         return torch.stack([part.sum() if reduce == "sum" else part.amax() for part in parts])
 
@@ -244,8 +278,9 @@ class _PseudoQuantNoise(torch.autograd.Function):
     once (:class:`_Layout`), gradients to the weights and the logits.
 
     Inputs: the layout, ``(min_bits, span, coef, noise kind)``, the fixed noise per tensor (or
-    None: one fresh draw for the whole set), then the ``k`` weights and their ``k`` logit vectors.
-    Returns the ``k`` noisy weights (views of one buffer).
+    None: one fresh draw for the whole set), then the ``k`` weights and their logits: one flat
+    vector of all the groups in layout order (the quantizer's own flat parameter: no copy, one
+    gradient) or ``k`` vectors. Returns the ``k`` noisy weights (views of one buffer).
     """
 
     @staticmethod
@@ -256,11 +291,13 @@ class _PseudoQuantNoise(torch.autograd.Function):
         flat = layout.flatten(weights, pad_with_first=True)
         low, high, extremes = layout.ranges(flat)
         scale = high - low  # per tensor
-        sig = layout.cat_groups(logits).sigmoid_()
+        sig = layout.sigmoid(logits)
+        if fixed is None:
+            layout.keep_sigmoid(logits, sig)
         # den = 2**bits - 1, Δ = c·scale/den: in place on buffers of our own (fewer passes)
         den = torch.mul(sig, span, out=layout.group_buffers.take(sig.dtype)).add_(min_bits).exp2_().sub_(1)
-        delta = torch.index_select(scale, 0, layout.group_tensor, out=layout.group_buffers.take(scale.dtype))
-        delta.mul_(coef).div_(den)
+        delta = torch.index_select(scale * coef, 0, layout.group_tensor, out=layout.group_buffers.take(scale.dtype))
+        delta.div_(den)
         if fixed is not None:
             u = layout.flatten([f.to(flat) for f in fixed], pad_with_first=False)
         else:
@@ -269,7 +306,7 @@ class _PseudoQuantNoise(torch.autograd.Function):
         width = layout.width
         torch.addcmul(flat.view(-1, width), u.view(-1, width), layout.per_row(delta).unsqueeze(1),
                       out=out.view(-1, width))
-        ctx.u, ctx.layout, ctx.config = u, layout, config
+        ctx.u, ctx.layout, ctx.config, ctx.n_logits = u, layout, config, len(logits)
         ctx.save_for_backward(sig, den, delta, extremes)
         return tuple(layout.split(out, weights))
 
@@ -295,32 +332,36 @@ class _PseudoQuantNoise(torch.autograd.Function):
         grad_logits = grad_delta.mul_(-math.log(2) * span)
         # the range max - min: its gradient goes to the first arg-max (+) and arg-min (-) entries
         grad.index_add_(0, extremes, torch.cat([grad_scale, -grad_scale]).to(grad.dtype))
-        k = len(layout.sizes)
-        return (None, None, None, *layout.split(grad, grad_outs[:k]),
-                *grad_logits.split(layout.groups))
+        return (None, None, None, *layout.split(grad, grad_outs),
+                *layout.split_groups(grad_logits, ctx.n_logits))
 
 
 class _SizeTerm(torch.autograd.Function):
-    """Size in MiB of a set of tensors from their logits, one node: ``(Σ_g len_g · bits_g +
-    header(tops)) / 8 / MB``, ``bits_g = min_bits + span · sigmoid(logit_g)``, ``tops`` the largest
-    bits of each tensor (the header, a constant of the size, follows them). Inputs: the layout,
-    ``min_bits``, ``span``, ``header``, then the logit vectors."""
+    """``scale`` times the size in MiB of a set of tensors from their logits, one node:
+    ``scale · (Σ_g len_g · bits_g + header(tops)) / 8 / MB``, ``bits_g = min_bits + span ·
+    sigmoid(logit_g)``, ``tops`` the largest bits of each tensor (the header, a constant of the
+    size, follows them). Inputs: the layout, ``min_bits``, ``span``, ``header``, ``scale`` (λ for
+    the penalty), then the logit vectors. ``Σ len_g · bits_g`` is computed as ``min_bits · N +
+    span · Σ len_g · sigmoid_g`` (one dot product; the sigmoid is the noise forward's when the
+    logits have not changed since)."""
 
     @staticmethod
-    def forward(ctx, layout, min_bits, span, header, *logits):
-        sig = layout.cat_groups(logits).sigmoid_()  # no grad is recorded in here
-        bits = torch.mul(sig, span, out=layout.group_buffers.take(sig.dtype)).add_(min_bits)  # as get_bits
-        tops = layout.per_tensor(bits, "amax").tolist()
-        ctx.layout, ctx.span = layout, span
+    def forward(ctx, layout, min_bits, span, header, scale, *logits):
+        sig = layout.kept_sigmoid(logits)  # no grad is recorded in here
+        if sig is None:
+            sig = layout.sigmoid(logits)
+        tops = layout.per_tensor(sig, "amax").mul_(span).add_(min_bits).tolist()  # as get_bits
+        ctx.layout, ctx.factor, ctx.n_logits = layout, scale * span / 8 / MB, len(logits)
         ctx.save_for_backward(sig)
-        return (torch.dot(bits, layout.lengths) + header(tops)) / 8 / MB
+        constant = (min_bits * sum(layout.sizes) + header(tops)) * scale / 8 / MB
+        return torch.dot(sig, layout.lengths).mul_(scale * span / 8 / MB).add_(constant)
 
     @staticmethod
     def backward(ctx, grad_out):
         sig, = ctx.saved_tensors
         grad = torch.addcmul(sig, sig, sig, value=-1, out=ctx.layout.group_buffers.take(sig.dtype))  # sig·(1 - sig)
-        grad.mul_(ctx.layout.lengths).mul_(grad_out * (ctx.span / 8 / MB))
-        return (None, None, None, None, *grad.split(ctx.layout.groups))
+        grad.mul_(ctx.layout.lengths).mul_(grad_out * ctx.factor)
+        return (None, None, None, None, None, *ctx.layout.split_groups(grad, ctx.n_logits))
 
 
 class DiffQuantizer(BaseQuantizer):
@@ -370,10 +411,15 @@ class DiffQuantizer(BaseQuantizer):
                                  "divisor of the tensor sizes (8, 16 in the paper)")
         p0 = (init_bits - min_bits) / (max_bits - min_bits)
         logit0 = math.log(p0 / (1 - p0))
-        self.logits: tp.Dict[str, nn.Parameter] = {}
-        for qp in self.qparams:
-            groups = self._num_groups(qp)
-            self.logits[qp.name] = nn.Parameter(torch.full((groups,), logit0, device=qp.param.device))
+        # every group's logit in one parameter, tensor after tensor in qparams order: the train
+        # step hands it whole to the noise and size nodes (no copy, one gradient, one optimizer
+        # tensor); each tensor's logits are a slice of it (:meth:`_logit`)
+        qps = self.qparams
+        counts = [self._num_groups(qp) for qp in qps]
+        self._logit_slices = {qp.name: (sum(counts[:i]), n) for i, (qp, n) in enumerate(zip(qps, counts))}
+        device = qps[0].param.device if qps else None
+        self.logit: nn.Parameter = nn.Parameter(torch.full((sum(counts),), logit0, device=device))
+        self._all = qps  # the quantized tensors (first occurrences), in the order of the logits
         self._layouts: tp.Dict[tp.Any, _Layout] = {}
         self._bits_lo = int(round(min_bits))
         self._bits_hi = int(round(max_bits))
@@ -383,11 +429,26 @@ class DiffQuantizer(BaseQuantizer):
         n = qp.param.numel()
         return 1 if self.group_size == 0 else -(-n // self.group_size)
 
-    def _logit(self, qp: QParam) -> nn.Parameter:
-        logit = self.logits[qp.name]
-        if logit.device != qp.param.device:  # model moved after the quantizer was built
-            logit.data = logit.data.to(qp.param.device)
-        return logit
+    def _flat_logit(self) -> nn.Parameter:
+        """:attr:`logit`, on the device of the quantized weights (moved with the model)."""
+        qps = self._all
+        if qps and self.logit.device != qps[0].param.device:  # model moved after the quantizer was built
+            self.logit.data = self.logit.data.to(qps[0].param.device)
+        return self.logit
+
+    def logit_slice(self, qp: QParam) -> slice:
+        """Where ``qp``'s group logits are in :attr:`logit` (and in its ``.grad``)."""
+        start, count = self._logit_slices[qp.name]
+        return slice(start, start + count)
+
+    def _logit(self, qp: QParam) -> torch.Tensor:
+        """The logits of ``qp``'s groups: a slice of :attr:`logit` (differentiable)."""
+        return self._flat_logit()[self.logit_slice(qp)]
+
+    @property
+    def logits(self) -> tp.Dict[str, torch.Tensor]:
+        """Each quantized tensor's logits by name (slices of :attr:`logit`, sharing its memory)."""
+        return {qp.name: self._logit(qp) for qp in self.qparams}
 
     def get_bits(self, qp: QParam) -> torch.Tensor:
         """Continuous bit width per group (differentiable in the logits)."""
@@ -411,10 +472,19 @@ class DiffQuantizer(BaseQuantizer):
         return super().setup_optimizer(optimizer, lr=lr, separate_adam=separate_adam, **kwargs)
 
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
-        return [self.logits[qp.name] for qp in self.qparams]
+        return [self._flat_logit()] if self.qparams else []
+
+    def state_dict(self) -> tp.Dict[str, tp.Any]:
+        """The logits, one tensor per quantized tensor (qparams order)."""
+        with torch.no_grad():
+            return {"params": [self._logit(qp).cpu().clone() for qp in self.qparams]}
+
+    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        with torch.no_grad():
+            load_tensors([self._logit(qp) for qp in self.qparams], state.get("params", []), self.name)
 
     def _layout(self, qps: tp.Sequence[QParam], device: torch.device, dtype: torch.dtype) -> _Layout:
-        key = (tuple(id(qp) for qp in qps), device, dtype)
+        key = ("all" if qps is self._all else tuple(id(qp) for qp in qps), device, dtype)
         layout = self._layouts.get(key)
         if layout is None:
             layout = _Layout([qp.param.numel() for qp in qps], [self._num_groups(qp) for qp in qps],
@@ -440,6 +510,24 @@ class DiffQuantizer(BaseQuantizer):
             the noisy weights, in the order of ``qps``.
         """
         config = (float(self.min_bits), float(self.max_bits - self.min_bits), NOISES[self.noise], self.noise)
+        everything = self._all
+        if not qps:
+            return []
+        if len(qps) == len(everything) and all(a is b for a, b in zip(qps, everything)):  # usual
+            device = everything[0].param.device
+            if all(qp.param.device == device and qp.param.dtype == everything[0].param.dtype for qp in qps):
+                return list(_PseudoQuantNoise.apply(
+                    self._layout(everything, device, everything[0].param.dtype), config,
+                    None if fixed_noise is None else list(fixed_noise),
+                    *(qp.param for qp in everything), self._flat_logit()))
+        elif len(qps) == len(everything) and {id(qp) for qp in qps} == {id(qp) for qp in everything}:
+            # the whole model in another order (a forward's module order): in qparams order the
+            # logits are the flat parameter itself
+            order = {id(qp): i for i, qp in enumerate(qps)}
+            values = self.noisy_weights(everything, None if fixed_noise is None else
+                                        [fixed_noise[order[id(qp)]] for qp in everything])
+            by_id = {id(qp): value for qp, value in zip(everything, values)}
+            return [by_id[id(qp)] for qp in qps]
         sets: tp.Dict[tp.Any, tp.List[int]] = {}  # one set per device and dtype (usually one)
         for i, qp in enumerate(qps):
             sets.setdefault((qp.param.device, qp.param.dtype), []).append(i)
@@ -447,8 +535,10 @@ class DiffQuantizer(BaseQuantizer):
         for (device, dtype), members in sets.items():
             chosen = [qps[i] for i in members]
             fixed = None if fixed_noise is None else [fixed_noise[i] for i in members]
+            whole = len(chosen) == len(everything) and all(a is b for a, b in zip(chosen, everything))
+            logits = [self._flat_logit()] if whole else [self._logit(qp) for qp in chosen]
             values = _PseudoQuantNoise.apply(self._layout(chosen, device, dtype), config, fixed,
-                                             *(qp.param for qp in chosen), *(self._logit(qp) for qp in chosen))
+                                             *(qp.param for qp in chosen), *logits)
             for i, value in zip(members, values):
                 out[i] = value
         return tp.cast(tp.List[torch.Tensor], out)
@@ -537,18 +627,23 @@ class DiffQuantizer(BaseQuantizer):
         """Size in MiB, differentiable in the logits: one size term over all quantized tensors
         (``Σ len_g · bits_g`` as one dot product, the per-tensor constants added once; one autograd
         node, :class:`_SizeTerm`)."""
-        qps = self.qparams
-        logits = [self._logit(qp) for qp in qps]
-        if not qps or len({logit.device for logit in logits}) > 1:
-            return super().model_size()
-        layout = self._layout(qps, logits[0].device, qps[0].param.dtype)
+        return self._size(1.0)
+
+    def _size(self, scale: float) -> torch.Tensor:
+        """``scale`` · :meth:`model_size` (the penalty's λ folded into the size node)."""
+        qps = self._all
+        if not qps or len({(qp.param.device, qp.param.dtype) for qp in qps}) > 1:
+            return scale * super().model_size()
+        logit = self._flat_logit()
+        layout = self._layout(qps, logit.device, qps[0].param.dtype)
         float_bits = sum(p.numel() for _, p in self._float_params) * (16 if self.float16 else 32)
 
         def header(tops: tp.List[float]) -> int:  # per tensor: range, bits_lo, widths; the floats
             widths = sum(self._bits_bits_of(top) * groups for top, groups in zip(tops, layout.groups))
             return (64 + 8) * len(tops) + widths + float_bits
 
-        return _SizeTerm.apply(layout, self.min_bits, float(self.max_bits - self.min_bits), header, *logits)
+        return _SizeTerm.apply(layout, float(self.min_bits), float(self.max_bits - self.min_bits), header,
+                              float(scale), logit)
 
     def true_model_size(self) -> float:
         """Analytic size (MiB) with the exported (rounded) bit widths."""
@@ -564,4 +659,4 @@ class DiffQuantizer(BaseQuantizer):
 
     def penalty_term(self) -> torch.Tensor:
         """λ · :meth:`model_size` (MiB), differentiable in the logits."""
-        return self.penalty * self.model_size()
+        return self._size(self.penalty)
