@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffq_bench.io import write_json
-from diffq_bench.quant import get_quantizer, restore
+from diffq_bench.quant import get_quantizer, native, restore
 
 Step = tp.Callable[[], float]
 
@@ -306,6 +306,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, tp.Any]:
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     official, version = load_official()
+    native.load()  # build (first time on this machine) or load the compiled noise fill before timing
     load_before = os.getloadavg()
     began = time.time()
     if args.quick:  # every row, on tiny models, for a test: the figures mean nothing
@@ -320,7 +321,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, tp.Any]:
     result = {
         "step_time": lm, "step_time_embedded_lm": emb, "all_8bit": packs["8bit"], "mixed_widths": packs["mixed"],
         "env": {"torch": torch.__version__, "official_diffq": version, "threads": threads, "quick": args.quick,
-                "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                "machine": platform.machine(), "cpu_count": os.cpu_count(), "native_noise_fill": native.status(),
                 "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
                 "seconds": time.time() - began, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     report(result)
@@ -337,8 +338,10 @@ def report(r: tp.Dict[str, tp.Any]) -> None:
         return f"{theirs:.2f}" if theirs is not None else "-", f"{entry[key]:.2f}"
 
     env = r["env"]
+    fill = env.get("native_noise_fill") or {}
     print(f"load average {env['load_average_before'][0]:.2f} -> {env['load_average_after'][0]:.2f} "
-          f"on {env['cpu_count']} CPUs; official diffq {env['official_diffq'] or 'not installed'}")
+          f"on {env['cpu_count']} CPUs; official diffq {env['official_diffq'] or 'not installed'}; noise fill: "
+          f"{'compiled (torch threads)' if fill.get('loaded') else 'Python threads (' + str(fill.get('error')) + ')'}")
     print("| what | threads | official | ours |")
     print("|---|---|---|---|")
     for t, entry in r["step_time"]["threads"].items():

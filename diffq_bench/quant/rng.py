@@ -4,7 +4,9 @@ torch's CPU generator (MT19937) is sequential: one ``normal_`` call uses one cor
 noise is the largest cost DiffQ adds to a CPU train step. :func:`fill_noise` cuts a large buffer
 into fixed chunks of :data:`CHUNK` entries; each chunk gets its own generator, seeded from the
 global torch RNG (so ``torch.manual_seed`` and checkpointed RNG states still decide the noise), and
-the chunks are filled by ``torch.get_num_threads()`` worker threads (torch releases the GIL).
+the chunks are filled by ``torch.get_num_threads()`` threads: torch's own OpenMP threads through a
+small compiled op (:mod:`diffq_bench.quant.native`, built once per machine) or, where it cannot
+be built, Python worker threads (torch releases the GIL) with the same values.
 Chunk boundaries and seeds do not depend on the number of threads: the same seed gives the same
 noise on 1 or 16 threads. Buffers under two chunks, and every buffer on an accelerator (whose
 generator is already parallel), are filled directly from the global generator.
@@ -16,6 +18,8 @@ import typing as tp
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from . import native
 
 #: entries per independently seeded chunk (~0.5 ms of MT19937 work on one core): DiffQ draws one
 #: buffer for all its tensors, under a million entries on small models, which still needs chunks
@@ -59,10 +63,15 @@ def fill_noise(buffer: torch.Tensor, kind: str) -> torch.Tensor:
     if buffer.device.type != "cpu" or n < 2 * CHUNK:
         _fill(buffer, kind, None)
         return buffer
+    if kind not in ("gaussian", "uniform"):
+        raise ValueError(f"unknown noise {kind!r}; valid: gaussian, uniform")
     starts = range(0, n, CHUNK)
-    seeds = torch.randint(0, _SEED_HIGH, (len(starts),), dtype=torch.int64).tolist()
-    jobs = [(buffer[s:s + CHUNK], seed) for s, seed in zip(starts, seeds)]
-    threads = min(torch.get_num_threads(), len(jobs))
+    seeds = torch.randint(0, _SEED_HIGH, (len(starts),), dtype=torch.int64)
+    threads = min(torch.get_num_threads(), len(starts))
+    compiled = native.fill_noise_chunks() if threads > 1 and buffer.is_contiguous() else None
+    if compiled is not None:  # the same chunks and generator calls, on torch's OpenMP threads
+        return compiled(buffer, seeds, CHUNK, kind == "gaussian")
+    jobs = [(buffer[s:s + CHUNK], seed) for s, seed in zip(starts, seeds.tolist())]
     if threads <= 1:
         for part, seed in jobs:
             _fill_chunk(part, kind, seed)

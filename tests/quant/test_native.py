@@ -1,0 +1,81 @@
+"""The compiled noise fill (diffq_bench/quant/native.py): the same values as the Python threads,
+and a clear fallback when it cannot be built."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from diffq_bench.quant import native, rng
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def draw(n: int, kind: str, dtype: torch.dtype = torch.float32, seed: int = 7) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return rng.fill_noise(torch.empty(n, dtype=dtype), kind)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler on this machine")
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_compiled_fill_equals_python_threads(kind, two_threads, monkeypatch):
+    assert native.load(), f"the compiled noise fill did not build: {native.status()['error']}"
+    for n, dtype in [(2 * rng.CHUNK, torch.float32), (3 * rng.CHUNK + 5, torch.float32),
+                     (7 * rng.CHUNK - 1, torch.float32), (2 * rng.CHUNK + 1, torch.float64)]:
+        compiled = draw(n, kind, dtype)
+        monkeypatch.setenv("DIFFQ_BENCH_NATIVE", "0")
+        assert native.fill_noise_chunks() is None
+        python = draw(n, kind, dtype)
+        monkeypatch.delenv("DIFFQ_BENCH_NATIVE")
+        assert torch.equal(compiled, python), (n, dtype)
+    compiled = draw(3 * rng.CHUNK + 5, kind)
+    torch.set_num_threads(1)  # the serial loop over the same chunks and seeds (the fixture restores)
+    assert torch.equal(compiled, draw(3 * rng.CHUNK + 5, kind))
+
+
+def test_compiled_op_checks_its_arguments(two_threads):
+    if not native.load():
+        pytest.skip(f"the compiled noise fill is unavailable here: {native.status()['error']}")
+    op = native.fill_noise_chunks()
+    with pytest.raises(RuntimeError, match="one seed per chunk"):
+        op(torch.empty(10), torch.zeros(3, dtype=torch.long), 4 * 4, True)
+    with pytest.raises(RuntimeError, match="contiguous 1-D CPU"):
+        op(torch.empty(4, 4), torch.zeros(1, dtype=torch.long), 16, True)
+
+
+def test_failed_build_falls_back_once_with_the_reason(tmp_path, monkeypatch, caplog, two_threads):
+    """No compiler (or any build error): one warning naming the reason, then the Python threads
+    draw the same noise; nothing is retried on every step."""
+    monkeypatch.setattr(native, "_state", {"tried": False, "loaded": False, "error": None, "path": None})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def broken(target):
+        raise RuntimeError("Error building extension:\nnoise_fill.cpp:1:1: error: no compiler here")
+
+    monkeypatch.setattr(native, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="diffq_bench.quant.native"):
+        first = draw(3 * rng.CHUNK, "gaussian")
+        again = draw(3 * rng.CHUNK, "gaussian")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0] and "no compiler here" in warnings[0]
+    assert native.status()["error"] and not native.status()["loaded"]
+    assert torch.equal(first, again)
+    monkeypatch.setenv("DIFFQ_BENCH_NATIVE", "0")
+    assert torch.equal(first, draw(3 * rng.CHUNK, "gaussian"))
+
+
+def test_cache_path_follows_source_and_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    path = native.cache_path()
+    assert path.parent.parent == tmp_path and path.name.endswith(".so")
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert native.cache_path() != path
