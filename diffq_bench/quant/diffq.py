@@ -302,13 +302,14 @@ class _PseudoQuantNoise(torch.autograd.Function):
             u = layout.flatten([f.to(flat) for f in fixed], pad_with_first=False)
         else:
             u = fill_noise(layout.buffers.take(), noise)
-        out = layout.buffers.take()
+        # in place: the copy of the weights is not needed afterwards, and one buffer fewer in the
+        # step's working set leaves the cache to the model (the float ops of the step ran slower
+        # with one more 4-byte-per-weight buffer)
         width = layout.width
-        torch.addcmul(flat.view(-1, width), u.view(-1, width), layout.per_row(delta).unsqueeze(1),
-                      out=out.view(-1, width))
+        flat.view(-1, width).addcmul_(u.view(-1, width), layout.per_row(delta).unsqueeze(1))
         ctx.u, ctx.layout, ctx.config, ctx.n_logits = u, layout, config, len(logits)
         ctx.save_for_backward(sig, den, delta, extremes)
-        return tuple(layout.split(out, weights))
+        return tuple(layout.split(flat, weights))
 
     @staticmethod
     def backward(ctx, *grad_outs):
