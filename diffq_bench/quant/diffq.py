@@ -465,11 +465,17 @@ class DiffQuantizer(BaseQuantizer):
     # ----------------------------------------------------------------------- quantizer API
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: tp.Optional[float] = None,
                         separate_adam: bool = False, **kwargs: tp.Any) -> tp.List[torch.optim.Optimizer]:
-        """As :meth:`BaseQuantizer.setup_optimizer`; the logits' group uses the optimizer's
-        multi-tensor (``foreach``) implementation where it has one (the same update): a model has
-        one small logit vector per quantized tensor, a dozen ops each in the per-tensor loop."""
-        if "foreach" in optimizer.defaults and not optimizer.defaults.get("differentiable"):
-            kwargs.setdefault("foreach", True)
+        """As :meth:`BaseQuantizer.setup_optimizer`; the logits' group (one flat tensor) uses the
+        optimizer's fused implementation where it has one (Adam, AdamW, SGD: one kernel instead of
+        a dozen whole-tensor ops; the same update up to float rounding), else its multi-tensor
+        (``foreach``) one, unless ``foreach`` or ``fused`` is given."""
+        defaults = optimizer.defaults if not separate_adam else {"fused": None, "foreach": None}
+        if "foreach" not in kwargs and "fused" not in kwargs and not defaults.get("differentiable"):
+            device = self.logit.device.type
+            if "fused" in defaults and device in ("cpu", "cuda"):
+                kwargs["fused"] = True
+            elif "foreach" in defaults:
+                kwargs["foreach"] = True
         return super().setup_optimizer(optimizer, lr=lr, separate_adam=separate_adam, **kwargs)
 
     def quantizer_parameters(self) -> tp.List[nn.Parameter]:
