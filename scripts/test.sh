@@ -16,6 +16,10 @@ python3 -m pip install -q -e '.[eval]' || echo "scripts/test.sh: could not insta
 python3 -m ruff check .
 # A fresh environment must resolve a torch/torchvision/torchaudio/timm set that imports together.
 python3 -c "import torch, torchvision, torchaudio, timm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| torchaudio', torchaudio.__version__, '| timm', timm.__version__)"
+# DiffQ's parallel noise fill is compiled once per machine (~20 s, diffq_bench/quant/native.py): build
+# it here rather than inside whichever test first trains DiffQ on two threads. Where it cannot be
+# built the runs fall back to Python threads (same noise); tests/quant/test_native.py says why.
+python3 -c "from diffq_bench.quant import native; ok = native.load(); print('DiffQ compiled noise fill:', 'ready' if ok else native.status()['error'])"
 # Two workers (the CI machine has 2 cores; tests run single-threaded); a file's tests stay on one
 # worker, so module/session fixtures (the SLURM test cluster, shared torchrun sessions) start once.
 set +e
