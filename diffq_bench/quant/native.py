@@ -108,7 +108,8 @@ def load() -> bool:
 
 
 def fill_noise_chunks() -> tp.Optional[tp.Callable[..., torch.Tensor]]:
-    """``(buffer, seeds, chunk, gaussian) -> buffer``: the chunked noise fill on torch's threads."""
+    """``(buffer, seeds, chunk, gaussian, low, high) -> buffer``: the chunked noise fill (N(0, 1),
+    else U(low, high)) on torch's threads."""
     return torch.ops.diffq_bench.fill_noise_chunks if load() else None
 
 

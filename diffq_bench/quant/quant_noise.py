@@ -26,6 +26,7 @@ from torch import nn
 from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
+from .rng import fill_noise
 
 OBSERVERS = ("tensor", "channel")
 
@@ -128,15 +129,39 @@ class QuantNoiseQuantizer(BaseQuantizer):
     def _quantized(self, qp: QParam) -> torch.Tensor:
         return fake_quantize(qp.param, self.bits, self._observer_for(qp.param))
 
-    def _train_value(self, qp: QParam) -> torch.Tensor:
+    def _train_value(self, qp: QParam, draw: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``w + mask·(Q(w) − w).detach()``, ``mask = draw < p`` with ``draw`` U[0, 1) entries of
+        ``w``'s shape (drawn here when not given)."""
         weight = qp.param
         if self.p <= 0:
             return weight
         noise = self._quantized(qp) - weight.detach()
         if self.p < 1:
-            mask = torch.rand(weight.shape, device=weight.device) < self.p
-            noise = noise * mask
+            if draw is None:
+                draw = self._draws([qp])[0]
+            noise = noise * (draw < self.p)
         return weight + noise  # noise carries no grad: straight-through to every weight
+
+    def _train_values(self, qps: tp.Sequence[QParam]) -> tp.List[torch.Tensor]:
+        """The set of a forward with one draw for all its masks (as DiffQ's noise: one seeded,
+        chunked fill on torch's threads instead of one serial ``torch.rand`` per tensor)."""
+        if not 0 < self.p < 1:
+            return [self._train_value(qp) for qp in qps]
+        return [self._train_value(qp, draw) for qp, draw in zip(qps, self._draws(qps))]
+
+    @staticmethod
+    def _draws(qps: tp.Sequence[QParam]) -> tp.List[torch.Tensor]:
+        """U[0, 1) entries for each of ``qps``, shaped as it: one fill per device."""
+        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(qps)
+        sets: tp.Dict[torch.device, tp.List[int]] = {}
+        for i, qp in enumerate(qps):
+            sets.setdefault(qp.param.device, []).append(i)
+        for device, members in sets.items():
+            sizes = [qps[i].param.numel() for i in members]
+            flat = fill_noise(torch.empty(sum(sizes), device=device), "unit")
+            for i, part in zip(members, flat.split(sizes)):
+                out[i] = part.view(qps[i].param.shape)
+        return tp.cast(tp.List[torch.Tensor], out)
 
     def _eval_value(self, qp: QParam) -> torch.Tensor:
         return self._quantized(qp)

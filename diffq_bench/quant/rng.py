@@ -43,13 +43,22 @@ def _workers(threads: int) -> ThreadPoolExecutor:
         return _executor
 
 
+#: the distributions: name -> (low, high) of a uniform draw, None for N(0, 1)
+KINDS: tp.Dict[str, tp.Optional[tp.Tuple[float, float]]] = {
+    "gaussian": None,  # DiffQ's default pseudo quantization noise
+    "uniform": (-0.5, 0.5),  # DiffQ's uniform noise
+    "unit": (0.0, 1.0),  # U[0, 1), as torch.rand: Quant-Noise's masks (u < p)
+}
+
+
 def _fill(part: torch.Tensor, kind: str, generator: tp.Optional[torch.Generator]) -> None:
-    if kind == "gaussian":
+    if kind not in KINDS:
+        raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
+    bounds = KINDS[kind]
+    if bounds is None:
         part.normal_(generator=generator)
-    elif kind == "uniform":
-        part.uniform_(-0.5, 0.5, generator=generator)
     else:
-        raise ValueError(f"unknown noise {kind!r}; valid: gaussian, uniform")
+        part.uniform_(*bounds, generator=generator)
 
 
 def _fill_chunk(part: torch.Tensor, kind: str, seed: int) -> None:
@@ -57,20 +66,21 @@ def _fill_chunk(part: torch.Tensor, kind: str, seed: int) -> None:
 
 
 def fill_noise(buffer: torch.Tensor, kind: str) -> torch.Tensor:
-    """Fill a contiguous 1-D ``buffer`` in place with N(0, 1) (``gaussian``) or U(-½, ½)
-    (``uniform``) draws and return it."""
+    """Fill a contiguous 1-D ``buffer`` in place with N(0, 1) (``gaussian``), U(-½, ½)
+    (``uniform``) or U[0, 1) (``unit``) draws and return it."""
     n = buffer.numel()
     if buffer.device.type != "cpu" or n < 2 * CHUNK:
         _fill(buffer, kind, None)
         return buffer
-    if kind not in ("gaussian", "uniform"):
-        raise ValueError(f"unknown noise {kind!r}; valid: gaussian, uniform")
+    if kind not in KINDS:
+        raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
     starts = range(0, n, CHUNK)
     seeds = torch.randint(0, _SEED_HIGH, (len(starts),), dtype=torch.int64)
     threads = min(torch.get_num_threads(), len(starts))
     compiled = native.fill_noise_chunks() if threads > 1 and buffer.is_contiguous() else None
     if compiled is not None:  # the same chunks and generator calls, on torch's OpenMP threads
-        return compiled(buffer, seeds, CHUNK, kind == "gaussian")
+        low, high = KINDS[kind] or (0.0, 0.0)
+        return compiled(buffer, seeds, CHUNK, KINDS[kind] is None, low, high)
     jobs = [(buffer[s:s + CHUNK], seed) for s, seed in zip(starts, seeds.tolist())]
     if threads <= 1:
         for part, seed in jobs:

@@ -26,7 +26,7 @@ def draw(n: int, kind: str, dtype: torch.dtype = torch.float32, seed: int = 7) -
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler on this machine")
-@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+@pytest.mark.parametrize("kind", ["gaussian", "uniform", "unit"])
 def test_compiled_fill_equals_python_threads(kind, two_threads, monkeypatch):
     assert native.load(), f"the compiled noise fill did not build: {native.status()['error']}"
     for n, dtype in [(2 * rng.CHUNK, torch.float32), (3 * rng.CHUNK + 5, torch.float32),
@@ -47,9 +47,9 @@ def test_compiled_op_checks_its_arguments(two_threads):
         pytest.skip(f"the compiled noise fill is unavailable here: {native.status()['error']}")
     op = native.fill_noise_chunks()
     with pytest.raises(RuntimeError, match="one seed per chunk"):
-        op(torch.empty(10), torch.zeros(3, dtype=torch.long), 4 * 4, True)
+        op(torch.empty(10), torch.zeros(3, dtype=torch.long), 4 * 4, True, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="contiguous 1-D CPU"):
-        op(torch.empty(4, 4), torch.zeros(1, dtype=torch.long), 16, True)
+        op(torch.empty(4, 4), torch.zeros(1, dtype=torch.long), 16, True, 0.0, 0.0)
 
 
 def test_failed_build_falls_back_once_with_the_reason(tmp_path, monkeypatch, caplog, two_threads):

@@ -151,3 +151,24 @@ def test_conv_weights_get_one_range_per_output_channel():
     restore(fresh, state)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+def test_masks_are_one_seeded_draw_independent_of_threads():
+    """One U[0, 1) draw for the whole forward (chunked and seeded like DiffQ's noise): the same
+    seed gives the same train forward on 1 and 2 threads, a new seed another mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 600), nn.Linear(600, 300))  # 487k weights: several chunks
+    QuantNoiseQuantizer(model, bits=4, p=0.5, min_size=0, exclude=["*bias"])
+    model.train()
+    x = torch.randn(4, 512)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            torch.manual_seed(5 if len(outs) < 2 else 6)
+            with torch.no_grad():
+                outs.append(model(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])

@@ -2,7 +2,8 @@
 // diffq_bench/quant/native.py builds it).
 //
 // The buffer is cut into chunks of `chunk` entries (the last one shorter); chunk i is filled by
-// torch's own CPU generator (MT19937) seeded with seeds[i], through torch's normal_ / uniform_:
+// torch's own CPU generator (MT19937) seeded with seeds[i], through torch's normal_ (gaussian) or
+// uniform_(low, high):
 // exactly the values of filling the chunks one after another from Python. The chunks are spread
 // over torch's intra-op (OpenMP) threads, so on a busy machine the fill runs on threads that are
 // already awake instead of Python worker threads competing with them.
@@ -15,7 +16,8 @@
 
 namespace {
 
-at::Tensor fill_noise_chunks(at::Tensor buffer, const at::Tensor& seeds, int64_t chunk, bool gaussian) {
+at::Tensor fill_noise_chunks(at::Tensor buffer, const at::Tensor& seeds, int64_t chunk, bool gaussian,
+                             double low, double high) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 1 && buffer.is_contiguous(),
               "fill_noise_chunks: buffer must be a contiguous 1-D CPU tensor");
   TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 1,
@@ -33,7 +35,7 @@ at::Tensor fill_noise_chunks(at::Tensor buffer, const at::Tensor& seeds, int64_t
       if (gaussian) {
         part.normal_(0.0, 1.0, generator);
       } else {
-        part.uniform_(-0.5, 0.5, generator);
+        part.uniform_(low, high, generator);
       }
     }
   });
@@ -43,7 +45,7 @@ at::Tensor fill_noise_chunks(at::Tensor buffer, const at::Tensor& seeds, int64_t
 }  // namespace
 
 TORCH_LIBRARY(diffq_bench, m) {
-  m.def("fill_noise_chunks(Tensor(a!) buffer, Tensor seeds, int chunk, bool gaussian) -> Tensor(a!)");
+  m.def("fill_noise_chunks(Tensor(a!) buffer, Tensor seeds, int chunk, bool gaussian, float low, float high) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(diffq_bench, CPU, m) {
