@@ -38,6 +38,7 @@ from .base import MB, BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_finite, check_range
 from .pack import pack_groups, pack_uint, unpack_groups, unpack_uint
 from .rng import fill_noise
+from .rng import prepare as prepare_noise
 from .state import load_tensors
 from .uniform import check_bits_order, tensor_range
 
@@ -421,6 +422,7 @@ class DiffQuantizer(BaseQuantizer):
         device = qps[0].param.device if qps else None
         self.logit: nn.Parameter = nn.Parameter(torch.full((sum(counts),), logit0, device=device))
         self._all = qps  # the quantized tensors (first occurrences), in the order of the logits
+        prepare_noise(device)
         self._layouts: tp.Dict[tp.Any, _Layout] = {}
         self._bits_lo = int(round(min_bits))
         self._bits_hi = int(round(max_bits))

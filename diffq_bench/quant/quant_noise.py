@@ -27,6 +27,7 @@ from .base import BaseQuantizer, Display, QParam
 from .errors import QuantizerError, check_range
 from .pack import pack_uint, unpack_uint
 from .rng import fill_noise
+from .rng import prepare as prepare_noise
 
 OBSERVERS = ("tensor", "channel")
 
@@ -121,6 +122,8 @@ class QuantNoiseQuantizer(BaseQuantizer):
         self.p = float(p)
         self.observer = observer
         super().__init__(model, min_size=min_size, float16=float16, exclude=exclude)
+        if 0 < self.p < 1 and self.qparams:
+            prepare_noise(self.qparams[0].param.device)
 
     def _observer_for(self, param: torch.Tensor) -> str:
         # A per-channel range needs a channel axis; 0-d/1-d tensors get one range.

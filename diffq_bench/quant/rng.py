@@ -65,6 +65,14 @@ def _fill_chunk(part: torch.Tensor, kind: str, seed: int) -> None:
     _fill(part, kind, torch.Generator(device="cpu").manual_seed(seed))
 
 
+def prepare(device: tp.Optional[torch.device]) -> None:
+    """Build or load the compiled fill now where :func:`fill_noise` will use it (CPU, several
+    threads): the first build takes ~20 s and says so, better before a run's progress bar starts
+    than inside its first step. Quantizers that draw noise call it when they are built."""
+    if device is not None and torch.device(device).type == "cpu" and torch.get_num_threads() > 1:
+        native.load()
+
+
 def fill_noise(buffer: torch.Tensor, kind: str) -> torch.Tensor:
     """Fill a contiguous 1-D ``buffer`` in place with N(0, 1) (``gaussian``), U(-½, ½)
     (``uniform``) or U[0, 1) (``unit``) draws and return it."""
