@@ -55,8 +55,20 @@ def cache_path() -> Path:
     return root / f"{_NAME}_{key}" / f"{_NAME}.so"
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` package's launcher sits in this
+    Python's ``bin``, which is not on PATH when a venv's program is run without activating it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
 def _build(target: Path) -> None:
     """Compile the source into ``target`` (atomically) and load it into this process."""
+    _ninja_on_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     cpp_log = logging.getLogger("torch.utils.cpp_extension")

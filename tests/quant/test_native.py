@@ -79,3 +79,13 @@ def test_cache_path_follows_source_and_torch(monkeypatch, tmp_path):
     assert path.parent.parent == tmp_path and path.name.endswith(".so")
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     assert native.cache_path() != path
+
+
+def test_ninja_from_the_python_package_when_not_on_path(monkeypatch, tmp_path):
+    """A venv's diffq-bench run without activating the venv: PATH lacks its bin, where the
+    ``ninja`` package puts the launcher torch's builder calls."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    native._ninja_on_path()
+    assert shutil.which("ninja") is not None and os.environ["PATH"].startswith(ninja.BIN_DIR)
