@@ -182,6 +182,7 @@ class _Layout:
         self.lengths = lengths  # entries of each group (the size term's weights)
         self.buffers = _Buffers(self.total, dtype, device)
         self.group_buffers = _Buffers(self.n_groups, torch.float32, device)  # logits are float32
+        self.kept: tp.Optional[tp.Tuple[int, int, torch.Tensor]] = None  # see keep_sigmoid
 
     def sigmoid(self, logits: tp.Sequence[torch.Tensor]) -> torch.Tensor:
         """``sigmoid`` of the logits (one flat vector of all the groups, or one vector per tensor)
@@ -199,7 +200,7 @@ class _Layout:
     def kept_sigmoid(self, logits: tp.Sequence[torch.Tensor]) -> tp.Optional[torch.Tensor]:
         """The sigmoid kept by :meth:`keep_sigmoid` when it is still that of ``logits`` (once:
         the buffer goes back to the pool when its users are done)."""
-        kept, self.kept = getattr(self, "kept", None), None
+        kept, self.kept = self.kept, None
         if kept is None or len(logits) != 1 or kept[:2] != (logits[0].data_ptr(), logits[0]._version):
             return None
         return kept[2]
@@ -356,7 +357,7 @@ class _SizeTerm(torch.autograd.Function):
         ctx.layout, ctx.factor, ctx.n_logits = layout, scale * span / 8 / MB, len(logits)
         ctx.save_for_backward(sig)
         constant = (min_bits * sum(layout.sizes) + header(tops)) * scale / 8 / MB
-        return torch.dot(sig, layout.lengths).mul_(scale * span / 8 / MB).add_(constant)
+        return torch.dot(sig, layout.lengths).mul_(ctx.factor).add_(constant)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -544,10 +545,10 @@ class DiffQuantizer(BaseQuantizer):
         for (device, dtype), members in sets.items():
             chosen = [qps[i] for i in members]
             fixed = None if fixed_noise is None else [fixed_noise[i] for i in members]
-            whole = len(chosen) == len(everything) and all(a is b for a, b in zip(chosen, everything))
-            logits = [self._flat_logit()] if whole else [self._logit(qp) for qp in chosen]
+            # a subset (the whole set in qparams order on one device and dtype was handled above):
+            # its slices of the flat logits
             values = _PseudoQuantNoise.apply(self._layout(chosen, device, dtype), config, fixed,
-                                             *(qp.param for qp in chosen), *logits)
+                                             *(qp.param for qp in chosen), *(self._logit(qp) for qp in chosen))
             for i, value in zip(members, values):
                 out[i] = value
         return tp.cast(tp.List[torch.Tensor], out)

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import typing as tp
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _build(target: Path) -> None:
     """Compile the source into ``target`` (atomically) and load it into this process."""
     _ninja_on_path()
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("build-*"):  # left by a build killed over an hour ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level

@@ -51,10 +51,15 @@ KINDS: tp.Dict[str, tp.Optional[tp.Tuple[float, float]]] = {
 }
 
 
-def _fill(part: torch.Tensor, kind: str, generator: tp.Optional[torch.Generator]) -> None:
+def _bounds(kind: str) -> tp.Optional[tp.Tuple[float, float]]:
+    """``KINDS[kind]``, or an error naming the valid kinds."""
     if kind not in KINDS:
         raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
-    bounds = KINDS[kind]
+    return KINDS[kind]
+
+
+def _fill(part: torch.Tensor, kind: str, generator: tp.Optional[torch.Generator]) -> None:
+    bounds = _bounds(kind)
     if bounds is None:
         part.normal_(generator=generator)
     else:
@@ -80,15 +85,14 @@ def fill_noise(buffer: torch.Tensor, kind: str) -> torch.Tensor:
     if buffer.device.type != "cpu" or n < 2 * CHUNK:
         _fill(buffer, kind, None)
         return buffer
-    if kind not in KINDS:
-        raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
+    bounds = _bounds(kind)
     starts = range(0, n, CHUNK)
     seeds = torch.randint(0, _SEED_HIGH, (len(starts),), dtype=torch.int64)
     threads = min(torch.get_num_threads(), len(starts))
     compiled = native.fill_noise_chunks() if threads > 1 and buffer.is_contiguous() else None
     if compiled is not None:  # the same chunks and generator calls, on torch's OpenMP threads
-        low, high = KINDS[kind] or (0.0, 0.0)
-        return compiled(buffer, seeds, CHUNK, KINDS[kind] is None, low, high)
+        low, high = bounds or (0.0, 0.0)
+        return compiled(buffer, seeds, CHUNK, bounds is None, low, high)
     jobs = [(buffer[s:s + CHUNK], seed) for s, seed in zip(starts, seeds.tolist())]
     if threads <= 1:
         for part, seed in jobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,27 @@ def test_ninja_from_the_python_package_when_not_on_path(monkeypatch, tmp_path):
     assert shutil.which("ninja") is None
     native._ninja_on_path()
     assert shutil.which("ninja") is not None and os.environ["PATH"].startswith(ninja.BIN_DIR)
+
+
+def test_build_moves_its_result_into_place_and_clears_builds_killed_long_ago(tmp_path, monkeypatch):
+    """Each build works in a folder of its own and moves the library into place; a folder left by
+    a build killed over an hour ago is removed, a recent one (maybe a concurrent build) is not."""
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    def fake_load_inline(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(b"library")
+
+    monkeypatch.setattr(cpp, "load_inline", fake_load_inline)
+    target = tmp_path / "key" / "lib.so"
+    target.parent.mkdir()
+    old, recent = target.parent / "build-old", target.parent / "build-recent"
+    old.mkdir()
+    recent.mkdir()
+    hours_ago = time.time() - 7200
+    os.utime(old, (hours_ago, hours_ago))
+    monkeypatch.setattr(native, "_NAME", "lib")
+    native._build(target)
+    assert target.read_bytes() == b"library"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["build-recent", "lib.so"]
